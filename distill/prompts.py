@@ -1,0 +1,96 @@
+"""Turning examples into token ids with the model's chat template.
+
+Classification: the prompt is (system: instruction [+ label list], user: text) and each label is
+an assistant answer ending with the end-of-turn token, so a label's score is the log-probability
+of its full answer and labels that share a prefix stay distinct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TaskConfig
+
+
+def _has_template(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def system_text(task: TaskConfig, labels: list[str] | None) -> str:
+    text = task.instruction.strip()
+    if labels and task.list_labels_in_prompt:
+        text = (text + " " if text else "") + "Answer with one of: " + ", ".join(labels) + "."
+    return text
+
+
+def prompt_ids(tok, task: TaskConfig, labels, user_text: str) -> list[int]:
+    system = system_text(task, labels)
+    if _has_template(tok):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False).input_ids
+    text = (system + "\n\n" if system else "") + user_text + "\nAnswer:"
+    return tok(text).input_ids
+
+
+def answer_ids(tok, task: TaskConfig, labels, answer: str) -> list[int]:
+    """Token ids of `answer` as the assistant turn, end-of-turn token included, trailing newline not."""
+    if _has_template(tok):
+        probe = "x"
+        p = prompt_ids(tok, task, labels, probe)
+        system = system_text(task, labels)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": probe}, {"role": "assistant", "content": answer}]
+        full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False).input_ids
+        if full[: len(p)] != p:
+            raise ValueError("the chat template does not extend the prompt with the answer; cannot score labels")
+        ids = full[len(p):]
+        end = _end_of_turn_id(tok)
+        if end is not None and end in ids:
+            ids = ids[: ids.index(end) + 1]
+        return ids
+    ids = tok(" " + answer, add_special_tokens=False).input_ids
+    return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+
+def _end_of_turn_id(tok):
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None and i >= 0:
+            return i
+    return tok.eos_token_id
+
+
+@dataclass
+class Encoded:
+    """A classification example ready for scoring."""
+
+    prompt: list[int]
+    label_index: int | None
+
+
+def encode_classification(tok, task, labels, examples, max_length: int | None = None):
+    """Prompts for each example (truncated from the left of the user text if too long) and the labels."""
+    label_ids = [answer_ids(tok, task, labels, lab) for lab in labels]
+    out = []
+    budget = None if max_length is None else max_length - sum(len(x) for x in label_ids)
+    for ex in examples:
+        ids = prompt_ids(tok, task, labels, ex["text"])
+        if budget is not None and len(ids) > budget:
+            ids = _truncate_prompt(tok, task, labels, ex["text"], budget)
+        out.append(Encoded(ids, labels.index(ex["label"]) if ex.get("label") in labels else None))
+    return out, label_ids
+
+
+def _truncate_prompt(tok, task, labels, text, budget):
+    words = text.split()
+    lo, hi = 0, len(words)
+    while lo < hi:  # the longest head of the text that fits
+        mid = (lo + hi + 1) // 2
+        if len(prompt_ids(tok, task, labels, " ".join(words[:mid]))) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    ids = prompt_ids(tok, task, labels, " ".join(words[:lo]))
+    if len(ids) > budget:
+        raise ValueError(f"the instruction and label list alone need {len(ids)} tokens; max_length is too small")
+    return ids
