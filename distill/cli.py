@@ -37,5 +37,86 @@ def cli(verbose):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+RECIPE = click.argument("recipe", type=click.Path(dir_okay=False))
+
+
+def _load(recipe_path, overrides=None):
+    from .config import apply_overrides, load_recipe
+
+    return apply_overrides(load_recipe(recipe_path), overrides or {})
+
+
+@cli.command()
+@RECIPE
+@click.option("--teacher", help="Teacher spec (YAML), model directory, hub id or server URL; default: the recipe's.")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers", "server"]), help="Teacher backend.")
+@click.option("--out", type=click.Path(file_okay=False), help="Cache directory (default: WORKDIR/cache).")
+@click.option("--k", type=int, help="Top-k log-probabilities per position (token-level tasks).")
+@click.option("--batch-size", type=int, help="Examples per teacher call.")
+@friendly_errors
+def generate(recipe, teacher, backend, out, k, batch_size):
+    """Run the teacher over the train and validation splits and cache its distributions.
+
+    Classification: soft labels (the teacher's log-probability of every label). Generation: top-k
+    log-probabilities at every response position plus the tail mass. Re-running resumes.
+    """
+    from .generate import run_generate
+
+    r = _load(recipe, {"generate.batch_size": batch_size})
+    path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k)
+    click.echo(f"teacher cache: {path}")
+
+
+@cli.command()
+@RECIPE
+@click.option("--cache", type=click.Path(file_okay=False), help="Teacher cache (default: WORKDIR/cache).")
+@click.option("--out", type=click.Path(file_okay=False), help="Model directory to write (default: WORKDIR/student).")
+@click.option("--init-from", help="Model to build the student from (default: the recipe's teacher).")
+@click.option("--alpha", type=float, help="Weight of the distillation term (0 = supervised fine-tuning only).")
+@click.option("--temperature", type=float, help="Distillation temperature T.")
+@click.option("--epochs", type=float, help="Epochs over the training split (fractions allowed).")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--batch-size", type=int, help="Global batch size (split over processes).")
+@click.option("--num-layers", type=int, help="Keep this many teacher layers, evenly spaced.")
+@click.option("--train-examples", type=int, help="Use only the first N training examples.")
+@click.option("--seed", type=int, help="Random seed.")
+@friendly_errors
+def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_size, num_layers, train_examples, seed):
+    """Train a student from the teacher cache: alpha*T^2*KL + (1-alpha)*CE, best epoch saved."""
+    from .trainer import run_train
+
+    r = _load(recipe, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
+                       "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
+                       "train.train_examples": train_examples, "train.seed": seed})
+    path = run_train(r, cache=cache, out=out, init_from=init_from)
+    click.echo(f"model: {path}")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="Recipe whose task (labels, instruction, splits) defines the evaluation.")
+@click.option("--split", default="holdout", show_default=True, type=click.Choice(["holdout", "validation", "train"]))
+@click.option("--data", type=click.Path(dir_okay=False), help="Score this file instead of a split.")
+@click.option("--shots", default=0, show_default=True, help="Few-shot examples from the training split (baseline mode).")
+@click.option("--name", help="Name for the report directory (default: the model's directory name).")
+@click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--limit", type=int, help="Score only the first N examples.")
+@friendly_errors
+def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limit):
+    """Evaluate MODEL (directory, hub id or teacher spec) by scoring every label on a holdout.
+
+    Writes report.json (accuracy, per-class precision/recall/F1, macro and weighted F1), confusion
+    matrix as PNG and CSV, and predictions.jsonl.
+    """
+    from .evaluation import format_report, run_eval
+
+    r = _load(recipe_path)
+    report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
+                      batch_size=batch_size, limit=limit)
+    click.echo(format_report(report, list(report["per_class"])))
+
+
 def main():
     cli(prog_name="distill")

@@ -22,14 +22,19 @@ def system_text(task: TaskConfig, labels: list[str] | None) -> str:
     return text
 
 
-def prompt_ids(tok, task: TaskConfig, labels, user_text: str) -> list[int]:
+def prompt_ids(tok, task: TaskConfig, labels, user_text: str, shots=()) -> list[int]:
+    """The prompt for one example; `shots` are earlier (text, answer) turns for few-shot prompting."""
     system = system_text(task, labels)
     if _has_template(tok):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        msgs = [{"role": "system", "content": system}] if system else []
+        for text, answer in shots:
+            msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        msgs.append({"role": "user", "content": user_text})
         text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False).input_ids
-    text = (system + "\n\n" if system else "") + user_text + "\nAnswer:"
-    return tok(text).input_ids
+    text = (system + "\n\n" if system else "")
+    text += "".join(f"{t}\nAnswer: {a}\n\n" for t, a in shots)
+    return tok(text + user_text + "\nAnswer:").input_ids
 
 
 def answer_ids(tok, task: TaskConfig, labels, answer: str) -> list[int]:
@@ -68,29 +73,33 @@ class Encoded:
     label_index: int | None
 
 
-def encode_classification(tok, task, labels, examples, max_length: int | None = None):
-    """Prompts for each example (truncated from the left of the user text if too long) and the labels."""
+def encode_classification(tok, task, labels, examples, max_length: int | None = None, shots=()):
+    """Prompts for each example (the user text cut short if too long) and each label's answer ids.
+
+    `max_length` bounds the prompt plus its longest answer, the tokens a causal model sees at once.
+    """
     label_ids = [answer_ids(tok, task, labels, lab) for lab in labels]
+    shot_pairs = [(s["text"], s["label"]) for s in shots]
     out = []
-    budget = None if max_length is None else max_length - sum(len(x) for x in label_ids)
+    budget = None if max_length is None else max_length - max(len(x) for x in label_ids)
     for ex in examples:
-        ids = prompt_ids(tok, task, labels, ex["text"])
+        ids = prompt_ids(tok, task, labels, ex["text"], shot_pairs)
         if budget is not None and len(ids) > budget:
-            ids = _truncate_prompt(tok, task, labels, ex["text"], budget)
+            ids = _truncate_prompt(tok, task, labels, ex["text"], budget, shot_pairs)
         out.append(Encoded(ids, labels.index(ex["label"]) if ex.get("label") in labels else None))
     return out, label_ids
 
 
-def _truncate_prompt(tok, task, labels, text, budget):
+def _truncate_prompt(tok, task, labels, text, budget, shots=()):
     words = text.split()
     lo, hi = 0, len(words)
     while lo < hi:  # the longest head of the text that fits
         mid = (lo + hi + 1) // 2
-        if len(prompt_ids(tok, task, labels, " ".join(words[:mid]))) <= budget:
+        if len(prompt_ids(tok, task, labels, " ".join(words[:mid]), shots)) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    ids = prompt_ids(tok, task, labels, " ".join(words[:lo]))
+    ids = prompt_ids(tok, task, labels, " ".join(words[:lo]), shots)
     if len(ids) > budget:
         raise ValueError(f"the instruction and label list alone need {len(ids)} tokens; max_length is too small")
     return ids

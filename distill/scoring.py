@@ -12,56 +12,60 @@ import torch
 
 
 def pack_batch(prompts: list[list[int]], label_ids: list[list[int]], pad_id: int):
-    """Build input ids, 4-D masks, positions, and the (row, position, target) of every answer token."""
+    """Left-pad prompts so every row shares one layout: [pad | prompt | answer 1 | answer 2 | ...].
+
+    Returns input ids, a boolean [B, S, S] "may attend" matrix, position ids, the positions whose
+    logits predict answer tokens (one list for all rows), the answer tokens, and which label each
+    answer token belongs to.
+    """
+    P = max(len(p) for p in prompts)
     lab_total = sum(len(x) for x in label_ids)
-    seq_len = max(len(p) for p in prompts) + lab_total
+    S = P + lab_total
     B = len(prompts)
-    input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
-    positions = torch.zeros((B, seq_len), dtype=torch.long)
-    allowed = torch.zeros((B, seq_len, seq_len), dtype=torch.bool)
-    pred_pos = torch.zeros((B, lab_total), dtype=torch.long)  # where the logits for each answer token are
-    targets = torch.tensor([t for lab in label_ids for t in lab], dtype=torch.long).expand(B, -1)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, S), dtype=torch.long)
+    allowed = torch.zeros((B, S, S), dtype=torch.bool)
+    causal = torch.ones((S, S), dtype=torch.bool).tril()
+    answers = torch.tensor([t for lab in label_ids for t in lab], dtype=torch.long)
     owner = torch.tensor([j for j, lab in enumerate(label_ids) for _ in lab], dtype=torch.long)
-    causal = torch.ones((seq_len, seq_len), dtype=torch.bool).tril()
+    pred_pos, cur = [], P
+    for lab in label_ids:
+        pred_pos += [P - 1] + list(range(cur, cur + len(lab) - 1))
+        cur += len(lab)
+    input_ids[:, P:] = answers
     for b, p in enumerate(prompts):
-        P = len(p)
-        input_ids[b, :P] = torch.tensor(p)
-        positions[b, :P] = torch.arange(P)
-        allowed[b, :P, :P] = causal[:P, :P]
-        cur, k = P, 0
+        start = P - len(p)
+        input_ids[b, start:P] = torch.tensor(p)
+        positions[b, start:P] = torch.arange(len(p))
+        allowed[b, start:P, start:P] = causal[: len(p), : len(p)]
+        for i in range(start):  # padding attends to itself only (keeps softmax finite)
+            allowed[b, i, i] = True
+        cur = P
         for lab in label_ids:
             L = len(lab)
-            input_ids[b, cur:cur + L] = torch.tensor(lab)
-            positions[b, cur:cur + L] = torch.arange(P, P + L)
-            allowed[b, cur:cur + L, :P] = True
+            positions[b, cur:cur + L] = torch.arange(len(p), len(p) + L)
+            allowed[b, cur:cur + L, start:P] = True
             allowed[b, cur:cur + L, cur:cur + L] = causal[:L, :L]
-            pred_pos[b, k] = P - 1
-            pred_pos[b, k + 1:k + L] = torch.arange(cur, cur + L - 1)
             cur += L
-            k += L
-        for i in range(cur, seq_len):  # padding attends to itself only (keeps softmax finite)
-            allowed[b, i, i] = True
-    return input_ids, allowed, positions, pred_pos, targets, owner
-
-
-def _backbone_and_head(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    return input_ids, allowed, positions, torch.tensor(pred_pos), answers, owner
 
 
 def label_logprobs(model, prompts, label_ids, pad_id: int) -> torch.Tensor:
-    """[B, n_labels] log-probabilities of each full label answer given each prompt (differentiable)."""
-    input_ids, allowed, positions, pred_pos, targets, owner = pack_batch(prompts, label_ids, pad_id)
-    device = next(model.parameters()).device
-    decoder, head = _backbone_and_head(model)
-    dtype = head.weight.dtype
+    """[B, n_labels] log-probabilities of each full label answer given each prompt (differentiable).
+
+    Goes through the model's own forward (so DDP, DeepSpeed and PEFT wrappers see the call), asking
+    for logits only at the answer-predicting positions via `logits_to_keep`.
+    """
+    input_ids, allowed, positions, pred_pos, answers, owner = pack_batch(prompts, label_ids, pad_id)
+    param = next(model.parameters())
+    device = param.device
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
-                     position_ids=positions.to(device)).last_hidden_state
-    picked = hidden.gather(1, pred_pos.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
-    logp = torch.log_softmax(head(picked).float(), dim=-1)
-    tok_lp = logp.gather(-1, targets.to(device)[..., None]).squeeze(-1)  # [B, lab_total]
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
+                   position_ids=positions.to(device), logits_to_keep=pred_pos.to(device), use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok_lp = logp.gather(-1, answers.to(device).expand(len(prompts), -1)[..., None]).squeeze(-1)
     out = torch.zeros((len(prompts), len(label_ids)), dtype=tok_lp.dtype, device=device)
     return out.index_add(1, owner.to(device), tok_lp)
 

@@ -1,0 +1,193 @@
+"""`distill eval`: holdout metrics for any model by scoring every label (no free-text parsing)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import Recipe
+from .data import prepare_splits
+from .errors import UsageError
+from .io import atomic_write_bytes, atomic_write_text
+from .prompts import encode_classification
+from .scoring import label_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_scores(model, encoded, label_ids, pad_id: int, batch_size: int = 16, desc: str | None = None):
+    """[N, n_labels] label log-probabilities for encoded examples, batched, with a progress bar."""
+    model.eval()
+    out = []
+    bar = tqdm(total=len(encoded), desc=desc, unit="ex", disable=desc is None)
+    for b in range(0, len(encoded), batch_size):
+        batch = encoded[b:b + batch_size]
+        out.append(label_logprobs(model, [e.prompt for e in batch], label_ids, pad_id).float().cpu())
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(out) if out else torch.zeros((0, len(label_ids)))
+
+
+def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro and weighted F1, confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    idx = list(range(len(labels)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=idx, average="weighted", zero_division=0)),
+        "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, lab in enumerate(labels)},
+        "confusion": confusion_matrix(y_true, y_pred, labels=idx).tolist(),
+    }
+
+
+def confusion_csv(cm, labels) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["true \\ predicted"] + labels)
+    for lab, row in zip(labels, cm):
+        w.writerow([lab] + list(row))
+    return buf.getvalue()
+
+
+def confusion_png(cm, labels, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    n = len(labels)
+    size = max(5, min(24, 0.35 * n + 3))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center",
+                  fontsize=8 if n <= 20 else 5)
+    ax.set_yticks(range(n), labels, fontsize=8 if n <= 20 else 5)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def few_shot_examples(train: list[dict], labels: list[str], shots: int) -> list[dict]:
+    """Up to `shots` training examples, one per label in label order, for few-shot prompts."""
+    picked, seen = [], set()
+    for ex in train:
+        if ex["label"] not in seen:
+            seen.add(ex["label"])
+            picked.append(ex)
+    order = {lab: i for i, lab in enumerate(labels)}
+    return sorted(picked, key=lambda e: order[e["label"]])[:shots]
+
+
+def load_for_eval(model_ref: str):
+    """A model directory (full weights, or a LoRA adapter on its base), a hub id, or a teacher spec."""
+    from .config import resolve_teacher
+    from .models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    p = Path(model_ref)
+    if (p / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(p))
+        return model, load_tokenizer(str(p)), str(p)
+    path = resolve_model_path(resolve_teacher(model_ref).source) if p.suffix in (".yaml", ".yml") else resolve_model_path(model_ref)
+    return load_causal_lm(path, "float32"), load_tokenizer(path), path
+
+
+def overfit_note(model_ref: str) -> str | None:
+    """The train/validation gap recorded by `distill train`, if the model came from it."""
+    p = Path(model_ref) / "training.json"
+    if not p.is_file():
+        return None
+    info = json.loads(p.read_text())
+    gap = info.get("best", {}).get("train_val_gap")
+    if gap is None:
+        return None
+    thr = info.get("overfit_gap", 0.1)
+    verdict = "WARNING: the train-validation gap suggests overfitting" if gap > thr else "no sign of overfitting"
+    return f"train-validation macro-F1 gap at the saved epoch: {gap:+.3f} ({verdict}; threshold {thr})"
+
+
+def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,
+             shots: int = 0, out: str | None = None, name: str | None = None, batch_size: int = 16,
+             limit: int | None = None) -> dict:
+    task = recipe.task
+    if task.type != "classification":
+        raise UsageError(f"{recipe.path}: task.type: distill eval scores classification tasks; got {task.type!r}")
+    splits = prepare_splits(task, recipe.workdir, recipe.path or "recipe")
+    labels = splits.labels
+    if data:
+        from .data import read_rows, validate_rows
+
+        examples = validate_rows(read_rows(data), task, labels, data)
+    else:
+        examples = splits.get(split)
+    if limit:
+        examples = examples[:limit]
+    shot_examples = few_shot_examples(splits.train, labels, shots) if shots else []
+    model, tok, path = load_for_eval(model_ref)
+    enc, label_ids = encode_classification(tok, task, labels, examples, recipe.train.max_length, shots=shot_examples)
+    t0 = time.time()
+    scores = predict_scores(model, enc, label_ids, tok.pad_token_id, batch_size, desc=f"eval {name or Path(model_ref).name}")
+    elapsed = time.time() - t0
+    y_true = [e.label_index for e in enc]
+    y_pred = scores.argmax(1).tolist()
+    report = classification_metrics(y_true, y_pred, labels)
+    name = name or Path(model_ref).name
+    report.update({"model": model_ref, "name": name, "split": data or split, "shots": shots,
+                   "examples_per_s": len(enc) / max(elapsed, 1e-9), "layers": model.config.num_hidden_layers,
+                   "parameters": sum(p.numel() for p in model.parameters())})
+    note = overfit_note(model_ref)
+    if note:
+        report["overfitting"] = note
+    out_dir = Path(out or recipe.workdir_path / "eval" / name)
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out_dir / "confusion.csv", confusion_csv(report["confusion"], labels))
+    atomic_write_bytes(out_dir / "confusion.png",
+                       confusion_png(report["confusion"], labels, f"{name} on {Path(str(data or split)).name}"))
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(
+        json.dumps({"id": ex.get("id"), "label": ex["label"], "predicted": labels[p],
+                    "probs": torch.softmax(s, -1).round(decimals=4).tolist()}) + "\n"
+        for ex, p, s in zip(examples, y_pred, scores)))
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def format_report(report: dict, labels: list[str]) -> str:
+    lines = [f"{report['name']}: {report['n']} examples of {report['split']}"
+             + (f" ({report['shots']}-shot)" if report.get("shots") else ""),
+             f"  accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   weighted-F1 {report['weighted_f1']:.4f}",
+             f"  {'class':<28}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    for lab in labels:
+        c = report["per_class"][lab]
+        lines.append(f"  {lab[:28]:<28}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}{c['support']:>9}")
+    if report.get("overfitting"):
+        lines.append("  " + report["overfitting"])
+    lines.append(f"  written to {report['out_dir']} (report.json, confusion.png, confusion.csv, predictions.jsonl)")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Distillation losses on the teacher's cached support.
+
+The teacher cache holds, per position, its top-k log-probabilities and the probability mass left
+outside them (the tail). Both distributions are compared on k+1 buckets: the k cached tokens and
+"everything else". At temperature 1 and k = vocabulary size this is exactly the dense divergence;
+for smaller k it is the divergence between the two distributions coarsened to those buckets, which
+keeps the tail's mass in the loss instead of silently renormalising the top k.
+
+Soft labels (classification) are the same computation with the label set as the support.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+
+
+def _kl(logp, logq):
+    """KL(p || q) summed over the last axis; 0 log 0 = 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _log_mix(logp, logq, w):
+    """log(w p + (1 - w) q), stably."""
+    w = torch.as_tensor(w, dtype=logp.dtype, device=logp.device)
+    return torch.logaddexp(logp + torch.log(w), logq + torch.log1p(-w))
+
+
+def divergence(logp, logq, kind: str = "forward_kl", beta: float = 0.5, lam: float = 0.1):
+    """Per-row divergence between teacher log-probs `logp` and student log-probs `logq`."""
+    if kind == "forward_kl":
+        return _kl(logp, logq)
+    if kind == "reverse_kl":
+        return _kl(logq, logp)
+    if kind == "jsd":  # generalised JSD: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
+        if beta <= 0:
+            return _kl(logp, logq)
+        if beta >= 1:
+            return _kl(logq, logp)
+        logm = _log_mix(logp, logq, beta)
+        return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+    if kind == "skew_forward_kl":  # KL(p || lam p + (1-lam) q)
+        return _kl(logp, _log_mix(logp, logq, lam))
+    if kind == "skew_reverse_kl":  # KL(q || lam q + (1-lam) p)
+        return _kl(logq, _log_mix(logq, logp, lam))
+    if kind == "tvd":
+        return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+
+
+def soft_label_kd(student_scores, teacher_scores, temperature: float = 1.0, kind: str = "forward_kl", **kw):
+    """Mean divergence between teacher and student distributions over the label set, at temperature T.
+
+    Scores are unnormalised log-probabilities of each label answer; both are softmaxed over labels.
+    """
+    logp = F.log_softmax(teacher_scores.float() / temperature, dim=-1)
+    logq = F.log_softmax(student_scores.float() / temperature, dim=-1)
+    return divergence(logp, logq, kind, **kw).mean()
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0, stably."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_buckets(topk_logprobs, tail_mass, temperature: float = 1.0):
+    """Teacher log-probs over k+1 buckets (top k, tail), sharpened or flattened by temperature."""
+    tail = torch.log(tail_mass.float().clamp_min(1e-12))[..., None]
+    logp = torch.cat([topk_logprobs.float(), tail], dim=-1)
+    return F.log_softmax(logp / temperature, dim=-1) if temperature != 1.0 else logp - torch.logsumexp(logp, -1, keepdim=True)
+
+
+def student_buckets(student_logits, topk_ids, temperature: float = 1.0):
+    """Student log-probs over the teacher's k cached tokens plus the rest of the vocabulary."""
+    logq_full = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    logq_top = logq_full.gather(-1, topk_ids.long())
+    covered = torch.logsumexp(logq_top, dim=-1, keepdim=True)
+    return torch.cat([logq_top, _log1mexp(covered)], dim=-1)
+
+
+def sparse_kd(student_logits, topk_ids, topk_logprobs, tail_mass, temperature: float = 1.0,
+              kind: str = "forward_kl", **kw):
+    """Mean divergence per position between the cached teacher top-k (+tail) and the student.
+
+    student_logits: [N, V]; topk_ids / topk_logprobs: [N, k]; tail_mass: [N]. Ids beyond the student's
+    vocabulary are an error upstream (the trainer checks the cache against the student).
+    """
+    logp = teacher_buckets(topk_logprobs, tail_mass, temperature)
+    logq = student_buckets(student_logits, topk_ids, temperature)
+    return divergence(logp, logq, kind, **kw).mean()

