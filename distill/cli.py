@@ -118,5 +118,30 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
     click.echo(format_report(report, list(report["per_class"])))
 
 
+@cli.command("export")
+@click.argument("model_dir", type=click.Path())
+@click.option("--format", "fmt", default="gguf", show_default=True, type=click.Choice(["gguf"]), help="Output format.")
+@click.option("--quant", default="q4_k_m", show_default=True, type=click.Choice(["f16", "q8_0", "q4_0", "q4_k_m"]),
+              help="Weight type (q4_k_m needs llama-cpp-python).")
+@click.option("--out", required=True, type=click.Path(), help="GGUF file to write.")
+@click.option("--verify-with", default="auto", show_default=True, type=click.Choice(["auto", "llama_cpp", "transformers"]),
+              help="Runtime that reloads the file to compare logits (auto: llama.cpp when installed).")
+@click.option("--no-verify", is_flag=True, help="Skip the logit comparison with the source model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@friendly_errors
+def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, as_json):
+    """Export MODEL_DIR (a model directory or a LoRA adapter, merged into its base) to GGUF for llama.cpp.
+
+    The written file is reloaded and its logits compared with the source model at every position of a
+    few probe prompts; an export below the quant's expected agreement fails and leaves no file.
+    """
+    import json
+
+    from .export import export_gguf, format_export_report
+
+    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with)
+    click.echo(json.dumps(report, indent=2) if as_json else format_export_report(report))
+
+
 def main():
     cli(prog_name="distill")

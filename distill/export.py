@@ -142,13 +142,20 @@ def atomic_output(out: Path):
         tmp.unlink(missing_ok=True)
 
 
-def _require_llama_cpp(why: str):
-    try:
-        import llama_cpp
-    except ImportError:
+def have_llama_cpp() -> bool:
+    """Whether llama-cpp-python is installed, without loading it here (it runs in child processes)."""
+    import importlib.util
+    import sys
+
+    if "llama_cpp" in sys.modules:
+        return sys.modules["llama_cpp"] is not None
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _require_llama_cpp(why: str) -> None:
+    if not have_llama_cpp():
         raise DistillError(f"{why} needs llama.cpp's Python binding: pip install llama-cpp-python "
-                           f"(or pip install 'distill[llama]'); it builds from source in several minutes") from None
-    return llama_cpp
+                           f"(or pip install 'distill[llama]'); it builds from source in several minutes")
 
 
 def quantize_k(src: Path, dst: Path, ftype_name: str = "LLAMA_FTYPE_MOSTLY_Q4_K_M") -> None:
@@ -327,11 +334,7 @@ def judge(figures: dict, quant: str) -> list[str]:
 
 def _backend(choice) -> str:
     if choice in (True, "auto"):
-        try:
-            import llama_cpp  # noqa: F401
-            return "llama_cpp"
-        except ImportError:
-            return "transformers"
+        return "llama_cpp" if have_llama_cpp() else "transformers"
     if choice not in ("llama_cpp", "transformers"):
         raise UsageError(f"unknown verification backend {choice!r} (auto, llama_cpp, transformers)")
     return choice
@@ -385,3 +388,20 @@ def export_gguf(model_dir, out, quant: str = "q4_k_m", verify=True) -> dict:
     report["seconds"] = round(time.perf_counter() - start, 2)
     log.info("wrote %s (%s, %.1f MB)", out, quant, report["bytes"] / 1e6)
     return report
+
+
+def format_export_report(report: dict) -> str:
+    """A few human lines for the CLI: what was written and how closely it matches the source."""
+    mb = report["bytes"] / 1e6
+    src = f" (source checkpoint {report['source_bytes'] / 1e6:.1f} MB)" if report.get("source_bytes") else ""
+    merged = ", LoRA adapter merged" if report.get("adapter_merged") else ""
+    lines = [f"wrote {report['path']}: {report['quant']}, {mb:.1f} MB{src}, {report['architecture']}, "
+             f"{report['n_vocab']} tokens, pre-tokenizer {report['pre_tokenizer']}{merged}"]
+    v = report.get("verify")
+    if v:
+        lines.append(f"verified with {v['backend']} on {v['positions']} positions: top-1 agreement "
+                     f"{v['top1_decisive']:.3f} ({v['top1']:.3f} counting near-ties), max error "
+                     f"{100 * v['max_err_rel']:.2f}% of the logit range, correlation {v['pearson']:.4f}")
+    else:
+        lines.append("not verified (--no-verify)")
+    return "\n".join(lines)
