@@ -103,9 +103,11 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 @click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--limit", type=int, help="Score only the first N examples.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for a .gguf MODEL "
+              "(default: the GGUF's own directory if it has one, else the tokenizer inside the GGUF).")
 @friendly_errors
-def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limit):
-    """Evaluate MODEL (directory, hub id or teacher spec) by scoring every label on a holdout.
+def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limit, tokenizer):
+    """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) by scoring every label.
 
     Writes report.json (accuracy, per-class precision/recall/F1, macro and weighted F1), confusion
     matrix as PNG and CSV, and predictions.jsonl.
@@ -114,7 +116,7 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
 
     r = _load(recipe_path)
     report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
-                      batch_size=batch_size, limit=limit)
+                      batch_size=batch_size, limit=limit, tokenizer=tokenizer)
     click.echo(format_report(report, list(report["per_class"])))
 
 

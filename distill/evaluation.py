@@ -120,6 +120,93 @@ def load_for_eval(model_ref: str):
     return load_causal_lm(path, "float32"), load_tokenizer(path), path
 
 
+class HFScorer:
+    """Scores labels with a transformers model (packed: one forward pass per batch)."""
+
+    kind = "transformers"
+
+    def __init__(self, model_ref: str):
+        self.model, self.tokenizer, self.path = load_for_eval(model_ref)
+        self.model.eval()
+        self.layers = self.model.config.num_hidden_layers
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+
+    def scores(self, encoded, label_ids, batch_size=16, desc=None):
+        return predict_scores(self.model, encoded, label_ids, self.tokenizer.pad_token_id, batch_size, desc)
+
+
+class GGUFScorer:
+    """Scores labels with llama.cpp on a GGUF file: the prompt is evaluated once, then each label's
+    answer is evaluated after it (the KV cache is cut back to the prompt between labels)."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, path: str, tokenizer_dir: str | None = None, n_ctx: int = 1024, n_threads: int | None = None):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UsageError(f"{path}: scoring a GGUF file needs llama.cpp: pip install llama-cpp-python "
+                             "(the `llama` extra; builds from source in a few minutes)") from None
+        from .models import load_tokenizer
+
+        gguf = Path(path)
+        if not gguf.is_file():
+            raise UsageError(f"{gguf}: no such file")
+        self.path = str(gguf)
+        self.llm = Llama(model_path=self.path, logits_all=True, n_ctx=n_ctx, verbose=False, seed=0,
+                         n_threads=n_threads)
+        tdir = tokenizer_dir or (str(gguf.parent) if (gguf.parent / "tokenizer_config.json").is_file() else None)
+        if tdir:
+            self.tokenizer = load_tokenizer(tdir)
+        else:  # the tokenizer embedded in the GGUF, through transformers
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "llama")
+        self.layers = int(meta.get(f"{arch}.block_count", 0))
+        self.parameters = None
+        self.n_ctx = n_ctx
+
+    def _score_one(self, prompt, label_ids):
+        import numpy as np
+
+        llm = self.llm
+        if len(prompt) + max(map(len, label_ids)) > self.n_ctx:
+            raise UsageError(f"{self.path}: a prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        llm.reset()
+        llm.eval(prompt)
+        P = len(prompt)
+        last = np.array(llm.scores[P - 1], dtype=np.float64)
+        out = []
+        for lab in label_ids:
+            llm.n_tokens = P
+            if len(lab) > 1:
+                llm.eval(lab[:-1])
+            rows = [last] + [np.array(llm.scores[P + t], dtype=np.float64) for t in range(len(lab) - 1)]
+            total = 0.0
+            for row, tok in zip(rows, lab):
+                m = row.max()
+                total += row[tok] - (m + np.log(np.exp(row - m).sum()))
+            out.append(total)
+        return out
+
+    def scores(self, encoded, label_ids, batch_size=16, desc=None):
+        bar = tqdm(total=len(encoded), desc=desc, unit="ex", disable=desc is None)
+        rows = []
+        for e in encoded:
+            rows.append(self._score_one(e.prompt, label_ids))
+            bar.update(1)
+        bar.close()
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(encoded), len(label_ids))
+
+
+def make_scorer(model_ref: str, tokenizer_dir: str | None = None):
+    if str(model_ref).endswith(".gguf"):
+        return GGUFScorer(model_ref, tokenizer_dir)
+    return HFScorer(model_ref)
+
+
 def overfit_note(model_ref: str) -> str | None:
     """The train/validation gap recorded by `distill train`, if the model came from it."""
     p = Path(model_ref) / "training.json"
@@ -134,35 +221,41 @@ def overfit_note(model_ref: str) -> str | None:
     return f"train-validation macro-F1 gap at the saved epoch: {gap:+.3f} ({verdict}; threshold {thr})"
 
 
-def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,
-             shots: int = 0, out: str | None = None, name: str | None = None, batch_size: int = 16,
-             limit: int | None = None) -> dict:
+def eval_examples(recipe: Recipe, split: str = "holdout", data: str | None = None, limit: int | None = None):
+    """The examples to score, the label set and the splits (for few-shot examples)."""
     task = recipe.task
     if task.type != "classification":
         raise UsageError(f"{recipe.path}: task.type: distill eval scores classification tasks; got {task.type!r}")
     splits = prepare_splits(task, recipe.workdir, recipe.path or "recipe")
-    labels = splits.labels
     if data:
         from .data import read_rows, validate_rows
 
-        examples = validate_rows(read_rows(data), task, labels, data)
+        examples = validate_rows(read_rows(data), task, splits.labels, data)
     else:
         examples = splits.get(split)
-    if limit:
-        examples = examples[:limit]
+    return (examples[:limit] if limit else examples), splits
+
+
+def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,
+             shots: int = 0, out: str | None = None, name: str | None = None, batch_size: int = 16,
+             limit: int | None = None, tokenizer: str | None = None) -> dict:
+    task = recipe.task
+    examples, splits = eval_examples(recipe, split, data, limit)
+    labels = splits.labels
     shot_examples = few_shot_examples(splits.train, labels, shots) if shots else []
-    model, tok, path = load_for_eval(model_ref)
-    enc, label_ids = encode_classification(tok, task, labels, examples, recipe.train.max_length, shots=shot_examples)
+    scorer = make_scorer(model_ref, tokenizer)
+    enc, label_ids = encode_classification(scorer.tokenizer, task, labels, examples, recipe.train.max_length,
+                                           shots=shot_examples)
     t0 = time.time()
-    scores = predict_scores(model, enc, label_ids, tok.pad_token_id, batch_size, desc=f"eval {name or Path(model_ref).name}")
+    scores = scorer.scores(enc, label_ids, batch_size, desc=f"eval {name or Path(model_ref).name}")
     elapsed = time.time() - t0
     y_true = [e.label_index for e in enc]
     y_pred = scores.argmax(1).tolist()
     report = classification_metrics(y_true, y_pred, labels)
     name = name or Path(model_ref).name
     report.update({"model": model_ref, "name": name, "split": data or split, "shots": shots,
-                   "examples_per_s": len(enc) / max(elapsed, 1e-9), "layers": model.config.num_hidden_layers,
-                   "parameters": sum(p.numel() for p in model.parameters())})
+                   "examples_per_s": len(enc) / max(elapsed, 1e-9), "layers": scorer.layers,
+                   "parameters": scorer.parameters, "runtime": scorer.kind})
     note = overfit_note(model_ref)
     if note:
         report["overfitting"] = note
