@@ -136,6 +136,9 @@ def atomic_output(out: Path):
     tmp = Path(tmp)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes the file private; the export is an ordinary file
         fsync_file(tmp)
         os.replace(tmp, out)
     finally:
@@ -164,9 +167,10 @@ def quantize_k(src: Path, dst: Path, ftype_name: str = "LLAMA_FTYPE_MOSTLY_Q4_K_
     run_llama_job({"job": "quantize", "src": str(src), "dst": str(dst), "ftype": ftype_name})
 
 
-# llama.cpp runs in a fresh interpreter, never beside torch: once torch's OpenMP threads exist in a
-# process they keep spinning, and llama.cpp's CPU kernels then ran ~20x slower (measured: 9 s instead
-# of 0.4 s for 40 tokens of SmolLM2-135M on 2 cores).
+# llama.cpp runs in a fresh interpreter with passive OpenMP waits. Its threads otherwise spin while
+# waiting for each other, and on a machine where other work (or torch's own thread pool, in this
+# process) holds the cores, a 40-token eval of SmolLM2-135M took 9-18 s instead of 0.6 s (measured on
+# 2 cores). The child also keeps llama.cpp's native state out of the caller's process.
 
 def run_llama_job(request: dict) -> dict:
     """Run one llama.cpp job (see _llama_job) in a child process; its result dict, or DistillError."""
@@ -177,8 +181,6 @@ def run_llama_job(request: dict) -> dict:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps({**request, "result": str(Path(tmp) / "result.npz")}))
         env = dict(os.environ)
-        # ggml's OpenMP threads spin while waiting; when other work holds the cores, 2 spinning
-        # threads made a 40-token eval take 18 s instead of 0.6 s (measured). Passive waits avoid it.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            env.get("PYTHONPATH")]))

@@ -343,6 +343,7 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     tensors = hf_tensors(model, spec)
     n_rows = tensors["token_embd.weight"].shape[0]
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temp file; we log the result
     writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or getattr(config, "_name_or_path", "") or spec.hf_name)

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""What GGUF export buys on CPU: file size per quant type against the bf16 checkpoint, and llama.cpp
+generation speed against transformers, measured in one run on the same prompt.
+
+    python scripts/bench_export.py MODEL_DIR [--quants f16,q8_0,q4_0,q4_k_m] [--tokens 64] [--out-dir DIR]
+
+Each quant is exported with distill.export.export_gguf (verification on, so the table also shows how
+closely each file follows the source). Generation is greedy with a fixed number of new tokens; prefill
+(prompt) and decode (per new token) speeds are reported separately. llama.cpp runs in a child process
+with passive OpenMP waits, as distill.export does, so torch's threads in this process cannot slow it.
+Figures on a shared machine are noisy: run twice before trusting a small difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Write a short story about a robot who learns to paint. Give the robot a name."
+
+
+def bf16_bytes(model_dir: Path) -> int:
+    """Size of the checkpoint's weights stored as bf16 (2 bytes per parameter), read from safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= d
+                total += 2 * n
+    return total
+
+
+def prompt_ids(model_dir: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(PROMPT)["input_ids"]
+
+
+def hf_worker(model_dir: str, ids: list[int], n: int, dtype: str) -> None:
+    r = hf_speed(Path(model_dir), ids, n, dtype)
+    print(json.dumps(r))
+
+
+def hf_speed(model_dir: Path, ids: list[int], n: int, dtype: str) -> dict:
+    """transformers greedy generation: prefill = time to the first new token, decode = the rest per token."""
+    import torch
+
+    from distill.models import load_causal_lm
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_causal_lm(str(model_dir), dtype).eval()
+    x = torch.tensor([ids])
+
+    def run(k):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                 pad_token_id=model.config.eos_token_id)
+        return time.perf_counter() - start, out[0, len(ids):].tolist()
+
+    run(2)  # warm-up
+    t1, _ = run(1)
+    tn, tokens = run(n)
+    return {"prefill_tok_s": len(ids) / t1, "decode_tok_s": (n - 1) / max(tn - t1, 1e-9), "tokens": tokens}
+
+
+def in_child(worker: str, target: Path, ids: list[int], n: int, dtype: str = "") -> dict:
+    """Run one timing in a fresh process. Both runtimes get passive OpenMP waits: on a machine shared
+    with other work, spinning threads made both of them 10-50x slower (measured), which says more
+    about the neighbours than about the runtime."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cmd = [sys.executable, __file__, "--worker", worker, str(target), "--tokens", str(n), "--ids", json.dumps(ids)]
+    proc = subprocess.run(cmd + (["--dtype", dtype] if dtype else []), env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{worker} run on {target} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def llama_worker(path: str, ids: list[int], n: int) -> None:
+    import llama_cpp
+
+    threads = os.cpu_count() or 1
+    llm = llama_cpp.Llama(path, n_ctx=len(ids) + n + 16, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(ids[:8])  # warm-up: page the weights in
+    llm.reset()  # forget it, so generate() cannot reuse it as a cached prefix
+    stream = llm.generate(ids, top_k=1, temp=0.0, reset=True)
+    start = time.perf_counter()
+    tokens = [next(stream)]
+    first = time.perf_counter()
+    tokens += [next(stream) for _ in range(n - 1)]
+    end = time.perf_counter()
+    llm.close()
+    print(json.dumps({"prefill_tok_s": len(ids) / (first - start), "decode_tok_s": (n - 1) / (end - first),
+                      "tokens": tokens}))
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def table(rows: list[dict], n: int) -> str:
+    head = (f"{'runtime / format':<26}{'size MB':>9}{'x bf16':>8}{'top-1':>7}{'corr':>8}"
+            f"{'prefill tok/s':>15}{'decode tok/s':>14}{'greedy = HF fp32':>18}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        size = f"{r['mb']:9.1f}{r['ratio']:8.2f}" if r.get("mb") else f"{'':9}{'':8}"
+        fid = f"{r['top1']:7.3f}{r['corr']:8.4f}" if r.get("corr") is not None else f"{'':7}{'':8}"
+        lines.append(f"{r['name']:<26}{size}{fid}{r['prefill']:15.1f}{r['decode']:14.1f}"
+                     f"{str(r['match']) + '/' + str(n):>18}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_dir", nargs="?")
+    ap.add_argument("--quants", default="f16,q8_0,q4_0,q4_k_m")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    ap.add_argument("--out-dir", help="keep the GGUF files here (default: a temp dir, removed)")
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--worker", choices=["hf", "llama"], help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "llama":
+        return llama_worker(args.model_dir, json.loads(args.ids), args.tokens)
+    if args.worker == "hf":
+        return hf_worker(args.model_dir, json.loads(args.ids), args.tokens, args.dtype)
+    if not args.model_dir:
+        ap.error("MODEL_DIR is required")
+
+    from distill.export import export_gguf
+
+    model_dir = Path(args.model_dir)
+    n = args.tokens
+    ids = prompt_ids(model_dir)
+    base = bf16_bytes(model_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-export.") as tmp:
+        out_dir = Path(args.out_dir or tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        exports = {}
+        for q in args.quants.split(","):
+            start = time.perf_counter()
+            exports[q] = export_gguf(model_dir, out_dir / f"{model_dir.name}.{q}.gguf", q, verify=not args.no_verify)
+            exports[q]["export_s"] = time.perf_counter() - start
+            print(f"exported {q} in {exports[q]['export_s']:.1f}s", file=sys.stderr)
+        hf = {d: in_child("hf", model_dir, ids, n, d) for d in ("float32", "bfloat16")}
+        cpp = {q: in_child("llama", Path(r["path"]), ids, n) for q, r in exports.items()}
+        load = os.getloadavg()[0]
+
+    ref = hf["float32"]["tokens"]
+    rows = [{"name": f"transformers {d}", "mb": base / 1e6 * (2 if d == "float32" else 1),
+             "ratio": 2.0 if d == "float32" else 1.0, "prefill": s["prefill_tok_s"], "decode": s["decode_tok_s"],
+             "match": same_prefix(ref, s["tokens"])} for d, s in hf.items()]
+    for q, s in cpp.items():
+        v = exports[q].get("verify") or {}
+        rows.append({"name": f"llama.cpp {q}", "mb": exports[q]["bytes"] / 1e6, "ratio": exports[q]["bytes"] / base,
+                     "top1": v.get("top1"), "corr": v.get("pearson"), "prefill": s["prefill_tok_s"],
+                     "decode": s["decode_tok_s"], "match": same_prefix(ref, s["tokens"])})
+    print(f"model {model_dir} | prompt {len(ids)} tokens | {n} new tokens, greedy | {os.cpu_count()} CPU threads | "
+          f"bf16 checkpoint {base / 1e6:.1f} MB | load average {load:.1f}")
+    print(table(rows, n))
+    print("size: bytes on disk (transformers rows: the checkpoint's weights at 2 or 4 bytes per parameter); "
+          "top-1/corr: export verification against the source model (all probe positions)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "exports": exports}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
