@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -80,15 +81,27 @@ def generate(recipe, teacher, backend, out, k, batch_size):
 @click.option("--num-layers", type=int, help="Keep this many teacher layers, evenly spaced.")
 @click.option("--train-examples", type=int, help="Use only the first N training examples.")
 @click.option("--seed", type=int, help="Random seed.")
+@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]),
+              help="Divergence of the distillation term (train.loss).")
+@click.option("--max-steps", type=int, help="Cap on optimizer steps (the schedule is fitted to it).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints.")
+@click.option("--stop-after-steps", type=int,
+              help="Stop after N optimizer steps with a checkpoint, schedule unchanged (continue with --resume).")
 @friendly_errors
-def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_size, num_layers, train_examples, seed):
-    """Train a student from the teacher cache: alpha*T^2*KL + (1-alpha)*CE, best epoch saved."""
+def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_size, num_layers, train_examples, seed,
+          loss, max_steps, resume, stop_after_steps):
+    """Train a student from the teacher cache: alpha*T^2*D + (1-alpha)*CE, best epoch saved.
+
+    D is train.loss (forward KL by default). Multi-process: `accelerate launch --config_file
+    recipes/accelerate/ddp.yaml --num_processes N -m distill train RECIPE` (or zero2.yaml, zero3.yaml).
+    """
     from .trainer import run_train
 
     r = _load(recipe, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
                        "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
-                       "train.train_examples": train_examples, "train.seed": seed})
-    path = run_train(r, cache=cache, out=out, init_from=init_from)
+                       "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
+                       "train.max_steps": max_steps})
+    path = run_train(r, cache=cache, out=out, init_from=init_from, resume=resume, stop_after_steps=stop_after_steps)
     click.echo(f"model: {path}")
 
 
@@ -112,6 +125,8 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
     Writes report.json (accuracy, per-class precision/recall/F1, macro and weighted F1), confusion
     matrix as PNG and CSV, and predictions.jsonl.
     """
+    if model.endswith(".gguf"):  # llama.cpp's OpenMP threads must sleep, not spin, beside torch
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .evaluation import format_report, run_eval
 
     r = _load(recipe_path)
@@ -143,6 +158,32 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, as_json):
 
     report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with)
     click.echo(json.dumps(report, indent=2) if as_json else format_export_report(report))
+
+
+@cli.command()
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="Recipe whose task (labels, instruction, splits) defines the holdout.")
+@click.option("--teacher", required=True, help="Teacher: model directory, hub id, teacher spec or .gguf.")
+@click.option("--student", "students", multiple=True, required=True, help="Student (repeatable): directory or .gguf.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
+@click.option("--batch-size", default=16, show_default=True, help="Batch size for the throughput figure.")
+@click.option("--latency-examples", default=32, show_default=True, help="Examples timed one by one for latency.")
+@click.option("--limit", type=int, help="Use only the first N holdout examples.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for .gguf models.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: WORKDIR/bench).")
+@friendly_errors
+def bench(recipe_path, teacher, students, data, batch_size, latency_examples, limit, tokenizer, out):
+    """Teacher vs students on one holdout: quality, agreement, size, latency, throughput, memory.
+
+    Writes bench.md (table), bench.json and bench.png (quality vs latency).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the per-model processes
+    from .bench import run_bench
+
+    report = run_bench(_load(recipe_path), teacher, list(students), data=data, batch_size=batch_size,
+                       latency_examples=latency_examples, limit=limit, out=out, tokenizer=tokenizer)
+    click.echo((Path(report["out_dir"]) / "bench.md").read_text())
+    click.echo(f"written to {report['out_dir']} (bench.md, bench.json, bench.png)")
 
 
 def main():

@@ -189,11 +189,14 @@ def _stratified_split(examples, fraction, seed, key):
     return rest, took
 
 
-def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "recipe") -> Splits:
+def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "recipe",
+                   with_holdout: bool = False) -> Splits:
     """Load, validate and split the data; write `workdir/data/*.jsonl` and `split.json`.
 
     The split is a pure function of the data and the split settings, so every command (and every
     rank of a distributed run) sees the same examples; the fingerprint ties caches to it.
+    An official test file (`task.holdout_data`) is opened only when `with_holdout` is set, which
+    only evaluation does: training and generation never read it.
     """
     rows = read_rows(task.data)
     labels = label_set(task, recipe_src)
@@ -203,7 +206,7 @@ def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "rec
     key = "label" if task.type == "classification" else "__none__"
     sp = task.split
     if task.holdout_data:
-        holdout = validate_rows(read_rows(task.holdout_data), task, labels, task.holdout_data)
+        holdout = validate_rows(read_rows(task.holdout_data), task, labels, task.holdout_data) if with_holdout else []
         rest = examples
     else:
         rest, holdout = _stratified_split(examples, sp.holdout, sp.seed, key)
@@ -212,8 +215,8 @@ def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "rec
     for name, split in (("train", train), ("validation", validation), ("holdout", holdout)):
         for i, ex in enumerate(split):
             ex["id"] = f"{name}-{i:06d}"
-    fp = fingerprint({"train": train, "validation": validation, "holdout": holdout, "labels": labels,
-                      "type": task.type})
+    fp = fingerprint({"train": train, "validation": validation, "labels": labels, "type": task.type,
+                      "holdout": task.holdout_data or holdout})
     splits = Splits(train, validation, holdout, labels, fp)
     out = Path(workdir) / "data"
     meta_path = out / "split.json"
@@ -223,11 +226,11 @@ def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "rec
                 return splits
         except json.JSONDecodeError:
             pass
-    for name in ("train", "validation", "holdout"):
+    for name in ("train", "validation") + (("holdout",) if not task.holdout_data else ()):
         atomic_write_text(out / f"{name}.jsonl",
                           "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in splits.get(name)))
     atomic_write_text(meta_path, json.dumps({
         "fingerprint": fp, "source": task.data, "holdout_source": task.holdout_data or task.data,
-        "labels": labels, "sizes": {n: len(splits.get(n)) for n in SPLITS},
+        "labels": labels, "sizes": {n: len(splits.get(n)) for n in SPLITS if n != "holdout" or not task.holdout_data},
     }, indent=2))
     return splits

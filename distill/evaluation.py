@@ -226,7 +226,7 @@ def eval_examples(recipe: Recipe, split: str = "holdout", data: str | None = Non
     task = recipe.task
     if task.type != "classification":
         raise UsageError(f"{recipe.path}: task.type: distill eval scores classification tasks; got {task.type!r}")
-    splits = prepare_splits(task, recipe.workdir, recipe.path or "recipe")
+    splits = prepare_splits(task, recipe.workdir, recipe.path or "recipe", with_holdout=split == "holdout" and not data)
     if data:
         from .data import read_rows, validate_rows
 

@@ -38,7 +38,9 @@ def test_explicit_holdout_file_is_kept_apart(tmp_path):
     test_rows = [{"text": f"x{i}", "label": "a"} for i in range(5)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_rows))
-    s = prepare_splits(TaskConfig(data=str(tmp_path / "d.jsonl"), holdout_data=str(tmp_path / "t.jsonl")), tmp_path)
+    task = TaskConfig(data=str(tmp_path / "d.jsonl"), holdout_data=str(tmp_path / "t.jsonl"))
+    assert prepare_splits(task, tmp_path).holdout == []  # not opened unless evaluation asks
+    s = prepare_splits(task, tmp_path, with_holdout=True)
     assert [e["text"] for e in s.holdout] == [f"x{i}" for i in range(5)]
     assert len(s.train) + len(s.validation) == 40
 

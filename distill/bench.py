@@ -1,0 +1,142 @@
+"""`distill bench`: teacher and students side by side on one holdout, in one run.
+
+Each model is measured in its own fresh process (so peak memory is that model's alone): holdout
+scores at the chosen batch size (throughput), then per-example latency at batch 1 (p50, p95).
+The parent computes accuracy, macro-F1 and agreement with the teacher, and writes a Markdown
+table, a JSON file and a PNG chart of quality against latency.
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import Recipe
+from .errors import UsageError
+from .evaluation import classification_metrics, eval_examples
+from .io import atomic_write_bytes, atomic_write_text
+
+
+def size_on_disk(model_ref: str) -> int | None:
+    p = Path(model_ref)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+    return None
+
+
+def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, queue):
+    """Child process: score the holdout and time it; report through `queue`."""
+    import torch
+
+    from .evaluation import make_scorer
+    from .prompts import encode_classification
+
+    try:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        scorer = make_scorer(model_ref, tokenizer)
+        load_s = time.perf_counter() - t0
+        enc, label_ids = encode_classification(scorer.tokenizer, recipe.task, recipe.task.labels, examples,
+                                               recipe.train.max_length)
+        scorer.scores(enc[:2], label_ids, batch_size)  # warm-up
+        t0 = time.perf_counter()
+        scores = scorer.scores(enc, label_ids, batch_size, desc=f"bench {Path(str(model_ref)).name}")
+        batch_s = time.perf_counter() - t0
+        lat = []
+        for e in enc[:latency_n]:
+            t = time.perf_counter()
+            scorer.scores([e], label_ids, 1)
+            lat.append(time.perf_counter() - t)
+        queue.put({
+            "predictions": scores.argmax(1).tolist(), "load_s": load_s,
+            "throughput_batch": len(enc) / batch_s, "throughput_1": len(lat) / sum(lat),
+            "latency_p50_ms": 1000 * float(np.percentile(lat, 50)), "latency_p95_ms": 1000 * float(np.percentile(lat, 95)),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "parameters": scorer.parameters, "layers": scorer.layers, "runtime": scorer.kind,
+        })
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which names the model
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer=None) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q))
+    proc.start()
+    result = q.get()
+    proc.join()
+    if "error" in result:
+        raise UsageError(f"{model_ref}: could not be benchmarked ({result['error']})")
+    return result
+
+
+def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | None = None, split: str = "holdout",
+              batch_size: int = 16, latency_examples: int = 32, limit: int | None = None, out: str | None = None,
+              tokenizer: str | None = None) -> dict:
+    examples, splits = eval_examples(recipe, split, data, limit)
+    recipe.task.labels = splits.labels
+    labels = splits.labels
+    y_true = [labels.index(e["label"]) for e in examples]
+    rows = []
+    for role, ref in [("teacher", teacher)] + [("student", s) for s in students]:
+        m = measure(ref, recipe, examples, batch_size, latency_examples, tokenizer if str(ref).endswith(".gguf") else None)
+        metrics = classification_metrics(y_true, m["predictions"], labels)
+        rows.append({"role": role, "model": str(ref), "name": Path(str(ref)).name, **m,
+                     "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                     "size_mb": (size_on_disk(ref) or 0) / 2**20})
+    teacher_pred = rows[0]["predictions"]
+    for r in rows:
+        r["agreement"] = float(np.mean([a == b for a, b in zip(r["predictions"], teacher_pred)]))
+        r["f1_kept"] = r["macro_f1"] / rows[0]["macro_f1"] if rows[0]["macro_f1"] else None
+        r["speedup_1"] = r["throughput_1"] / rows[0]["throughput_1"]
+        r["speedup_batch"] = r["throughput_batch"] / rows[0]["throughput_batch"]
+    out_dir = Path(out or recipe.workdir_path / "bench")
+    report = {"split": data or split, "n": len(examples), "batch_size": batch_size, "models": rows}
+    atomic_write_text(out_dir / "bench.json", json.dumps(report, indent=1))
+    atomic_write_text(out_dir / "bench.md", markdown_table(rows, len(examples), batch_size))
+    atomic_write_bytes(out_dir / "bench.png", chart(rows))
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def markdown_table(rows, n, batch_size) -> str:
+    head = ("| model | runtime | layers | params | size MB | accuracy | macro-F1 | F1 kept | agreement | "
+            f"p50 ms | p95 ms | ex/s @1 | ex/s @{batch_size} | speed-up @1 | peak RSS MB |")
+    lines = [f"Holdout: {n} examples.", "", head, "|" + "---|" * 15]
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.1f}M" if r["parameters"] else "—"
+        kept = f"{100 * r['f1_kept']:.1f}%" if r["f1_kept"] is not None else "—"
+        lines.append(f"| {r['name']} ({r['role']}) | {r['runtime']} | {r['layers']} | {params} | {r['size_mb']:.0f} | "
+                     f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {kept} | {r['agreement']:.3f} | "
+                     f"{r['latency_p50_ms']:.1f} | {r['latency_p95_ms']:.1f} | {r['throughput_1']:.2f} | "
+                     f"{r['throughput_batch']:.2f} | {r['speedup_1']:.2f}× | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["latency_p50_ms"], r["macro_f1"], s=80, marker="*" if r["role"] == "teacher" else "o")
+        ax.annotate(f"{r['name']} ({r['runtime']})", (r["latency_p50_ms"], r["macro_f1"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("latency per example at batch 1, p50 (ms)")
+    ax.set_ylabel("holdout macro-F1")
+    ax.set_title("quality vs latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
