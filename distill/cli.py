@@ -102,7 +102,8 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
                        "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
                        "train.max_steps": max_steps})
     path = run_train(r, cache=cache, out=out, init_from=init_from, resume=resume, stop_after_steps=stop_after_steps)
-    click.echo(f"model: {path}")
+    if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run
+        click.echo(f"model: {path}")
 
 
 @cli.command("eval")

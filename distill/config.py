@@ -86,6 +86,8 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     merge: bool = True  # save merged weights (True) or the adapter alone (False)
+    # "4bit": QLoRA (the frozen base in 4-bit NF4 via bitsandbytes; needs train.lora and a CUDA GPU)
+    quantization: str | None = None
 
 
 @dataclass
@@ -115,6 +117,21 @@ class Recipe:
     teacher: str = "teachers/smollm2-135m-instruct.yaml"
     task: TaskConfig = field(default_factory=TaskConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # the divergence in the distillation term: forward_kl | reverse_kl | jsd | skew_forward_kl |
+    # skew_reverse_kl | tvd (see distill/losses.py); jsd_beta and skew_lambda parametrise jsd and skew KL
+    loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    skew_lambda: float = 0.1
+    schedule: str = "cosine"  # learning rate after warm-up: cosine | linear | constant
+    max_steps: int | None = None  # cap on optimizer steps (the schedule is fitted to the cap)
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: at epoch ends only)
+    keep_checkpoints: int = 2  # newest checkpoints kept in OUT/checkpoints/ (0: write none)
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    early_stopping_metric: str = "auto"  # auto | val_loss | val_f1 (auto: val_f1 for classification)
+    swamp_fraction: float = 0.01  # warn when one loss term stays below this share of the total ...
+    swamp_steps: int = 20  # ... for this many optimizer steps in a row
     train: TrainConfig = field(default_factory=TrainConfig)
     path: str | None = None  # where it was read from (set by the loader)
 

@@ -50,14 +50,41 @@ def divergence(logp, logq, kind: str = "forward_kl", beta: float = 0.5, lam: flo
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
 
 
-def soft_label_kd(student_scores, teacher_scores, temperature: float = 1.0, kind: str = "forward_kl", **kw):
-    """Mean divergence between teacher and student distributions over the label set, at temperature T.
+def _reduce(d, reduction: str):
+    if reduction == "mean":
+        return d.mean()
+    if reduction == "sum":
+        return d.sum()
+    if reduction == "none":
+        return d
+    raise ValueError(f"unknown reduction {reduction!r}; expected mean, sum or none")
+
+
+def loss_kwargs(kind: str, jsd_beta: float = 0.5, skew_lambda: float = 0.1) -> dict:
+    """The keyword arguments `divergence` needs for `kind`, from recipe values (checked)."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    if kind == "jsd":
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta: expected a number in [0, 1], got {jsd_beta}")
+        return {"beta": jsd_beta}
+    if kind.startswith("skew_"):
+        if not 0.0 <= skew_lambda < 1.0:
+            raise ValueError(f"skew_lambda: expected a number in [0, 1), got {skew_lambda}")
+        return {"lam": skew_lambda}
+    return {}
+
+
+def soft_label_kd(student_scores, teacher_scores, temperature: float = 1.0, kind: str = "forward_kl",
+                  reduction: str = "mean", **kw):
+    """Divergence between teacher and student distributions over the label set, at temperature T
+    (averaged over rows by default; `reduction="sum"` or `"none"` for sums or per-row values).
 
     Scores are unnormalised log-probabilities of each label answer; both are softmaxed over labels.
     """
     logp = F.log_softmax(teacher_scores.float() / temperature, dim=-1)
     logq = F.log_softmax(student_scores.float() / temperature, dim=-1)
-    return divergence(logp, logq, kind, **kw).mean()
+    return _reduce(divergence(logp, logq, kind, **kw), reduction)
 
 
 def _log1mexp(x):
@@ -82,12 +109,21 @@ def student_buckets(student_logits, topk_ids, temperature: float = 1.0):
 
 
 def sparse_kd(student_logits, topk_ids, topk_logprobs, tail_mass, temperature: float = 1.0,
-              kind: str = "forward_kl", **kw):
-    """Mean divergence per position between the cached teacher top-k (+tail) and the student.
+              kind: str = "forward_kl", reduction: str = "mean", **kw):
+    """Divergence per position between the cached teacher top-k (+tail) and the student, averaged
+    over positions (or summed, or per position, by `reduction`).
 
     student_logits: [N, V]; topk_ids / topk_logprobs: [N, k]; tail_mass: [N]. Ids beyond the student's
     vocabulary are an error upstream (the trainer checks the cache against the student).
     """
     logp = teacher_buckets(topk_logprobs, tail_mass, temperature)
     logq = student_buckets(student_logits, topk_ids, temperature)
-    return divergence(logp, logq, kind, **kw).mean()
+    return _reduce(divergence(logp, logq, kind, **kw), reduction)
+
+
+def dense_kd(student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward_kl",
+             reduction: str = "mean", **kw):
+    """Divergence between full teacher and student distributions (online distillation, teacher in the loop)."""
+    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return _reduce(divergence(logp, logq, kind, **kw), reduction)

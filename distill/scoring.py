@@ -80,3 +80,30 @@ def label_logprobs_reference(model, prompt, label_ids) -> torch.Tensor:
         P = len(prompt)
         scores.append(sum(logp[P - 1 + t, lab[t]].item() for t in range(len(lab))))
     return torch.tensor(scores)
+
+
+def target_logits(model, seqs, positions, pad_id: int) -> torch.Tensor:
+    """Logits that predict each target token: row r is the output at position t-1 for target t.
+
+    seqs: token id sequences; positions: for each sequence, the target positions t (t >= 1).
+    Sequences are right-padded into one batch; through the model's own forward (so DDP, DeepSpeed
+    and PEFT wrappers see the call), with `logits_to_keep` limited to the positions some row needs,
+    so the vocabulary-sized output layer runs only where a target is predicted. Returns [N, V],
+    the rows in order of sequence then target.
+    """
+    B, W = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, W), pad_id, dtype=torch.long)
+    att = torch.zeros((B, W), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        att[b, : len(s)] = 1
+    pred = [torch.as_tensor(p, dtype=torch.long) - 1 for p in positions]
+    if any(len(p) and int(p.min()) < 0 for p in pred):
+        raise ValueError("target position 0 has no preceding token to predict it from")
+    keep = torch.unique(torch.cat(pred))  # sorted
+    col = torch.searchsorted(keep, torch.cat(pred))
+    row = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(pred)])
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=att.to(device), logits_to_keep=keep.to(device),
+                   use_cache=False).logits
+    return logits[row.to(device), col.to(device)]

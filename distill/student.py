@@ -42,19 +42,67 @@ def keep_layers(model, layers: list[int]):
     return model
 
 
-def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32"):
-    """The student model: `cfg.model` if set, else the teacher with a subset of its layers (or all)."""
-    if cfg.model:
-        from .models import resolve_model_path
+def check_quantization(cfg: StudentConfig, lora: LoraConfig | None, src: str = "recipe") -> None:
+    """QLoRA needs a LoRA adapter to train, a CUDA GPU and bitsandbytes: refuse anything else clearly."""
+    if cfg.quantization is None:
+        return
+    if cfg.quantization != "4bit":
+        raise UsageError(f"{src}: train.student.quantization: expected 4bit (QLoRA) or nothing, got {cfg.quantization!r}")
+    if lora is None:
+        raise UsageError(f"{src}: train.student.quantization: 4bit weights are frozen; QLoRA needs train.lora "
+                         "(an adapter to train). Add a train.lora section or drop the quantization")
+    if not torch.cuda.is_available():
+        raise UsageError(f"{src}: train.student.quantization: 4bit (QLoRA) needs a CUDA GPU for bitsandbytes' "
+                         "4-bit kernels, and this machine has none; on CPU use plain LoRA (remove "
+                         "train.student.quantization) or full fine-tuning")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{src}: train.student.quantization: 4bit needs the bitsandbytes package "
+                         "(pip install bitsandbytes)") from None
 
-        return load_causal_lm(resolve_model_path(cfg.model), dtype)
-    model = load_causal_lm(teacher_path, dtype)
+
+def _load_4bit(path: str):
+    import os
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+    device = int(os.environ.get("LOCAL_RANK", 0))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=torch.bfloat16,
+                                                device_map={"": device})
+
+
+def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32", gradient_checkpointing: bool = False):
+    """The student model: `cfg.model` if set, else the teacher with a subset of its layers (or all).
+
+    `cfg.quantization == "4bit"` loads the base in NF4 for QLoRA (call `check_quantization` first).
+    """
+    from .models import resolve_model_path
+
+    path = resolve_model_path(cfg.model) if cfg.model else teacher_path
+    model = _load_4bit(path) if cfg.quantization == "4bit" else load_causal_lm(path, dtype)
+    if not cfg.model:
+        _cut_layers(model, cfg)
+    if cfg.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def _cut_layers(model, cfg: StudentConfig):
     n = model.config.num_hidden_layers
     layers = cfg.from_teacher_layers or (evenly_spaced_layers(n, cfg.num_layers) if cfg.num_layers else None)
     if layers:
         log.info("student: teacher layers %s (%d of %d)", layers, len(layers), n)
         keep_layers(model, layers)
-    return model
 
 
 def add_lora(model, cfg: LoraConfig):
@@ -71,10 +119,20 @@ def add_lora(model, cfg: LoraConfig):
     return get_peft_model(model, pcfg)
 
 
-def save_model(model, tok, out: Path, merge: bool = True) -> None:
-    """Save a standard HF directory: LoRA merged into the weights, or the adapter alone."""
+def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | None = None) -> None:
+    """Save a standard HF directory: LoRA merged into the weights, or the adapter alone.
+
+    `state_dict`: the full weights when the model's own are partitioned (DeepSpeed ZeRO-3).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):
+    if state_dict is not None:
+        model.save_pretrained(out, state_dict=state_dict)
+    elif getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False):
+        # QLoRA: merging into 4-bit weights would round them; save the adapter, loadable on its base
+        if merge:
+            log.warning("QLoRA student: saving the LoRA adapter unmerged (merging into 4-bit weights loses precision)")
+        model.save_pretrained(out)
+    elif hasattr(model, "merge_and_unload"):
         if merge:
             import copy
 
