@@ -54,18 +54,38 @@ def _load(recipe_path, overrides=None):
 @click.option("--out", type=click.Path(file_okay=False), help="Cache directory (default: WORKDIR/cache).")
 @click.option("--k", type=int, help="Top-k log-probabilities per position (token-level tasks).")
 @click.option("--batch-size", type=int, help="Examples per teacher call.")
+@click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
+              help="A running vLLM server of the teacher (`distill serve-teacher`); repeat to spread the work over several.")
 @friendly_errors
-def generate(recipe, teacher, backend, out, k, batch_size):
+def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls):
     """Run the teacher over the train and validation splits and cache its distributions.
 
     Classification: soft labels (the teacher's log-probability of every label). Generation: top-k
-    log-probabilities at every response position plus the tail mass. Re-running resumes.
+    log-probabilities at every response position plus the tail mass; rows without a response get one
+    written by the teacher (generate.responses). Re-running resumes.
     """
     from .generate import run_generate
 
     r = _load(recipe, {"generate.batch_size": batch_size})
-    path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k)
+    path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None)
     click.echo(f"teacher cache: {path}")
+
+
+@cli.command("serve-teacher")
+@click.argument("teacher_spec")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@friendly_errors
+def serve_teacher(teacher_spec, port, host):
+    """Serve TEACHER_SPEC (a teacher YAML or model directory) with vLLM's OpenAI server for `generate --teacher-url`.
+
+    Passes max_logprobs, tensor/data parallel sizes, dtype, max_model_len and GPU memory use from the
+    spec; prints the URL once GET /health answers; Ctrl-C or SIGTERM stops the server and its workers.
+    """
+    from .config import resolve_teacher
+    from .serve import serve_forever
+
+    serve_forever(resolve_teacher(teacher_spec), port, host, echo=click.echo)
 
 
 @cli.command()

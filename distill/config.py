@@ -26,6 +26,9 @@ class TeacherSpec:
     source: str = ""
     backend: str = "auto"  # auto | vllm | transformers | server
     url: str | None = None  # server backend: http://HOST:PORT/v1
+    urls: list[str] | None = None  # server backend: several servers of the same teacher share the work
+    served_model_name: str | None = None  # the name the server must report (default: `name`, as serve-teacher sets it)
+    tokenizer: str | None = None  # the local tokenizer of a served teacher (default: source)
     dtype: str = "bfloat16"
     max_model_len: int = 512
     max_logprobs: int = 64
@@ -68,6 +71,14 @@ class GenerateConfig:
     batch_size: int = 16
     shard_size: int = 256
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    # generation tasks: who writes the responses. auto: the data's, the teacher's where a row has none;
+    # data: the data's (every row needs one); teacher: the teacher's for every row (sequence-level KD)
+    responses: str = "auto"
+    max_new_tokens: int = 128  # teacher-written responses: sampling settings
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    compact: bool = True  # store top-k compactly (about 100 bytes a token at k=64) or as plain tensors
 
 
 @dataclass

@@ -123,11 +123,14 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
     allowed = set(labels) if labels else None
     for line, row in rows:
         for f in fields:
+            if task.type == "generation" and f == task.response_field and row.get(f) in (None, ""):
+                continue  # no response: the teacher writes one (`distill generate`, generate.responses)
             if f not in row or row[f] is None:
                 raise UsageError(f"{src}:{line}: missing field '{f}' (fields present: {', '.join(map(str, row))})")
             if not isinstance(row[f], (str, int)) or isinstance(row[f], bool):
                 raise UsageError(f"{src}:{line}: field '{f}' must be text, got {type(row[f]).__name__}")
-        a, b = (str(row[fields[0]]), str(row[fields[1]]))
+        a, b = str(row[fields[0]]), row.get(fields[1])
+        b = None if b in (None, "") else str(b)
         if not a.strip():
             raise UsageError(f"{src}:{line}: field '{fields[0]}' is empty")
         if task.type == "classification":
@@ -136,7 +139,7 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
                                  f"e.g. {', '.join(sorted(allowed)[:5])})")
             ex = {"text": a, "label": b}
         else:
-            ex = {"prompt": a, "response": b}
+            ex = {"prompt": a, "response": b}  # response None: the teacher writes it
         key = a
         if key in seen:
             dupes += 1

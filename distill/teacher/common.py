@@ -1,0 +1,71 @@
+"""What every teacher backend shares: sampling settings for teacher-written responses, and turning a
+backend's per-position log-probability entries into the cache's fixed-width top-k rows.
+
+Vocabulary padding: a model's embedding may have more rows than its tokenizer has tokens (padded to a
+multiple of 64, say). Those rows are never real tokens, so no backend puts them in a top-k row or
+samples them; their (normally negligible) probability stays in the tail mass, so every backend stores
+the same numbers: log-probabilities under the model's full softmax, top k among real tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sampling:
+    """How the teacher writes a response (sequence-level distillation)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: list[int] = field(default_factory=list)  # end the response after any of these (kept in it)
+
+
+@dataclass
+class Generated:
+    """A teacher-written response and the teacher's top k at each of its tokens."""
+
+    response: list[int]
+    ids: torch.Tensor  # [n, k] int64
+    logprobs: torch.Tensor  # [n, k] float32, -inf where fewer than k real tokens were returned
+    tail: torch.Tensor  # [n]
+
+
+def tail_mass(vals: torch.Tensor) -> torch.Tensor:
+    return (1.0 - vals.double().exp().sum(-1)).clamp_min(0.0).float()
+
+
+def rows_from_entries(entries, k: int, vocab_limit: int | None, requested: int | None = None):
+    """entries: per position, an iterable of (token id, log-prob, rank or None), as a backend returned
+    them for a request of `requested` (>= k) top tokens; a backend may add the actual token when it is
+    outside those, so only the `requested` best entries count (by rank when known, else by value).
+
+    Keeps real tokens (id < vocab_limit), best first, k of them; positions with fewer than k usable
+    entries are filled with (id 0, -inf), which carries no mass.
+    Returns (ids [n, k] int64, logprobs [n, k] float32, tail [n]).
+    """
+    requested = requested or k
+    n = len(entries)
+    ids = torch.zeros((n, k), dtype=torch.long)
+    vals = torch.full((n, k), float("-inf"))
+    for r, ent in enumerate(entries):
+        ent = sorted(((int(t), float(lp), rank) for t, lp, rank in ent),
+                     key=lambda e: (e[2] if e[2] is not None else 0, -e[1], e[0]))
+        if ent and ent[0][2] is not None:
+            ent = [e for e in ent if e[2] <= requested]
+        else:
+            ent = ent[:requested]
+        c, seen = 0, set()
+        for tok, lp, _ in ent:
+            if (vocab_limit is not None and tok >= vocab_limit) or tok in seen:
+                continue
+            seen.add(tok)
+            ids[r, c] = tok
+            vals[r, c] = lp if lp > -9999.0 else float("-inf")  # servers clamp -inf to -9999
+            c += 1
+            if c == k:
+                break
+    return ids, vals, tail_mass(vals)

@@ -1,0 +1,355 @@
+"""The server backend: a teacher behind one or more running vLLM OpenAI-compatible servers.
+
+Everything goes through `POST /v1/completions` with token-id prompts, so no text is re-tokenized:
+- top-k over a sequence: `echo`, `max_tokens: 1`, `prompt_logprobs: K`; `choices[i].prompt_logprobs[t]`
+  is null (t = 0) or {"<token id>": {"logprob", "rank", ...}}, the distribution that predicted
+  token t, with the actual token added when it is outside the top K (filtered by rank);
+- soft labels: the prompt followed by each label answer with `prompt_logprobs: 1`, reading the actual
+  token's entry at each answer position;
+- teacher-written responses: sampling settings and `logprobs: K` with `return_tokens_as_token_ids`, so
+  the response tokens and the top K at each are captured in the same pass.
+
+Requests run concurrently (a thread pool), each sent to the least busy server; connection errors,
+timeouts and 5xx answers are retried with exponential backoff (on another server when there are
+several). Before any work a probe checks every server: the model it serves (`/v1/models`), that it
+allows `max_logprobs >= K` (a one-token request asking for K), and that its tokenizer splits probe
+texts exactly as the local tokenizer does (`/tokenize`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..config import TeacherSpec
+from ..errors import DistillError, UsageError
+from .common import Generated, Sampling, rows_from_entries
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXTS = [
+    "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
+    "  Ünïcödé → déjà vu, naïve café; 東京 🙂 tabs\tand\nnewlines  ",
+]
+
+
+class TransientError(Exception):
+    """A failure worth retrying: no connection, a timeout, a 5xx answer."""
+
+
+def normalize_url(url: str) -> str:
+    """`http://host:8000`, `http://host:8000/` and `http://host:8000/v1` all mean the server root."""
+    u = url.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", u):
+        raise UsageError(f"teacher url {url!r}: expected http://HOST:PORT (optionally ending in /v1)")
+    if u.endswith("/v1"):
+        u = u[: -len("/v1")]
+    return u
+
+
+def spec_urls(spec: TeacherSpec) -> list[str]:
+    """The servers of a teacher spec: `url` and `urls` (either may hold several, comma separated)."""
+    raw = []
+    for v in [spec.url, *(getattr(spec, "urls", None) or [])]:
+        if v:
+            raw += [x for x in re.split(r"[,\s]+", v) if x]
+    out = []
+    for u in map(normalize_url, raw):
+        if u not in out:
+            out.append(u)
+    return out
+
+
+class _Server:
+    def __init__(self, base: str):
+        self.base = base
+        self.busy = 0
+        self.failures = 0
+
+
+class ServerTeacher:
+    name = "server"
+
+    def __init__(self, spec: TeacherSpec, tok, k: int, vocab_rows: int | None = None, urls=None,
+                 concurrency: int = 4, per_request: int = 8, timeout: float = 600.0, retries: int = 6,
+                 backoff: float = 0.5, probe: bool = True):
+        import requests
+
+        self._requests = requests
+        urls = urls or spec_urls(spec)
+        if not urls:
+            raise UsageError(f"teacher {spec.name}: backend server needs a url (teacher spec `url:` or --teacher-url)")
+        self.servers = [_Server(u) for u in urls]
+        self.spec, self.tok, self.k = spec, tok, k
+        self.vocab_limit = len(tok)
+        self.pad_rows = max(0, (vocab_rows or 0) - self.vocab_limit)
+        self.per_request = max(1, per_request)
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency) * len(self.servers),
+                                        thread_name_prefix="teacher-http")
+        self.model: str | None = None
+        self.max_logprobs: int | None = None
+        self.max_model_len: int | None = None
+        if probe:
+            for s in self.servers:
+                self._probe(s)
+        # ask for a few more tokens than k when padded rows may take places in the top k
+        self.k_request = k if not self.pad_rows else min(k + self.pad_rows, self.max_logprobs or k)
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def _session(self):
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = self._requests.Session()
+        return s
+
+    def _once(self, server: _Server, method: str, path: str, payload=None, timeout=None):
+        url = server.base + path
+        try:
+            r = self._session().request(method, url, json=payload, timeout=timeout or self.timeout)
+        except self._requests.exceptions.RequestException as e:  # connection refused, reset, timeout
+            raise TransientError(f"{url}: {type(e).__name__}: {e}") from None
+        if r.status_code >= 500 or r.status_code == 429:
+            raise TransientError(f"{url}: HTTP {r.status_code}: {r.text[:300]}")
+        return r
+
+    def _pick(self, avoid: set) -> _Server:
+        with self._lock:
+            pool = [s for s in self.servers if s.base not in avoid] or self.servers
+            s = min(pool, key=lambda s: (s.busy, s.failures))
+            s.busy += 1
+            return s
+
+    def _call(self, method: str, path: str, payload=None, server: _Server | None = None):
+        """One request with retries; returns (server, response). Non-transient answers are returned."""
+        avoid: set = set()
+        delay = self.backoff
+        last = None
+        for attempt in range(self.retries + 1):
+            s = server
+            if s is None:
+                s = self._pick(avoid)
+            else:
+                with self._lock:
+                    s.busy += 1
+            try:
+                return s, self._once(s, method, path, payload)
+            except TransientError as e:
+                last = e
+                with self._lock:
+                    s.failures += 1
+                if server is None and len(self.servers) > 1:
+                    avoid.add(s.base)
+                    if len(avoid) == len(self.servers):
+                        avoid.clear()
+                if attempt < self.retries:
+                    log.warning("teacher server: %s; retrying in %.1f s (%d/%d)", e, delay, attempt + 1, self.retries)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            finally:
+                with self._lock:
+                    s.busy -= 1
+        raise DistillError(f"teacher server: giving up after {self.retries + 1} attempts: {last}")
+
+    def _json(self, server: _Server, r, what: str):
+        if r.status_code != 200:
+            raise DistillError(f"{server.base}{what}: HTTP {r.status_code}: {_error_text(r)}")
+        try:
+            return r.json()
+        except json.JSONDecodeError:
+            raise DistillError(f"{server.base}{what}: not a JSON answer: {r.text[:200]!r}") from None
+
+    # -- start-up probe ------------------------------------------------------------------------
+    def _probe(self, s: _Server) -> None:
+        _, r = self._call("GET", "/v1/models", server=s)
+        data = self._json(s, r, "/v1/models")
+        served = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+        model = self._match_model(s, served)
+        if self.model is not None and model != self.model:
+            raise UsageError(f"{s.base}: serves {model!r}, another server of this teacher serves {self.model!r}")
+        self.model = model
+        # max_logprobs: ask for k (+ room for padded rows) on a one-token prompt and read the answer
+        one = [self.tok.bos_token_id if self.tok.bos_token_id is not None else 0]
+        want = self.k + self.pad_rows
+        _, r = self._call("POST", "/v1/completions", {"model": model, "prompt": one, "max_tokens": 1,
+                                                       "prompt_logprobs": want}, server=s)
+        if r.status_code == 200:
+            allowed = want
+        else:
+            text = _error_text(r)
+            m = re.search(r"greater than max allowed:?\s*(\d+)", text)
+            if not m:
+                raise DistillError(f"{s.base}/v1/completions: probe request failed: HTTP {r.status_code}: {text}")
+            allowed = int(m.group(1))
+        if allowed < self.k:
+            raise UsageError(f"{s.base}: the server allows at most {allowed} log-probabilities per position, this run "
+                             f"needs k={self.k}; restart it with --max-logprobs {self.k} or more "
+                             f"(`distill serve-teacher` takes it from the teacher spec's max_logprobs)")
+        if allowed < want:
+            log.warning("%s: max_logprobs %d leaves no room for the %d padded vocabulary rows; rows where padded "
+                        "ids rank in the top k will hold fewer than k tokens", s.base, allowed, self.pad_rows)
+        self.max_logprobs = allowed if self.max_logprobs is None else min(self.max_logprobs, allowed)
+        self._check_tokenizer(s)
+        log.info("teacher server %s: model %s, max_logprobs >= %d, tokenizer agrees", s.base, model, allowed)
+
+    def _match_model(self, s: _Server, served: list[str]) -> str:
+        spec = self.spec
+        explicit = getattr(spec, "served_model_name", None)
+        if not served:
+            raise DistillError(f"{s.base}/v1/models: the server lists no model")
+        if explicit:
+            if explicit not in served:
+                raise UsageError(f"{s.base}: serves {', '.join(served)}, not the teacher's served_model_name "
+                                 f"{explicit!r}; check the url or the teacher spec")
+            return explicit
+        candidates = [c for c in (spec.name, spec.source) if c]
+        for c in candidates:
+            if c in served:
+                return c
+        if not spec.source or spec.name.startswith(("http://", "https://")):
+            if len(served) == 1:
+                return served[0]
+        raise UsageError(f"{s.base}: serves {', '.join(served)}, which is not teacher {spec.name!r} "
+                         f"(source {spec.source!r}); start it with `distill serve-teacher`, or set "
+                         "served_model_name in the teacher spec")
+
+    def _check_tokenizer(self, s: _Server) -> None:
+        for text in PROBE_TEXTS:
+            local = self.tok(text, add_special_tokens=False).input_ids
+            _, r = self._call("POST", "/tokenize", {"model": self.model, "prompt": text,
+                                                    "add_special_tokens": False}, server=s)
+            if r.status_code == 404:
+                raise DistillError(f"{s.base}/tokenize: not found; cannot check that the server's tokenizer "
+                                   "matches the local one (a vLLM server has this endpoint)")
+            data = self._json(s, r, "/tokenize")
+            if data.get("tokens") != local:
+                raise UsageError(f"{s.base}: the server's tokenizer differs from the local tokenizer of "
+                                 f"{self.spec.name}: {text!r} -> server {data.get('tokens')[:12]}..., "
+                                 f"local {local[:12]}...; point the teacher spec at the same model")
+            if data.get("max_model_len"):
+                self.max_model_len = int(data["max_model_len"]) if self.max_model_len is None else \
+                    min(self.max_model_len, int(data["max_model_len"]))
+        if getattr(self.tok, "chat_template", None):
+            msgs = [{"role": "user", "content": PROBE_TEXTS[0]}]
+            local = self.tok(self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                             add_special_tokens=False).input_ids
+            _, r = self._call("POST", "/tokenize", {"model": self.model, "messages": msgs,
+                                                    "add_generation_prompt": True, "add_special_tokens": False},
+                              server=s)
+            if r.status_code == 200 and r.json().get("tokens") != local:
+                raise UsageError(f"{s.base}: the server's chat template gives other tokens than the local one; "
+                                 "point the teacher spec at the same model")
+
+    # -- work ----------------------------------------------------------------------------------
+    def _completions(self, payloads: list[dict]) -> list[list[dict]]:
+        """Send the payloads concurrently; each answer's choices, in prompt order."""
+        def one(p):
+            s, r = self._call("POST", "/v1/completions", p)
+            data = self._json(s, r, "/v1/completions")
+            choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+            n = len(p["prompt"]) if p["prompt"] and isinstance(p["prompt"][0], list) else 1
+            if len(choices) != n:
+                raise DistillError(f"{s.base}/v1/completions: asked for {n} completions, got {len(choices)}")
+            return choices
+
+        return list(self._pool.map(one, payloads))
+
+    def _check_len(self, seqs) -> None:
+        longest = max(len(s) for s in seqs)
+        if self.max_model_len and longest + 1 > self.max_model_len:
+            raise UsageError(f"a sequence of {longest} tokens does not fit the server's max_model_len="
+                             f"{self.max_model_len}; lower train.max_length or serve with a larger max_model_len")
+
+    def _prompt_logprobs(self, seqs, n_logprobs: int):
+        self._check_len(seqs)
+        payloads = [{"model": self.model, "prompt": [list(map(int, s)) for s in seqs[i:i + self.per_request]],
+                     "max_tokens": 1, "echo": True, "prompt_logprobs": n_logprobs, "temperature": 0.0}
+                    for i in range(0, len(seqs), self.per_request)]
+        out = []
+        for choices in self._completions(payloads):
+            for c in choices:
+                plp = c.get("prompt_logprobs")
+                if plp is None:
+                    raise DistillError("teacher server: the answer has no prompt_logprobs (not a vLLM server?)")
+                out.append(plp)
+        return out
+
+    def topk(self, seqs, positions, k):
+        res = []
+        for s, pos, plp in zip(seqs, positions, self._prompt_logprobs(seqs, self.k_request)):
+            if len(plp) != len(s):
+                raise DistillError(f"teacher server: {len(plp)} prompt log-probabilities for {len(s)} tokens")
+            entries = [[(int(t), e["logprob"], e.get("rank")) for t, e in (plp[p] or {}).items()] for p in pos]
+            res.append(rows_from_entries(entries, k, self.vocab_limit, self.k_request))
+        return res
+
+    def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
+        seqs = [list(p) + list(lab) for p in prompts for lab in label_ids]
+        plps = self._prompt_logprobs(seqs, 1)
+        scores = torch.zeros((len(prompts), len(label_ids)), dtype=torch.float32)
+        n = 0
+        for b, p in enumerate(prompts):
+            for j, lab in enumerate(label_ids):
+                lp = plps[n]
+                total = 0.0
+                for t, tok in enumerate(lab):
+                    entry = (lp[len(p) + t] or {}).get(str(tok))
+                    if entry is None:
+                        raise DistillError(f"teacher server: no log-probability for label token {tok}")
+                    total += entry["logprob"]
+                scores[b, j] = total
+                n += 1
+        return scores
+
+    def generate_topk(self, prompts, k, sampling: Sampling, seeds) -> list[Generated]:
+        self._check_len([list(p) + [0] * sampling.max_new_tokens for p in prompts])
+        payloads = []
+        for p, seed in zip(prompts, seeds):
+            body = {"model": self.model, "prompt": list(map(int, p)), "max_tokens": sampling.max_new_tokens,
+                    "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "min_p": 0.0,
+                    "repetition_penalty": 1.0, "seed": int(seed),
+                    "logprobs": self.k_request, "return_tokens_as_token_ids": True,
+                    "stop_token_ids": list(sampling.stop_ids), "skip_special_tokens": False}
+            if self.pad_rows:
+                body["allowed_token_ids"] = list(range(self.vocab_limit))
+            payloads.append(body)
+        out = []
+        for (c,) in self._completions(payloads):
+            lp = c.get("logprobs") or {}
+            toks = lp.get("tokens") or []
+            response = [_token_id(t) for t in toks]
+            entries = [[(_token_id(t), v, None) for t, v in (top or {}).items()] for top in lp.get("top_logprobs") or []]
+            if len(entries) != len(response):
+                raise DistillError("teacher server: the answer's logprobs do not cover every generated token")
+            ids, vals, tail = rows_from_entries(entries, k, self.vocab_limit, self.k_request)
+            out.append(Generated(response, ids, vals, tail))
+        return out
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _token_id(t: str) -> int:
+    if isinstance(t, str) and t.startswith("token_id:"):
+        return int(t[len("token_id:"):])
+    raise DistillError(f"teacher server: expected a token as 'token_id:N', got {t!r} (return_tokens_as_token_ids ignored?)")
+
+
+def _error_text(r) -> str:
+    try:
+        data = r.json()
+    except ValueError:
+        return r.text[:500]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:500]
+        return str(err)[:500]
+    return str(data)[:500]
