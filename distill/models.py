@@ -100,11 +100,22 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except ValueError as e:
-        raise UsageError(f"{path}: not a causal language model transformers can load ({e})") from None
-    return model
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: no readable model config ({e})") from None
+    archs = getattr(config, "architectures", None) or []
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+            archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
+        raise UsageError(f"{path}: model type '{config.model_type}' is not a causal language model "
+                         "(expected e.g. llama, qwen2, mistral)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: could not load the weights ({e})") from None
 
 
 def tokenizer_hash(tok) -> str:
