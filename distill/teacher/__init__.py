@@ -75,7 +75,7 @@ def make_backend(name: str, spec: TeacherSpec, model_path: str, k: int, tok=None
             tok = load_tokenizer(model_path)
         from .server import ServerTeacher
 
-        return ServerTeacher(spec, tok, k, vocab_rows=vocab_rows)
+        return ServerTeacher(spec, tok, k, vocab_rows=vocab_rows, model_path=model_path)
     raise UsageError(f"unknown backend {name!r}")
 
 

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -76,8 +77,8 @@ class ServerTeacher:
     name = "server"
 
     def __init__(self, spec: TeacherSpec, tok, k: int, vocab_rows: int | None = None, urls=None,
-                 concurrency: int = 4, per_request: int = 8, timeout: float = 600.0, retries: int = 6,
-                 backoff: float = 0.5, probe: bool = True):
+                 model_path: str | None = None, concurrency: int = 4, per_request: int = 4,
+                 timeout: float = 600.0, retries: int = 6, backoff: float = 0.5, probe: bool = True):
         import requests
 
         self._requests = requests
@@ -86,6 +87,8 @@ class ServerTeacher:
             raise UsageError(f"teacher {spec.name}: backend server needs a url (teacher spec `url:` or --teacher-url)")
         self.servers = [_Server(u) for u in urls]
         self.spec, self.tok, self.k = spec, tok, k
+        self.model_path = model_path
+        self._turn = 0
         self.vocab_limit = len(tok)
         self.pad_rows = max(0, (vocab_rows or 0) - self.vocab_limit)
         self.per_request = max(1, per_request)
@@ -123,7 +126,9 @@ class ServerTeacher:
     def _pick(self, avoid: set) -> _Server:
         with self._lock:
             pool = [s for s in self.servers if s.base not in avoid] or self.servers
-            s = min(pool, key=lambda s: (s.busy, s.failures))
+            self._turn += 1  # least busy first; among equals, take turns
+            n = len(self.servers)
+            s = min(pool, key=lambda s: (s.busy, (self.servers.index(s) - self._turn) % n))
             s.busy += 1
             return s
 
@@ -170,7 +175,7 @@ class ServerTeacher:
     def _probe(self, s: _Server) -> None:
         _, r = self._call("GET", "/v1/models", server=s)
         data = self._json(s, r, "/v1/models")
-        served = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+        served = [m for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
         model = self._match_model(s, served)
         if self.model is not None and model != self.model:
             raise UsageError(f"{s.base}: serves {model!r}, another server of this teacher serves {self.model!r}")
@@ -199,24 +204,29 @@ class ServerTeacher:
         self._check_tokenizer(s)
         log.info("teacher server %s: model %s, max_logprobs >= %d, tokenizer agrees", s.base, model, allowed)
 
-    def _match_model(self, s: _Server, served: list[str]) -> str:
+    def _match_model(self, s: _Server, served: list[dict]) -> str:
+        """The served model that is this teacher: by name (`served_model_name`, else the spec's name, as
+        `distill serve-teacher` names it) or by the path/hub id it was loaded from (vLLM's `root`)."""
         spec = self.spec
-        explicit = getattr(spec, "served_model_name", None)
+        names = [m["id"] for m in served]
         if not served:
             raise DistillError(f"{s.base}/v1/models: the server lists no model")
+        explicit = getattr(spec, "served_model_name", None)
         if explicit:
-            if explicit not in served:
-                raise UsageError(f"{s.base}: serves {', '.join(served)}, not the teacher's served_model_name "
+            if explicit not in names:
+                raise UsageError(f"{s.base}: serves {', '.join(names)}, not the teacher's served_model_name "
                                  f"{explicit!r}; check the url or the teacher spec")
             return explicit
-        candidates = [c for c in (spec.name, spec.source) if c]
-        for c in candidates:
-            if c in served:
-                return c
-        if not spec.source or spec.name.startswith(("http://", "https://")):
-            if len(served) == 1:
-                return served[0]
-        raise UsageError(f"{s.base}: serves {', '.join(served)}, which is not teacher {spec.name!r} "
+        if spec.name in names:
+            return spec.name
+        sources = {str(x).rstrip("/") for x in (spec.source, self.model_path) if x}
+        sources |= {str(Path(x).resolve()) for x in sources if Path(x).exists()}
+        for m in served:
+            if {str(m.get("id", "")).rstrip("/"), str(m.get("root") or "").rstrip("/")} & sources:
+                return m["id"]
+        if not spec.source and len(served) == 1:  # a bare URL: whatever it serves (the tokenizer check follows)
+            return names[0]
+        raise UsageError(f"{s.base}: serves {', '.join(names)}, which is not teacher {spec.name!r} "
                          f"(source {spec.source!r}); start it with `distill serve-teacher`, or set "
                          "served_model_name in the teacher spec")
 
