@@ -116,3 +116,104 @@ def test_vllm_engine_matches_transformers_backend(tmp_path, tiny_model):
         assert cache_mod.read_manifest(tmp_path / backend / "cache").backend == backend
     torch.testing.assert_close(results["vllm"], results["transformers"], atol=0.08, rtol=0.02)
     assert (results["vllm"].argmax(1) == results["transformers"].argmax(1)).float().mean() > 0.9
+
+
+def test_padded_teacher_vocab_never_leaks_and_students_of_either_size_train(tmp_path, smollm2_dir):
+    """Teacher and student share a tokenizer but not an embedding size (the teacher's is padded by 64
+    rows, made attractive here): top-k rows hold real tokens only, so a student with exactly the
+    tokenizer's rows trains on the cache; a student with another tokenizer is refused, saying so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import make_tiny_llama
+    from test_server import flat_tiny_llama
+
+    teacher = flat_tiny_llama(tmp_path / "teacher", smollm2_dir, extra_rows=64, pad_scale=4.0)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    n_tok = len(tok)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():  # without the guard, padded rows would be in the teacher's top k
+        raw = model(torch.tensor([tok("Name a colour. Blue is a colour.").input_ids])).logits[0].topk(8).indices
+    assert (raw >= n_tok).any()
+
+    recipe_path = gen_recipe(tmp_path, teacher, k=8)
+    out = run_generate(load_recipe(recipe_path), backend="transformers")
+    m = cache_mod.read_manifest(out)
+    assert m.vocab_size == n_tok + 64 and m.max_token_id < n_tok
+    for split in ("train", "validation"):
+        assert int(cache_mod.load_split(out, split)["topk_ids"].max()) < n_tok
+
+    student = make_tiny_llama(tmp_path / "student", smollm2_dir, layers=1)  # len(tok) rows, no padding
+    other = make_tiny_llama(tmp_path / "other", smollm2_dir, layers=1)
+    t2 = AutoTokenizer.from_pretrained(other)
+    assert t2.add_tokens(["<zzqx-new-token>"]) == 1
+    t2.save_pretrained(other)
+
+    def train(init, name):
+        return subprocess.run([sys.executable, "-m", "distill", "train", str(recipe_path), "--init-from", init,
+                               "--out", str(tmp_path / name), "--epochs", "1", "--alpha", "0.5", "--batch-size", "2"],
+                              capture_output=True, text=True, timeout=900)
+
+    for init, name in ((student, "s1"), (teacher, "s0")):  # n_tok rows, and n_tok + 64 (padded) rows
+        ok = train(init, name)
+        assert ok.returncode == 0, ok.stderr[-3000:]
+    bad = train(other, "s2")
+    assert bad.returncode == 2 and "different tokenizer" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
+def test_cache_codec_round_trip_size_and_kl_error():
+    """The compact top-k encoding: same ids in rank order, values within a KL error far below 1e-3
+    nats, the top token exact, -inf (missing) entries kept, a fifth of the plain size or less."""
+    from distill import topk_codec
+
+    g = torch.Generator().manual_seed(0)
+    V, N = 49152, 600
+    zipf = -1.1 * torch.log(torch.arange(1, V + 1, dtype=torch.float32))  # frequent tokens have low ids
+    logp = torch.log_softmax(zipf + 2.5 * torch.randn(N, V, generator=g), -1)
+    for k in (8, 64):
+        vals, ids = logp.topk(k, -1)
+        tail = (1 - vals.double().exp().sum(-1)).clamp_min(0).float()
+        enc = topk_codec.encode(ids, vals, tail, V)
+        size = sum(t.numel() * t.element_size() for t in enc.values()) / N
+        d_ids, d_vals, d_tail = topk_codec.decode(enc)
+        assert d_ids.dtype == torch.int32 and d_vals.dtype == torch.float32 and d_vals.shape == (N, k)
+        assert torch.equal(d_ids.long().sort(-1).values, ids.sort(-1).values)  # the same tokens
+        assert torch.equal(d_ids[:, 0].long(), ids[:, 0])  # the top token first
+        assert (d_vals[:, :-1] >= d_vals[:, 1:]).all()  # rank order
+        kl = topk_codec.bucket_kl(ids, vals, tail, d_ids, d_vals, d_tail)
+        assert kl.mean() < 1e-4 and kl.max() < 1e-3, (k, kl.mean(), kl.max())
+        torch.testing.assert_close(d_tail, tail, atol=1e-3, rtol=1e-3)
+        assert size < 2 * k + 8, (k, size)  # plain: 8 bytes an entry (int32 id, float32 value) + 4 (tail)
+    # rows with fewer than k real entries, a one-token row, and an empty block
+    vals, ids = logp[:4].topk(6, -1)
+    vals[:, 4:] = float("-inf")
+    ids[:, 4:] = 0
+    d_ids, d_vals, _ = topk_codec.decode(topk_codec.encode(ids, vals, torch.zeros(4), V))
+    assert torch.isinf(d_vals[:, 4:]).all() and torch.equal(d_ids[:, :4].long().sort(-1).values, ids[:, :4].sort(-1).values)
+    one = topk_codec.decode(topk_codec.encode(torch.tensor([[7]]), torch.tensor([[-0.5]]), torch.tensor([0.39]), V))
+    assert one[0].tolist() == [[7]] and abs(one[1].item() + 0.5) < 1e-3
+    empty = topk_codec.decode(topk_codec.encode(torch.zeros((0, 8), dtype=torch.long), torch.zeros((0, 8)), torch.zeros(0), V))
+    assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,)]
+    with pytest.raises(ValueError, match="out of range"):
+        topk_codec.encode(torch.tensor([[V]]), torch.tensor([[-1.0]]), torch.tensor([0.5]), V)
+
+
+def test_plain_and_compact_caches_decode_alike(tmp_path, tiny_model):
+    """`generate.compact: false` writes plain tensors (and format-1 caches load as before); both
+    decode to the same layout and dtypes, values within the codec's error."""
+    out = {}
+    for compact in (True, False):
+        (tmp_path / str(compact)).mkdir()
+        recipe = load_recipe(gen_recipe(tmp_path / str(compact), tiny_model))
+        recipe.generate.compact = compact
+        out[compact] = cache_mod.load_split(run_generate(recipe, backend="transformers"), "train")
+        assert cache_mod.read_manifest(tmp_path / str(compact) / "work" / "cache").codec == (
+            cache_mod.DEFAULT_CODEC if compact else {})
+    a, b = out[True], out[False]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+    for key in ("index", "input_ids", "seq_offsets", "positions", "pos_offsets"):
+        assert torch.equal(a[key], b[key])
+    kl = __import__("distill.topk_codec", fromlist=["x"]).bucket_kl(
+        b["topk_ids"], b["topk_logprobs"], b["tail_mass"], a["topk_ids"], a["topk_logprobs"], a["tail_mass"])
+    assert kl.max() < 1e-3
