@@ -207,5 +207,26 @@ def bench(recipe_path, teacher, students, data, batch_size, latency_examples, li
     click.echo(f"written to {report['out_dir']} (bench.md, bench.json, bench.png)")
 
 
+@cli.command()
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe to check (keys, data, labels).")
+@click.option("--teacher", help="Teacher spec, model directory or server URL (default: the recipe's).")
+@click.option("--cache", type=click.Path(file_okay=False), help="Teacher cache to check (default: the recipe's, if any).")
+@click.option("--student", help="Student model whose tokenizer must match the cache.")
+@click.option("--no-estimate", is_flag=True, help="Skip timing the teacher for the generate estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@friendly_errors
+def doctor(recipe_path, teacher, cache, student, no_estimate, as_json):
+    """Check the environment, a teacher, a recipe and a cache; estimate disk and time for generate.
+
+    Exits 1 when any check fails.
+    """
+    from .doctor import format_rows, rows_json, run_doctor
+
+    rows, ok = run_doctor(recipe_path, teacher, cache, student, estimate=not no_estimate)
+    click.echo(rows_json(rows) if as_json else format_rows(rows))
+    if not ok:
+        sys.exit(1)
+
+
 def main():
     cli(prog_name="distill")

@@ -147,3 +147,17 @@ def test_failed_generate_keeps_the_existing_cache(env):
     res = CliRunner().invoke(cli, ["generate", str(env["recipe"]), "--teacher", str(env["tmp"] / "bert"), "--backend", "transformers"])
     assert res.exit_code == 2
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+
+
+def test_doctor_passes_a_good_setup_and_catches_a_corrupt_cache(env, tmp_path):
+    good = CliRunner().invoke(cli, ["doctor", "--recipe", str(env["recipe"]), "--student", env["model"], "--json"])
+    assert good.exit_code == 0, good.output
+    checks = {c["check"]: c for c in json.loads(good.output[good.output.index("["):])}
+    assert checks["cache"]["status"] == "ok" and checks["student"]["status"] == "ok"
+    assert "examples, about" in checks["estimate"]["detail"]
+    broken = tmp_path / "cache"
+    shutil.copytree(env["tmp"] / "w" / "cache", broken)
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    bad = CliRunner().invoke(cli, ["doctor", "--cache", str(broken), "--no-estimate"])
+    assert bad.exit_code == 1 and "corrupt" in bad.output and shard.name in bad.output
