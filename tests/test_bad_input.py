@@ -152,7 +152,7 @@ def test_failed_generate_keeps_the_existing_cache(env):
 def test_doctor_passes_a_good_setup_and_catches_a_corrupt_cache(env, tmp_path):
     good = CliRunner().invoke(cli, ["doctor", "--recipe", str(env["recipe"]), "--student", env["model"], "--json"])
     assert good.exit_code == 0, good.output
-    checks = {c["check"]: c for c in json.loads(good.output[good.output.index("["):])}
+    checks = {c["check"]: c for c in json.loads(good.output[good.output.index("[\n"):])}
     assert checks["cache"]["status"] == "ok" and checks["student"]["status"] == "ok"
     assert "examples, about" in checks["estimate"]["detail"]
     broken = tmp_path / "cache"
