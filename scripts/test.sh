@@ -2,7 +2,7 @@
 # Set up (idempotent) and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+WITH_LLAMA=1 bash scripts/setup.sh
 . .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false
 python -m pytest tests "$@"
