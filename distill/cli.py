@@ -25,6 +25,14 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
             sys.exit(130)
+        except OSError as e:  # a full disk anywhere (checkpoints, exports): one clear line, exit 1
+            import errno
+
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            click.echo(f"error: no space left on the device ({e.filename or 'while writing'}); finished work is kept. "
+                       "Free some space and run the same command again.", err=True)
+            sys.exit(1)
 
     return wrapper
 

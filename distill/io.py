@@ -1,24 +1,41 @@
 """Atomic file writes: a file the tool writes appears complete or not at all."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
+from .errors import DistillError
+
+
+def disk_full(path, e: OSError) -> DistillError:
+    return DistillError(f"{path}: no space left on the device ({e.strerror}); nothing already finished was lost. "
+                        "Free some space and run the same command again to continue.")
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, e) from None
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
