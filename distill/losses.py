@@ -4,7 +4,8 @@ The teacher cache holds, per position, its top-k log-probabilities and the proba
 outside them (the tail). Both distributions are compared on k+1 buckets: the k cached tokens and
 "everything else". At temperature 1 and k = vocabulary size this is exactly the dense divergence;
 for smaller k it is the divergence between the two distributions coarsened to those buckets, which
-keeps the tail's mass in the loss instead of silently renormalising the top k.
+keeps the tail's mass in the loss instead of silently renormalising the top k. A temperature T
+acts on both bucket distributions alike (each softmax(log-prob / T) over the k+1 buckets).
 
 Soft labels (classification) are the same computation with the label set as the support.
 """
@@ -94,18 +95,30 @@ def _log1mexp(x):
 
 
 def teacher_buckets(topk_logprobs, tail_mass, temperature: float = 1.0):
-    """Teacher log-probs over k+1 buckets (top k, tail), sharpened or flattened by temperature."""
+    """Teacher log-probs over k+1 buckets (top k, tail), sharpened or flattened by temperature.
+
+    The temperature acts on the bucket distribution (the tail counted as one outcome): the cache holds
+    no per-token tail probabilities, so the tempered full distribution cannot be coarsened exactly.
+    `student_buckets` treats the student the same way, so a student equal to the teacher has zero
+    divergence at every temperature.
+    """
     tail = torch.log(tail_mass.float().clamp_min(1e-12))[..., None]
     logp = torch.cat([topk_logprobs.float(), tail], dim=-1)
     return F.log_softmax(logp / temperature, dim=-1) if temperature != 1.0 else logp - torch.logsumexp(logp, -1, keepdim=True)
 
 
 def student_buckets(student_logits, topk_ids, temperature: float = 1.0):
-    """Student log-probs over the teacher's k cached tokens plus the rest of the vocabulary."""
-    logq_full = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    logq_top = logq_full.gather(-1, topk_ids.long())
+    """Student log-probs over the teacher's k cached tokens plus the rest of the vocabulary, then
+    tempered as a (k+1)-outcome distribution, as `teacher_buckets` does for the teacher.
+
+    Only [N, k] values and one log-sum-exp per row are formed from the [N, V] logits (no second
+    vocabulary-sized log-softmax beside the cross-entropy's).
+    """
+    z = student_logits.float()
+    logq_top = z.gather(-1, topk_ids.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
     covered = torch.logsumexp(logq_top, dim=-1, keepdim=True)
-    return torch.cat([logq_top, _log1mexp(covered)], dim=-1)
+    logq = torch.cat([logq_top, _log1mexp(covered)], dim=-1)
+    return F.log_softmax(logq / temperature, dim=-1) if temperature != 1.0 else logq
 
 
 def sparse_kd(student_logits, topk_ids, topk_logprobs, tail_mass, temperature: float = 1.0,

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import DIVERGENCES, divergence, soft_label_kd, sparse_kd
+from distill.losses import DIVERGENCES, dense_kd, divergence, loss_kwargs, soft_label_kd, sparse_kd
 
 
-def dense_bucket_reference(teacher_logits, student_logits, k, kind, **kw):
-    """The same quantity computed densely: both full distributions coarsened to (top-k of teacher, rest)."""
+def dense_bucket_reference(teacher_logits, student_logits, k, kind, temperature=1.0, **kw):
+    """The same quantity computed densely: both full distributions coarsened to (top-k of teacher, rest),
+    then each bucket distribution tempered: softmax(log(bucket probs) / T)."""
     p = F.softmax(teacher_logits.double(), -1)
     q = F.softmax(student_logits.double(), -1)
     top = p.topk(k, -1).indices
@@ -16,6 +17,8 @@ def dense_bucket_reference(teacher_logits, student_logits, k, kind, **kw):
     qb = torch.cat([q.gather(-1, top), (q * ~mask).sum(-1, keepdim=True)], -1)
     if k == p.shape[-1]:  # no tail bucket at all
         pb, qb = pb[:, :-1], qb[:, :-1]
+    if temperature != 1.0:
+        pb, qb = F.softmax(pb.log() / temperature, -1), F.softmax(qb.log() / temperature, -1)
     def kl(a, b):  # 0 log 0 = 0
         return (torch.special.xlogy(a, a) - torch.special.xlogy(a, b)).sum(-1)
 
@@ -93,3 +96,73 @@ def test_jsd_limits_are_the_two_kls():
     logp, logq = F.log_softmax(torch.randn(4, 10), -1), F.log_softmax(torch.randn(4, 10), -1)
     torch.testing.assert_close(divergence(logp, logq, "jsd", beta=0.0), divergence(logp, logq, "forward_kl"))
     torch.testing.assert_close(divergence(logp, logq, "jsd", beta=1.0), divergence(logp, logq, "reverse_kl"))
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_sparse_matches_dense_reference_at_temperature(kind, T):
+    torch.manual_seed(7)
+    V, N, k = 48, 10, 6
+    t = torch.randn(N, V) * 3
+    s1 = (torch.randn(N, V) * 2).requires_grad_()
+    s2 = s1.detach().double().clone().requires_grad_()
+    kw = {"beta": 0.7, "lam": 0.25}
+    ids, vals, tail = teacher_cache(t, k)
+    ours = sparse_kd(s1, ids, vals, tail, T, kind, **kw)
+    ref = dense_bucket_reference(t, s2, k, kind, T, **kw)
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+def test_a_student_equal_to_the_teacher_has_zero_loss_at_any_temperature(kind, T):
+    torch.manual_seed(8)
+    t = torch.randn(6, 300) * 2
+    ids, vals, tail = teacher_cache(t, 8)
+    assert sparse_kd(t, ids, vals, tail, T, kind, beta=0.4, lam=0.1).item() == pytest.approx(0.0, abs=1e-5)
+    assert soft_label_kd(t[:, :5], t[:, :5], T, kind, beta=0.4, lam=0.1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_soft_label_and_dense_kd_match_a_float64_reference_with_gradients(kind):
+    """The divergence family on full distributions (soft labels, online KD) against float64 formulas."""
+    torch.manual_seed(9)
+    T, kw = 2.0, {"beta": 0.3, "lam": 0.2}
+    t = torch.randn(7, 9) * 3
+    s1 = torch.randn(7, 9).requires_grad_()
+    s2 = s1.detach().double().clone().requires_grad_()
+    ref = dense_bucket_reference(t / T, s2 / T, 9, kind, **kw)  # k = V: the plain dense divergence
+    ours = soft_label_kd(s1, t, T, kind, **kw)
+    ours.backward()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-4, atol=1e-7)
+    assert dense_kd(s1.detach(), t, T, kind, **kw).item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+
+
+def test_reductions_sum_and_none():
+    torch.manual_seed(10)
+    t, s = torch.randn(5, 30) * 2, torch.randn(5, 30)
+    ids, vals, tail = teacher_cache(t, 4)
+    per_row = sparse_kd(s, ids, vals, tail, 2.0, "jsd", reduction="none", beta=0.5)
+    assert per_row.shape == (5,)
+    assert per_row.sum().item() == pytest.approx(sparse_kd(s, ids, vals, tail, 2.0, "jsd", reduction="sum", beta=0.5).item(), rel=1e-6)
+    assert per_row.mean().item() == pytest.approx(sparse_kd(s, ids, vals, tail, 2.0, "jsd", beta=0.5).item(), rel=1e-6)
+    assert soft_label_kd(s, t, 1.0, reduction="sum").item() == pytest.approx(5 * soft_label_kd(s, t, 1.0).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        soft_label_kd(s, t, reduction="max")
+
+
+def test_loss_kwargs_checks_the_parameters():
+    assert loss_kwargs("forward_kl", 0.5, 0.1) == {}
+    assert loss_kwargs("jsd", 0.2, 0.1) == {"beta": 0.2}
+    assert loss_kwargs("skew_reverse_kl", 0.5, 0.3) == {"lam": 0.3}
+    with pytest.raises(ValueError, match="jsd_beta"):
+        loss_kwargs("jsd", 1.2, 0.1)
+    with pytest.raises(ValueError, match="skew_lambda"):
+        loss_kwargs("skew_forward_kl", 0.5, 1.0)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        loss_kwargs("kl", 0.5, 0.1)
