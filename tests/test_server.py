@@ -375,3 +375,49 @@ def test_server_command_passes_the_scale_out_settings(tmp_path):
     assert flags["--served-model-name"] == "t" and flags["--port"] == "9000"
     cpu = server_args(spec, str(tmp_path), "127.0.0.1", 9000, gpu=False)
     assert "--gpu-memory-utilization" not in cpu
+
+
+def test_data_parallel_engine_becomes_a_local_server_and_tp_reaches_the_engine(monkeypatch, tmp_path):
+    """vLLM's offline engine refuses data parallelism in one process: backend vllm with
+    data_parallel_size > 1 serves the teacher locally (--data-parallel-size) and talks to it."""
+    pytest.importorskip("vllm")
+    import distill.serve as serve_mod
+    import distill.teacher.server as server_mod
+    from distill.teacher import make_backend, pick_backend
+    from distill.teacher.vllm_engine import engine_kwargs
+
+    events = []
+
+    class FakeServed:
+        def __init__(self, spec, model_path=None, max_logprobs=None, **kw):
+            events.append(("args", serve_mod.server_args(spec, model_path, "127.0.0.1", 1, max_logprobs, gpu=False)))
+            self.url = "http://127.0.0.1:1"
+
+        def start(self):
+            events.append("start")
+            return self
+
+        def stop(self):
+            events.append("stop")
+
+    class FakeClient:
+        def __init__(self, spec, tok, k, **kw):
+            events.append(("client", spec.url, spec.served_model_name, k))
+
+        def close(self):
+            events.append("client-close")
+
+    monkeypatch.setattr(serve_mod, "ServedTeacher", FakeServed)
+    monkeypatch.setattr(server_mod, "ServerTeacher", FakeClient)
+    spec = TeacherSpec(name="t", source=str(tmp_path), data_parallel_size=2, tensor_parallel_size=2, max_logprobs=20)
+    tok = type("Tok", (), {"__len__": lambda self: 100})()
+    eng = make_backend("vllm", spec, str(tmp_path), 8, tok=tok, vocab_rows=164)
+    args = events[0][1]
+    flags = dict(zip(args, args[1:]))
+    assert flags["--data-parallel-size"] == "2" and flags["--tensor-parallel-size"] == "2"
+    assert flags["--max-logprobs"] == "72"  # k + 64 padded rows
+    assert events[1] == "start" and events[2] == ("client", "http://127.0.0.1:1", "t", 8)
+    eng.close()
+    assert events[-2:] == ["client-close", "stop"]
+    assert engine_kwargs(str(tmp_path), spec, 20)["tensor_parallel_size"] == 2
+    assert pick_backend(None, TeacherSpec(urls=["http://a:1"])) == "server"

