@@ -146,4 +146,6 @@ def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | Non
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a model (or an iterable of parameters), counting ZeRO-3-partitioned ones in full."""
+    params = model.parameters() if hasattr(model, "parameters") else model
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)

@@ -66,9 +66,15 @@ def check_cache(manifest: cache_mod.Manifest, cache_dir, tok, model, splits) -> 
                          f"student's is {tokenizer_hash(tok)}); teacher and student must share a tokenizer")
     if manifest.labels != splits.labels:
         raise UsageError(f"{cache_dir}: made for another label set")
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = embedding_rows(model)
     if manifest.kind == "topk" and rows < len(tok):
         raise UsageError(f"{cache_dir}: the student has {rows} embedding rows, fewer than the {len(tok)} tokens of the tokenizer")
+
+
+def embedding_rows(model) -> int:
+    """Rows of the input embedding (its full shape even when DeepSpeed ZeRO-3 has partitioned it)."""
+    w = model.get_input_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
 
 
 def check_train_config(cfg: TrainConfig, task_type: str, src: str) -> str:
@@ -294,7 +300,7 @@ class GenerationTask:
         if cfg.alpha > 0:
             manifest = _read_cache(cache_dir, "topk", recipe)
             check_cache(manifest, cache_dir, tok, model, splits)
-            rows = model.get_input_embeddings().weight.shape[0]
+            rows = embedding_rows(model)
             self.train = _topk_items(cache_dir, "train", len(splits.train), len(train_ex), rows)
             if manifest.complete.get("validation"):
                 self.val = _topk_items(cache_dir, "validation", len(splits.validation), len(val_ex), rows)
@@ -803,7 +809,7 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
         summary = {"recipe": recipe.path, "task_type": task.type, "alpha": cfg.alpha, "temperature": cfg.temperature,
                    "loss": cfg.loss, "loss_params": kw, "base": base_path,
                    "layers": acc.unwrap_model(model).config.num_hidden_layers, "parameters": n_params,
-                   "trainable_parameters": sum(p.numel() for p in params),
+                   "trainable_parameters": count_parameters(params),
                    "train_examples": n_train, "validation_examples": len(data.val), "best": best,
                    "best_metric": metric, "overfit_gap": cfg.overfit_gap, "steps": step, "total_steps": total_steps,
                    "stopped_early": stopped, "resumed_from": resumed_from, "warnings": swamp.messages,
