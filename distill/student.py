@@ -119,6 +119,24 @@ def add_lora(model, cfg: LoraConfig):
     return get_peft_model(model, pcfg)
 
 
+def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig, base_path: str):
+    """A full-precision copy of a (Q)LoRA student for saving: the base loaded again without
+    quantization, cut to the same layers, with the trained adapter weights loaded into it (merging an
+    adapter into 4-bit weights would round them, and an adapter alone cannot be reloaded on a layer
+    subset of its base)."""
+    import dataclasses
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    dense = add_lora(build_student(dataclasses.replace(student_cfg, quantization=None), base_path), lora_cfg)
+    adapter = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    result = set_peft_model_state_dict(dense, adapter)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"adapter weights that the dense copy lacks: {unexpected[:5]}")
+    return dense
+
+
 def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | None = None) -> None:
     """Save a standard HF directory: LoRA merged into the weights, or the adapter alone.
 

@@ -46,7 +46,7 @@ from .io import atomic_write_bytes, atomic_write_text
 from .losses import DIVERGENCES, loss_kwargs, soft_label_kd, sparse_kd
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
 from .prompts import encode_classification
-from .student import add_lora, build_student, check_quantization, count_parameters, save_model
+from .student import add_lora, build_student, check_quantization, count_parameters, dense_lora_copy, save_model
 
 log = logging.getLogger(__name__)
 
@@ -725,7 +725,7 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
                 "elapsed_s": round(time.time() - t0, 1), "swamp": swamp.state(),
                 "config": _config_for_resume(cfg), "identity": identity}
 
-    while b < total_batches and stopped is None:
+    while b < total_batches and (stopped is None or b % cfg.grad_accum):  # a stop waits for the step's end
         if offset >= n_train:
             order = torch.randperm(n_train, generator=gen).tolist()
             offset, epoch_index = 0, epoch_index + 1
@@ -780,7 +780,7 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
                     log.warning("train macro-F1 exceeds validation by %.3f: the student may be overfitting", ev["train_val_gap"])
             if _better(ev, best, metric):
                 best, bad_evals = ev, 0
-                _save_best(acc, model, tok, out_dir, cfg, main)
+                _save_best(acc, model, tok, out_dir, cfg, main, base_path)
             else:
                 bad_evals += 1
                 if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
@@ -823,8 +823,11 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
     return out_dir
 
 
-def _save_best(acc, model, tok, out_dir: Path, cfg: TrainConfig, main: bool) -> None:
+def _save_best(acc, model, tok, out_dir: Path, cfg: TrainConfig, main: bool, base_path: str) -> None:
     """The best evaluation's weights as a Hugging Face directory (rank 0 writes; ZeRO-3 gathers on every rank)."""
     state = acc.get_state_dict(model) if _zero_stage(acc) == 3 else None
     if main:
-        save_model(acc.unwrap_model(model), tok, out_dir, merge=cfg.lora.merge if cfg.lora else True, state_dict=state)
+        m = acc.unwrap_model(model)
+        if cfg.student.quantization and cfg.lora and cfg.lora.merge:  # QLoRA: merge into full-precision weights
+            m = dense_lora_copy(m, cfg.student, cfg.lora, base_path)
+        save_model(m, tok, out_dir, merge=cfg.lora.merge if cfg.lora else True, state_dict=state)

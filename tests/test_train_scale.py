@@ -471,3 +471,25 @@ def test_accelerate_cpu_flag_single_process_is_flagged():
     assert "single process" in single_process_cpu_launch_note(env)
     assert single_process_cpu_launch_note({**env, "LOCAL_RANK": "0", "WORLD_SIZE": "2"}) is None
     assert single_process_cpu_launch_note({}) is None
+
+
+def test_qlora_save_path_rebuilds_a_dense_merged_student(cls):
+    """What a QLoRA run saves (no GPU here, so on a plain LoRA student): the base reloaded without
+    quantization, cut alike, the trained adapter loaded, merged: same outputs as the trained model."""
+    from distill.config import LoraConfig, StudentConfig
+    from distill.student import add_lora, build_student, dense_lora_copy
+
+    tmp, recipe = cls
+    base = load_recipe(recipe).teacher
+    scfg, lcfg = StudentConfig(num_layers=1), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    trained = add_lora(build_student(scfg, base), lcfg).eval()
+    with torch.no_grad():  # stand-in for training: non-zero adapter weights
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    merged = dense_lora_copy(trained, scfg, lcfg, base).merge_and_unload().eval()
+    ids = torch.tensor([[1, 20, 300, 4000, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
+    assert merged.config.num_hidden_layers == 1 and not hasattr(merged, "peft_config")
