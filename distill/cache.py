@@ -14,8 +14,8 @@ teacher wrote the responses itself (sequence-level distillation), the token ids 
 teacher's response and the target positions are the response's.
 
 Top-k numbers are stored compactly (`distill/topk_codec.py`, recorded as the manifest's `codec`): ids
-as per-shard frequency ranks, gap-coded; log-probabilities companded to 7 bits; tail mass in float16;
-about 100 bytes a token at k=64 instead of 512. `load_split` and `example_topk` return the decoded
+as per-shard frequency ranks, gap-coded; log-probabilities companded to 6 bits; tail mass in float16;
+about 90 bytes a token at k=64 instead of 512. `load_split` and `example_topk` return the decoded
 tensors (int32 ids, float32 log-probabilities and tail mass), whatever the shard's encoding, so the
 trainer never sees the format. Format-1 shards (plain tensors) still load.
 

@@ -133,7 +133,8 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
         vocab_rows = len(tok)
     kind = "soft_labels" if task.type == "classification" else "topk"
     if kind == "topk" and k > spec.max_logprobs and backend_name != "server":
-        raise UsageError(f"k={k} is above the teacher's max_logprobs={spec.max_logprobs}; raise max_logprobs in the teacher spec")
+        raise UsageError(f"k={k} is above the teacher's max_logprobs={spec.max_logprobs}; "
+                         "raise max_logprobs in the teacher spec")
     sampling = sampling_settings(gen, src) if kind == "topk" else None
     if sampling is not None:
         sampling.stop_ids = stop_ids(tok)

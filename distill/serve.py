@@ -141,7 +141,8 @@ class ServedTeacher:
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise DistillError(f"vLLM server at {self.url} not healthy after {self.start_timeout:.0f} s{self._log_tail()}")
+                raise DistillError(f"vLLM server at {self.url} not healthy after {self.start_timeout:.0f} s"
+                                   f"{self._log_tail()}")
             time.sleep(1.0)
 
     def _log_tail(self) -> str:

@@ -176,6 +176,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--ks", default="8,20,64,128", help="k values for the size / error table")
     ap.add_argument("--bits", type=int, help="bits per stored log-probability (default: the codec's)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the transformers backend (0: torch's default). On a busy machine 1 can be "
+                         "much faster than 2: OpenMP threads spin-wait for each other")
     ap.add_argument("--out", default="bench_generate.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -189,6 +192,8 @@ def main():
     from distill.teacher.common import Sampling
     from distill.teacher.hf import HFTeacher
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = resolve_teacher(args.teacher)
     model_path = resolve_model_path(spec.source)
     tok = load_tokenizer(model_path)

@@ -64,7 +64,8 @@ class HFTeacher:
         out = self.model.generate(
             input_ids=ids, attention_mask=att, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=0, min_p=None, repetition_penalty=None, eos_token_id=list(sampling.stop_ids) or None, pad_token_id=self.pad_id,
+            top_k=0, min_p=None, repetition_penalty=None, eos_token_id=list(sampling.stop_ids) or None,
+            pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True, **kwargs)
         new = out.sequences[:, width:]
         logits = torch.stack(out.logits, dim=1)  # [B, steps, V], raw: before temperature / top-p

@@ -335,7 +335,8 @@ class ServerTeacher:
             lp = c.get("logprobs") or {}
             toks = lp.get("tokens") or []
             response = [_token_id(t) for t in toks]
-            entries = [[(_token_id(t), v, None) for t, v in (top or {}).items()] for top in lp.get("top_logprobs") or []]
+            entries = [[(_token_id(t), v, None) for t, v in (top or {}).items()]
+                       for top in lp.get("top_logprobs") or []]
             if len(entries) != len(response):
                 raise DistillError("teacher server: the answer's logprobs do not cover every generated token")
             ids, vals, tail = rows_from_entries(entries, k, self.vocab_limit, self.k_request)
@@ -349,7 +350,8 @@ class ServerTeacher:
 def _token_id(t: str) -> int:
     if isinstance(t, str) and t.startswith("token_id:"):
         return int(t[len("token_id:"):])
-    raise DistillError(f"teacher server: expected a token as 'token_id:N', got {t!r} (return_tokens_as_token_ids ignored?)")
+    raise DistillError(f"teacher server: expected a token as 'token_id:N', got {t!r} "
+                       "(return_tokens_as_token_ids ignored?)")
 
 
 def _error_text(r) -> str:
