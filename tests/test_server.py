@@ -86,7 +86,7 @@ def _port_open(port: int) -> bool:
 def served(tmp_path_factory, smollm2_dir):
     """`distill serve-teacher` on a tiny padded-vocabulary teacher; SIGTERM stops it at the end."""
     pytest.importorskip("vllm")
-    import psutil
+    psutil = pytest.importorskip("psutil")
 
     tmp = tmp_path_factory.mktemp("served")
     model = flat_tiny_llama(tmp / "teacher", smollm2_dir, extra_rows=PAD_ROWS)
@@ -317,7 +317,7 @@ class FakeServed(ServedTeacher):
 
 
 def test_served_teacher_stops_the_whole_process_group(tmp_path):
-    import psutil
+    psutil = pytest.importorskip("psutil")
 
     srv = FakeServed(TeacherSpec(name="fake", source="x"), log_file=tmp_path / "log", stop_timeout=2)
     with srv:
@@ -421,3 +421,19 @@ def test_data_parallel_engine_becomes_a_local_server_and_tp_reaches_the_engine(m
     assert events[-2:] == ["client-close", "stop"]
     assert engine_kwargs(str(tmp_path), spec, 20)["tensor_parallel_size"] == 2
     assert pick_backend(None, TeacherSpec(urls=["http://a:1"])) == "server"
+
+
+def test_backend_entries_become_top_k_rows():
+    """What vLLM returns per position -> a cache row: only the `requested` best count (it adds the
+    actual token when outside them), padded-row ids are dropped, missing places get distinct ids at
+    -inf, and -9999 (a server's -inf) is -inf."""
+    from distill.teacher.common import rows_from_entries
+
+    entries = [
+        [(7, -0.5, 1), (60, -1.0, 2), (9, -1.5, 3), (11, -9.0, 40)],  # 11: the actual token, rank 40
+        [(4, -0.2, None), (8, -2.0, None), (2, -9999.0, None)],  # no ranks (completions logprobs): by value
+    ]
+    ids, vals, tail = rows_from_entries(entries, 3, vocab_limit=50, requested=3)
+    assert ids[0].tolist()[:2] == [7, 9] and vals[0, 2] == float("-inf") and ids[0, 2] not in (7, 9)
+    assert ids[1].tolist() == [4, 8, 2] and vals[1, 2] == float("-inf")
+    torch.testing.assert_close(tail, 1 - vals.double().exp().sum(-1).float())

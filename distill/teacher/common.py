@@ -44,7 +44,8 @@ def rows_from_entries(entries, k: int, vocab_limit: int | None, requested: int |
     outside those, so only the `requested` best entries count (by rank when known, else by value).
 
     Keeps real tokens (id < vocab_limit), best first, k of them; positions with fewer than k usable
-    entries are filled with (id 0, -inf), which carries no mass.
+    entries (padded rows took places in what the backend returned) are filled with distinct unused
+    ids at -inf, which carry no teacher mass.
     Returns (ids [n, k] int64, logprobs [n, k] float32, tail [n]).
     """
     requested = requested or k
@@ -68,4 +69,10 @@ def rows_from_entries(entries, k: int, vocab_limit: int | None, requested: int |
             c += 1
             if c == k:
                 break
+        filler = 0
+        while c < k:  # distinct ids, so a loss that gathers the student's probabilities counts none twice
+            if filler not in seen:
+                ids[r, c] = filler
+                c += 1
+            filler += 1
     return ids, vals, tail_mass(vals)
