@@ -104,7 +104,9 @@ def _teacher_for_run(spec: TeacherSpec, backend: str | None, urls) -> tuple[Teac
     if urls:
         if backend not in (None, "auto", "server"):
             raise UsageError(f"--teacher-url sends the work to a server; it cannot be combined with --backend {backend}")
-        spec.url, spec.urls, spec.backend = None, list(urls), "server"
+        from .teacher.server import normalize_url
+
+        spec.url, spec.urls, spec.backend = None, [normalize_url(u) for u in urls], "server"
         backend = "server"
     return spec, backend
 
@@ -118,8 +120,8 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
         raise UsageError(f"k: expected at least 1, got {k}")
     if gen.batch_size < 1 or gen.shard_size < 1:
         raise UsageError(f"{src}: generate.batch_size and generate.shard_size must be at least 1")
-    splits = prepare_splits(task, recipe.workdir, src)
     spec, backend = _teacher_for_run(resolve_teacher(teacher or recipe.teacher), backend, urls)
+    splits = prepare_splits(task, recipe.workdir, src)
     backend_name = pick_backend(backend or gen.backend, spec)
     tok_source = spec.tokenizer or spec.source
     if not tok_source:
