@@ -630,6 +630,9 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
     cfg, task = recipe.train, recipe.task
     src = recipe.path or "recipe"
     metric = check_train_config(cfg, task.type, src)
+    if stop_after_steps is not None and (stop_after_steps < 1 or cfg.keep_checkpoints == 0):
+        raise UsageError(f"--stop-after-steps {stop_after_steps}: expected a positive number of steps and "
+                         f"train.keep_checkpoints > 0 in {src} (the stop leaves a checkpoint to --resume from)")
     check_quantization(cfg.student, cfg.lora, src)
     kw = loss_kwargs(cfg.loss, cfg.jsd_beta, cfg.skew_lambda)
     note = single_process_cpu_launch_note()

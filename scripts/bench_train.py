@@ -16,8 +16,10 @@ fraction of this machine's measured matmul throughput (best of several 2048^3 fp
 Each mode runs in its own process so one mode's memory cannot hide another's. The loss code is
 distill's own (GenerationTask.loss_sums, scoring.target_logits, losses.sparse_kd/dense_kd); the loop
 around it is the trainer's step without accelerate's bookkeeping. Both logits paths compute the
-output layer only at target positions (logits_to_keep), the teacher's included. The teacher runs in
-its spec's dtype (bf16), as `distill generate` runs it. Figures on a shared machine are noisy.
+output layer only at target positions (logits_to_keep), the teacher's included. The online teacher
+runs in whichever of fp32 and bf16 multiplies faster on this machine (--teacher-dtype), so the
+baseline is the stronger one. Figures on a shared machine are noisy: the modes' steps are interleaved
+in one process and their ratios taken step by step, so a load change hits all modes alike.
 """
 from __future__ import annotations
 
@@ -56,10 +58,10 @@ REPLIES = {
 }
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -110,7 +112,7 @@ def _reset_peak() -> bool:
 class Setup:
     """One mode's student, optimizer and step function (the teacher too for kd_online)."""
 
-    def __init__(self, mode: str, recipe_path: str):
+    def __init__(self, mode: str, recipe_path: str, teacher_dtype: str):
         import torch
 
         from distill.config import load_recipe, resolve_teacher
@@ -131,7 +133,7 @@ class Setup:
         self.model = build_student(cfg.student, teacher_path)
         splits = prepare_splits(recipe.task, recipe.workdir, recipe_path)
         self.task = GenerationTask(recipe, splits, self.tok, self.model, recipe.workdir_path / "cache")
-        self.teacher = load_causal_lm(teacher_path, spec.dtype).eval() if mode == "kd_online" else None
+        self.teacher = load_causal_lm(teacher_path, teacher_dtype).eval() if mode == "kd_online" else None
         self.seq_hash = hash(tuple(tuple(int(t) for t in s) for s, _, _ in self.task.train))
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
         n, B = len(self.task.train), cfg.batch_size
@@ -168,14 +170,14 @@ class Setup:
         return ntok
 
 
-def child_memory(mode: str, recipe_path: str, steps: int) -> dict:
+def child_memory(mode: str, recipe_path: str, steps: int, teacher_dtype: str) -> dict:
     """Peak resident memory of training in this mode alone (VmHWM reset once the models are loaded)."""
     import resource
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    st = Setup(mode, recipe_path)
+    st = Setup(mode, recipe_path, teacher_dtype)
     exact = _reset_peak()
     base_kb = _rss_kb("VmRSS")
     for s in range(steps):
@@ -192,24 +194,29 @@ def child_memory(mode: str, recipe_path: str, steps: int) -> dict:
             "student_params": sum(p.numel() for p in st.model.parameters())}
 
 
-def child_timing(recipe_path: str, steps: int, warmup: int) -> dict:
-    """All modes in one process, their steps interleaved (the order rotating each round), so a load
-    change on a shared machine hits every mode alike; ratios are taken round by round."""
-    st = {m: Setup(m, recipe_path) for m in MODES}
+def child_timing(recipe_path: str, steps: int, warmup: int, teacher_dtype: str) -> dict:
+    """All modes in one process, in rounds: each round runs every mode (the order rotating) for two
+    steps on the same batch and times the second, so no mode is timed right after another mode's
+    allocations, and a load change on a shared machine hits every mode alike; ratios are taken round
+    by round. Wall and CPU time (process_time) are both kept."""
+    st = {m: Setup(m, recipe_path, teacher_dtype) for m in MODES}
     times = {m: [] for m in MODES}
+    cpu = {m: [] for m in MODES}
     tokens = {m: [] for m in MODES}
     for r in range(warmup + steps):
         order = MODES[r % 3:] + MODES[: r % 3]
         for m in order:
             s = st[m]
             idx = s.batches[r % len(s.batches)]
-            t = time.perf_counter()
+            s.step(idx)  # settles the allocator after the previous mode
+            t, c = time.perf_counter(), time.process_time()
             ntok = s.step(idx)
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, time.process_time() - c
             if r >= warmup:
                 times[m].append(dt)
+                cpu[m].append(dc)
                 tokens[m].append(ntok)
-    return {"times": times, "tokens": tokens}
+    return {"times": times, "cpu": cpu, "tokens": tokens}
 
 
 def main():
@@ -218,20 +225,23 @@ def main():
     ap.add_argument("--student-layers", type=int, default=8, help="Teacher layers kept in the student.")
     ap.add_argument("--examples", type=int, default=48, help="Training examples.")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6, help="Timed steps per mode.")
-    ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    ap.add_argument("--steps", type=int, default=5, help="Timed rounds (each mode: one settling step, one timed).")
+    ap.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
     ap.add_argument("--k", type=int, default=20, help="Cached top-k per position.")
     ap.add_argument("--out-dir", type=Path, help="Keep the data, recipe and cache here (default: a temporary dir).")
     ap.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
+    ap.add_argument("--teacher-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="Online teacher's dtype (auto: whichever multiplies 2048^3 matrices faster here, the "
+                         "stronger baseline).")
     ap.add_argument("--memory-steps", type=int, default=3, help="Steps per mode in the memory runs.")
     ap.add_argument("--child", choices=MODES + ("timing",), help=argparse.SUPPRESS)
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "timing":
-        print("RESULT " + json.dumps(child_timing(args.recipe, args.steps, args.warmup)), flush=True)
+        print("RESULT " + json.dumps(child_timing(args.recipe, args.steps, args.warmup, args.teacher_dtype)), flush=True)
         return
     if args.child:
-        print("RESULT " + json.dumps(child_memory(args.child, args.recipe, args.memory_steps)), flush=True)
+        print("RESULT " + json.dumps(child_memory(args.child, args.recipe, args.memory_steps, args.teacher_dtype)), flush=True)
         return
 
     import logging
@@ -257,8 +267,13 @@ def main():
         return json.loads(line[-1][len("RESULT "):])
 
     peak_before = matmul_gflops()
-    timing = run_child("timing", "--steps", args.steps, "--warmup", args.warmup)
-    results = {m: run_child(m, "--memory-steps", args.memory_steps) for m in MODES}
+    if args.teacher_dtype == "auto":
+        bf16 = matmul_gflops(dtype="bfloat16")
+        args.teacher_dtype = "bfloat16" if bf16 > peak_before else "float32"
+        print(f"matmul 2048^3: fp32 {peak_before:.0f}, bf16 {bf16:.0f} GFLOP/s -> online teacher in {args.teacher_dtype}",
+              file=sys.stderr)
+    timing = run_child("timing", "--steps", args.steps, "--warmup", args.warmup, "--teacher-dtype", args.teacher_dtype)
+    results = {m: run_child(m, "--memory-steps", args.memory_steps, "--teacher-dtype", args.teacher_dtype) for m in MODES}
     peak_gflops = max(peak_before, matmul_gflops())
     if len({r["seq_hash"] for r in results.values()}) != 1:
         sys.exit("the modes did not train on the same token sequences")
@@ -268,30 +283,34 @@ def main():
         ts, tk = timing["times"][mode], timing["tokens"][mode]
         med = statistics.median(ts)
         gflops = r["flops_per_token"] * sum(tk) / sum(ts) / 1e9  # counted FLOPs per target token x tokens/s
-        r.update(step_s=ts, median_step_s=med, min_step_s=min(ts), tokens_per_s=sum(tk) / sum(ts),
+        r.update(step_s=ts, cpu_s=timing["cpu"][mode], median_step_s=med, min_step_s=min(ts),
+                 median_cpu_s=statistics.median(timing["cpu"][mode]), tokens_per_s=sum(tk) / sum(ts),
                  achieved_gflops=gflops, matmul_fraction=gflops / peak_gflops)
         rows.append(r)
     ce, kd, on = results["ce"], results["kd_cache"], results["kd_online"]
 
-    def per_round(a, b):
-        return statistics.median(x / y for x, y in zip(a["step_s"], b["step_s"]))
+    def per_round(a, b, key="step_s"):
+        return statistics.median(x / y for x, y in zip(a[key], b[key]))
 
     ratios = {
         "kd_cache/ce step time": per_round(kd, ce),
         "kd_cache/ce peak RSS": kd["peak_rss_mb"] / ce["peak_rss_mb"],
         "kd_cache/ce training memory (peak - loaded)": (kd["peak_rss_mb"] - kd["base_rss_mb"]) / max(1e-9, ce["peak_rss_mb"] - ce["base_rss_mb"]),
         "kd_online/kd_cache step time (speed-up of the cache)": per_round(on, kd),
+        "kd_cache/ce step CPU time": per_round(kd, ce, "cpu_s"),
+        "kd_online/kd_cache step CPU time": per_round(on, kd, "cpu_s"),
+        "kd_online/kd_cache FLOPs per token (the speed-up at equal efficiency)": on["flops_per_token"] / kd["flops_per_token"],
     }
     targets = {"kd_cache/ce step time": ("<=", 1.15), "kd_cache/ce peak RSS": ("<=", 1.15),
                "kd_online/kd_cache step time (speed-up of the cache)": (">=", 2.0)}
 
     print(f"\nstudent: {args.student_layers} layers of {args.teacher} ({ce['student_params'] / 1e6:.1f}M parameters), "
-          f"{args.examples} examples, batch {args.batch}, {args.steps} timed steps after {args.warmup}, top-{args.k} cache, "
-          f"{ce['threads']} threads; matmul 2048^3 fp32: {peak_gflops:.1f} GFLOP/s")
-    print(f"{'mode':<11}{'step s':>8}{'min s':>8}{'tok/s':>8}{'peak RSS MB':>13}{'loaded MB':>11}{'rise MB':>9}"
+          f"{args.examples} examples, batch {args.batch}, {args.steps} timed rounds after {args.warmup}, top-{args.k} cache, "
+          f"{ce['threads']} threads; matmul 2048^3 fp32: {peak_gflops:.1f} GFLOP/s; online teacher in {args.teacher_dtype}")
+    print(f"{'mode':<11}{'step s':>8}{'min s':>8}{'CPU s':>8}{'tok/s':>8}{'peak RSS MB':>13}{'loaded MB':>11}{'rise MB':>9}"
           f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'of matmul':>11}")
     for r in rows:
-        print(f"{r['mode']:<11}{r['median_step_s']:>8.3f}{r['min_step_s']:>8.3f}{r['tokens_per_s']:>8.0f}{r['peak_rss_mb']:>13.0f}"
+        print(f"{r['mode']:<11}{r['median_step_s']:>8.3f}{r['min_step_s']:>8.3f}{r['median_cpu_s']:>8.3f}{r['tokens_per_s']:>8.0f}{r['peak_rss_mb']:>13.0f}"
               f"{r['base_rss_mb']:>11.0f}{r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}{r['flops_per_batch'] / 1e9:>12.1f}"
               f"{r['achieved_gflops']:>9.1f}{r['matmul_fraction']:>10.0%}")
     print()
@@ -306,7 +325,7 @@ def main():
         print("  (peak RSS from getrusage: includes model loading; /proc/self/clear_refs was not writable)")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "ratios": ratios, "matmul_gflops": peak_gflops,
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+                                         "timing": timing, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     if tmp:
         tmp.cleanup()
 
