@@ -86,6 +86,8 @@ class StudentConfig:
     model: str | None = None  # a model directory or hub id; default: built from the teacher
     from_teacher_layers: list[int] | None = None  # keep these teacher layers (0-based)
     num_layers: int | None = None  # or keep this many, evenly spaced, first and last included
+    # "4bit": QLoRA (the frozen base in 4-bit NF4 via bitsandbytes; needs train.lora and a CUDA GPU)
+    quantization: str | None = None
 
 
 @dataclass
@@ -97,8 +99,6 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     merge: bool = True  # save merged weights (True) or the adapter alone (False)
-    # "4bit": QLoRA (the frozen base in 4-bit NF4 via bitsandbytes; needs train.lora and a CUDA GPU)
-    quantization: str | None = None
 
 
 @dataclass
@@ -117,17 +117,6 @@ class TrainConfig:
     train_examples: int | None = None  # use only the first N training examples (a labelled subset)
     eval_examples: int | None = None  # cap on validation examples scored each epoch
     overfit_gap: float = 0.10  # warn when train F1 exceeds validation F1 by this much
-    lora: LoraConfig | None = None
-    student: StudentConfig = field(default_factory=StudentConfig)
-
-
-@dataclass
-class Recipe:
-    name: str = "default"
-    workdir: str = "runs/default"
-    teacher: str = "teachers/smollm2-135m-instruct.yaml"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
     # the divergence in the distillation term: forward_kl | reverse_kl | jsd | skew_forward_kl |
     # skew_reverse_kl | tvd (see distill/losses.py); jsd_beta and skew_lambda parametrise jsd and skew KL
     loss: str = "forward_kl"
@@ -143,6 +132,17 @@ class Recipe:
     early_stopping_metric: str = "auto"  # auto | val_loss | val_f1 (auto: val_f1 for classification)
     swamp_fraction: float = 0.01  # warn when one loss term stays below this share of the total ...
     swamp_steps: int = 20  # ... for this many optimizer steps in a row
+    lora: LoraConfig | None = None
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+@dataclass
+class Recipe:
+    name: str = "default"
+    workdir: str = "runs/default"
+    teacher: str = "teachers/smollm2-135m-instruct.yaml"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     path: str | None = None  # where it was read from (set by the loader)
 
