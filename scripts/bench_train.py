@@ -119,7 +119,7 @@ class Setup:
         from distill.data import prepare_splits
         from distill.models import load_causal_lm, load_tokenizer, resolve_model_path
         from distill.student import build_student
-        from distill.trainer import GenerationTask
+        from distill.trainer import GenerationTask, make_optimizer
 
         recipe = load_recipe(recipe_path)
         cfg = recipe.train
@@ -135,7 +135,7 @@ class Setup:
         self.task = GenerationTask(recipe, splits, self.tok, self.model, recipe.workdir_path / "cache")
         self.teacher = load_causal_lm(teacher_path, teacher_dtype).eval() if mode == "kd_online" else None
         self.seq_hash = hash(tuple(tuple(int(t) for t in s) for s, _, _ in self.task.train))
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        self.opt = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)  # the trainer's
         n, B = len(self.task.train), cfg.batch_size
         self.batches = [list(range(i, min(n, i + B))) for i in range(0, n - B + 1, B)]
         self.model.train()
