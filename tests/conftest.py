@@ -73,3 +73,17 @@ def write_recipe(path: Path, data: Path, workdir: Path, teacher: str, **train) -
     }
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+GEN_ROWS = [  # a small generation data set shared by the teacher, server and training tests
+    {"prompt": "Name a colour.", "response": "Blue is a colour."},
+    {"prompt": "What is two plus two?", "response": "Two plus two is four."},
+    {"prompt": "Say hello in French.", "response": "Bonjour!"},
+    {"prompt": "Give me a fruit.", "response": "An apple, fresh and red."},
+    {"prompt": "Count to three.", "response": "One, two, three."},
+    {"prompt": "Which animal barks?", "response": "A dog barks."},
+    {"prompt": "Opposite of hot?", "response": "Cold."},
+    {"prompt": "Capital of Italy?", "response": "Rome is the capital of Italy."},
+    {"prompt": "A word for happy?", "response": "Joyful."},
+    {"prompt": "Colour of grass?", "response": "Green."},
+]

@@ -31,20 +31,9 @@ from distill.errors import DistillError, UsageError
 from distill.generate import run_generate
 from distill.serve import ServedTeacher, free_port
 
-from conftest import make_tiny_llama, write_class_data, write_recipe
+from conftest import GEN_ROWS, make_tiny_llama, write_class_data, write_recipe
 
-ROWS = [
-    {"prompt": "Name a colour.", "response": "Blue is a colour."},
-    {"prompt": "What is two plus two?", "response": "Two plus two is four."},
-    {"prompt": "Say hello in French.", "response": "Bonjour!"},
-    {"prompt": "Give me a fruit.", "response": "An apple, fresh and red."},
-    {"prompt": "Count to three.", "response": "One, two, three."},
-    {"prompt": "Which animal barks?", "response": "A dog barks."},
-    {"prompt": "Opposite of hot?", "response": "Cold."},
-    {"prompt": "Capital of Italy?", "response": "Rome is the capital of Italy."},
-    {"prompt": "A word for happy?", "response": "Joyful."},
-    {"prompt": "Colour of grass?", "response": "Green."},
-]
+ROWS = GEN_ROWS
 PAD_ROWS = 64
 ATOL = 0.1  # bf16 on two different kernels (vLLM CPU vs torch) plus the cache's 7-bit quantisation
 

@@ -13,21 +13,7 @@ from distill.errors import UsageError
 from distill.generate import run_generate
 from distill.scoring import label_logprobs, label_logprobs_reference
 
-from conftest import write_class_data, write_recipe
-
-GEN_ROWS = [
-    {"prompt": "Name a colour.", "response": "Blue is a colour."},
-    {"prompt": "What is two plus two?", "response": "Two plus two is four."},
-    {"prompt": "Say hello in French.", "response": "Bonjour!"},
-    {"prompt": "Give me a fruit.", "response": "An apple, fresh and red."},
-    {"prompt": "Count to three.", "response": "One, two, three."},
-    {"prompt": "Which animal barks?", "response": "A dog barks."},
-    {"prompt": "Opposite of hot?", "response": "Cold."},
-    {"prompt": "Capital of Italy?", "response": "Rome is the capital of Italy."},
-    {"prompt": "A word for happy?", "response": "Joyful."},
-    {"prompt": "Colour of grass?", "response": "Green."},
-]
-
+from conftest import GEN_ROWS, write_class_data, write_recipe
 
 def gen_recipe(tmp_path, model, k=8):
     data = tmp_path / "gen.jsonl"

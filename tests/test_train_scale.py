@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import GEN_ROWS as SHARED_GEN_ROWS
 from conftest import ROOT, write_class_data, write_recipe
 
 from distill import cache as cache_mod
@@ -29,17 +30,7 @@ from distill.trainer import run_train
 # Measured differences are about 1e-6 relative; we allow 1e-4 relative (+1e-5 absolute).
 PARITY_RTOL, PARITY_ATOL = 1e-4, 1e-5
 
-GEN_ROWS = [
-    {"prompt": "Name a colour.", "response": "Blue is a colour."},
-    {"prompt": "What is two plus two?", "response": "Two plus two is four."},
-    {"prompt": "Say hello in French.", "response": "Bonjour!"},
-    {"prompt": "Give me a fruit.", "response": "An apple, fresh and red."},
-    {"prompt": "Count to three.", "response": "One, two, three."},
-    {"prompt": "Which animal barks?", "response": "A dog barks."},
-    {"prompt": "Opposite of hot?", "response": "Cold."},
-    {"prompt": "Capital of Italy?", "response": "Rome is the capital of Italy."},
-    {"prompt": "A word for happy?", "response": "Joyful."},
-    {"prompt": "Colour of grass?", "response": "Green."},
+GEN_ROWS = SHARED_GEN_ROWS + [
     {"prompt": "Sound a cat makes?", "response": "A cat says meow."},
     {"prompt": "First month of the year?", "response": "January comes first."},
 ]
