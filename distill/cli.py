@@ -17,6 +17,7 @@ def friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _sigterm_interrupts()
         try:
             return fn(*args, **kwargs)
         except DistillError as e:
@@ -35,6 +36,19 @@ def friendly_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temporary files are removed and
+    the run stops where the same command resumes, instead of dying mid-write."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
 
 
 @click.group()
@@ -144,7 +158,7 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 @click.option("--name", help="Name for the report directory (default: the model's directory name).")
 @click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME).")
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--limit", type=int, help="Score only the first N examples.")
+@click.option("--limit", type=int, help="Score a stratified sample of N examples (seeded: the same N every time).")
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for a .gguf MODEL "
               "(default: the GGUF's own directory if it has one, else the tokenizer inside the GGUF).")
 @friendly_errors
@@ -197,7 +211,7 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, as_json):
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
 @click.option("--batch-size", default=16, show_default=True, help="Batch size for the throughput figure.")
 @click.option("--latency-examples", default=32, show_default=True, help="Examples timed one by one for latency.")
-@click.option("--limit", type=int, help="Use only the first N holdout examples.")
+@click.option("--limit", type=int, help="Use a stratified sample of N holdout examples (seeded).")
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for .gguf models.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: WORKDIR/bench).")
 @friendly_errors

@@ -60,7 +60,7 @@ class TaskConfig:
     list_labels_in_prompt: bool = True
     prompt_field: str = "prompt"
     response_field: str = "response"
-    max_examples: int | None = None
+    max_examples: int | None = None  # read a stratified sample of N rows (classification; the first N for generation)
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
@@ -114,7 +114,7 @@ class TrainConfig:
     max_length: int = 256
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
-    train_examples: int | None = None  # use only the first N training examples (a labelled subset)
+    train_examples: int | None = None  # a labelled subset: a stratified sample of N training examples (classification; the first N for generation)
     eval_examples: int | None = None  # cap on validation examples scored each epoch
     overfit_gap: float = 0.10  # warn when train F1 exceeds validation F1 by this much
     # the divergence in the distillation term: forward_kl | reverse_kl | jsd | skew_forward_kl |

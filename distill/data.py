@@ -149,7 +149,8 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
     if dupes:
         log.warning("%s: dropped %d duplicate examples (same text)", src, dupes)
     if task.max_examples:
-        out = out[: task.max_examples]
+        key = "label" if task.type == "classification" else None
+        out = [out[i] for i in subset_indices(out, task.max_examples, task.split.seed, key)]
     return out
 
 
@@ -169,6 +170,33 @@ class Splits:
         if name not in SPLITS:
             raise UsageError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
         return getattr(self, name)
+
+
+def subset_indices(examples: list[dict], n: int | None, seed: int, key: str | None = "label") -> list[int]:
+    """Indices (in order) of an n-example subset: for labelled examples a seeded stratified sample, each
+    class keeping its share (largest remainders first), so a subset of a file sorted by label (as
+    Banking77 is) still covers every class; without `key`, the first n."""
+    import random
+
+    if not n or n >= len(examples):
+        return list(range(len(examples)))
+    if key is None:
+        return list(range(n))
+    by_class: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_class.setdefault(str(ex.get(key, "")), []).append(i)
+    classes = sorted(by_class)
+    exact = {c: n * len(by_class[c]) / len(examples) for c in classes}
+    quota = {c: int(exact[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: (-(exact[c] - quota[c]), c))[: n - sum(quota.values())]:
+        quota[c] += 1
+    rng = random.Random(seed)
+    taken = []
+    for c in classes:
+        idx = by_class[c][:]
+        rng.shuffle(idx)
+        taken += idx[: quota[c]]
+    return sorted(taken)
 
 
 def _stratified_split(examples, fraction, seed, key):

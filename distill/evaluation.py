@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Recipe
-from .data import prepare_splits
+from .data import prepare_splits, subset_indices
 from .errors import UsageError
 from .io import atomic_write_bytes, atomic_write_text
 from .prompts import encode_classification
@@ -233,7 +233,7 @@ def eval_examples(recipe: Recipe, split: str = "holdout", data: str | None = Non
         examples = validate_rows(read_rows(data), task, splits.labels, data)
     else:
         examples = splits.get(split)
-    return (examples[:limit] if limit else examples), splits
+    return [examples[i] for i in subset_indices(examples, limit, task.split.seed)], splits
 
 
 def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,

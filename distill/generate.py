@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from . import cache as cache_mod
 from .config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher
 from .data import prepare_splits
 from .errors import UsageError
+from .io import pause_point
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
 from .prompts import _end_of_turn_id, answer_ids, encode_classification, prompt_ids
 from .teacher import make_backend, pick_backend
@@ -186,14 +186,6 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
     return cache_dir
 
 
-def _pause_hook(name: str):
-    """Tests interrupt runs at chosen points: DISTILL_TEST_PAUSE=after_shard:SECONDS or before_record:SECONDS."""
-    spec = os.environ.get("DISTILL_TEST_PAUSE", "")
-    point, _, secs = spec.partition(":")
-    if point == name and secs:
-        time.sleep(float(secs))
-
-
 def _generate_split(split, examples, writes, kind, k, size, gen, task, recipe, tok, splits, spec, backend_name,
                     model_path, vocab_rows, sampling, cache_dir, manifest, engine):
     max_length = recipe.train.max_length
@@ -261,7 +253,7 @@ def _generate_split(split, examples, writes, kind, k, size, gen, task, recipe, t
         else:
             tensors = cache_mod.pack_topk(rows)
         cache_mod.write_shard(cache_dir, manifest, split, n, start, tensors,
-                              on_written=lambda name: _pause_hook("before_record"))
-        _pause_hook("after_shard")
+                              on_written=lambda name: pause_point("before_record"))
+        pause_point("after_shard")
     bar.close()
     return engine

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,11 +366,3 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
         writer.close()
     return {"architecture": spec.gguf_arch, "hf_architecture": spec.hf_name, "n_vocab": n_rows,
             "tensor_types": dict(counts), **vocab}
-
-
-def fsync_file(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

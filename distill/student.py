@@ -140,9 +140,32 @@ def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig
 def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | None = None) -> None:
     """Save a standard HF directory: LoRA merged into the weights, or the adapter alone.
 
-    `state_dict`: the full weights when the model's own are partitioned (DeepSpeed ZeRO-3).
+    Written into OUT/.tmp-model first and moved in file by file (fsynced, renamed), so a run killed
+    while saving leaves the previous best model whole. `state_dict`: the full weights when the
+    model's own are partitioned (DeepSpeed ZeRO-3).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    from .errors import DistillError
+    from .io import pause_point, publish_files, ran_out_of_space
+
+    tmp = out / ".tmp-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _save_pretrained(model, tok, tmp, merge, state_dict)
+        pause_point("model_written")
+        publish_files(tmp, out)
+    except Exception as e:
+        if not ran_out_of_space(out, e):
+            raise
+        raise DistillError(f"{out}: no space left on the device while saving the model; the previous one (if "
+                           f"any) is kept whole. Free some space and run the same command with --resume.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_pretrained(model, tok, out: Path, merge: bool, state_dict: dict | None) -> None:
     if state_dict is not None:
         model.save_pretrained(out, state_dict=state_dict)
     elif getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False):

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from . import cache as cache_mod
 from .config import Recipe, TrainConfig, resolve_teacher
-from .data import prepare_splits
+from .data import prepare_splits, subset_indices
 from .errors import DistillError, UsageError
 from .evaluation import classification_metrics
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, fsync_file, fsync_tree, pause_point, ran_out_of_space
 from .losses import DIVERGENCES, loss_kwargs, soft_label_kd, sparse_kd
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
 from .prompts import encode_classification
@@ -228,9 +228,13 @@ class ClassificationTask:
     def __init__(self, recipe: Recipe, splits, tok, model, cache_dir: Path):
         cfg, task = recipe.train, recipe.task
         self.cfg, self.labels, self.pad = cfg, splits.labels, tok.pad_token_id
-        train_ex = splits.train[: cfg.train_examples] if cfg.train_examples else splits.train
-        val_ex = splits.validation[: cfg.eval_examples] if cfg.eval_examples else splits.validation
+        # labelled subsets are stratified samples (every class kept), the cache rows picked to match
+        train_idx = subset_indices(splits.train, cfg.train_examples, task.split.seed)
+        val_idx = subset_indices(splits.validation, cfg.eval_examples, task.split.seed)
+        train_ex = [splits.train[i] for i in train_idx]
+        val_ex = [splits.validation[i] for i in val_idx]
         self.train, self.label_ids = encode_classification(tok, task, self.labels, train_ex, cfg.max_length)
+        self.train_probe = subset_indices(train_ex, len(val_ex), task.split.seed)  # train F1: as many, stratified
         self.val, _ = encode_classification(tok, task, self.labels, val_ex, cfg.max_length)
         self.gold = torch.tensor([e.label_index for e in self.train])
         self.val_gold = torch.tensor([e.label_index for e in self.val])
@@ -238,9 +242,9 @@ class ClassificationTask:
         if cfg.alpha > 0:
             manifest = _read_cache(cache_dir, "soft_labels", recipe)
             check_cache(manifest, cache_dir, tok, model, splits)
-            self.teacher = cache_mod.load_split(cache_dir, "train", len(splits.train))["label_logprobs"][: len(self.train)]
+            self.teacher = cache_mod.load_split(cache_dir, "train", len(splits.train))["label_logprobs"][train_idx]
             if manifest.complete.get("validation"):
-                self.teacher_val = cache_mod.load_split(cache_dir, "validation", len(splits.validation))["label_logprobs"][: len(self.val)]
+                self.teacher_val = cache_mod.load_split(cache_dir, "validation", len(splits.validation))["label_logprobs"][val_idx]
 
     def count(self, idx) -> int:
         return len(idx)
@@ -266,7 +270,7 @@ class ClassificationTask:
 
         cfg = self.cfg
         val = _sharded(score, self.val, cfg.batch_size, rank, world)
-        tr_items = self.train[: len(self.val)]
+        tr_items = [self.train[i] for i in self.train_probe]
         tr = _sharded(score, tr_items, cfg.batch_size, rank, world)
         val_f1 = classification_metrics(self.val_gold.tolist(), val.argmax(1).tolist(), self.labels)["macro_f1"]
         tr_f1 = classification_metrics([e.label_index for e in tr_items], tr.argmax(1).tolist(), self.labels)["macro_f1"]
@@ -463,6 +467,20 @@ class Checkpointer:
             return None
         name = f"step-{step:08d}"
         tmp, final = self.root / f".tmp-{name}", self.root / name
+        try:
+            return self._save(tmp, final, state)
+        except BaseException as e:
+            full = ran_out_of_space(self.root, e)
+            if self.rank == 0:  # a full disk or an interruption: drop the partial copy, keep the older ones
+                shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                kept = [c.name for c in list_checkpoints(self.root)]
+                raise DistillError(f"{tmp}: no space left on the device while writing a checkpoint; removed the "
+                                   f"partial copy, kept {', '.join(kept) or 'no earlier checkpoint'}. Free some "
+                                   f"space and run the same command with --resume.") from None
+            raise
+
+    def _save(self, tmp: Path, final: Path, state: dict) -> Path:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -484,9 +502,12 @@ class Checkpointer:
             atomic_write_text(tmp / "trainer_state.json", json.dumps(
                 {k: state[k] for k in ("step", "micro_batch", "epoch_index", "offset", "elapsed_s")}
                 | {"world_size": self.world, "deepspeed": self.ds}, indent=1))
+            fsync_tree(tmp)
+            pause_point("checkpoint_written")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_file(self.root)
             for old in list_checkpoints(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(self.world)
@@ -701,6 +722,9 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
     swamp = SwampWatch(cfg)
     resumed_from, rng = None, None
     existing = list_checkpoints(ck_root)
+    if main and ck_root.is_dir():  # partial copies of a run killed while writing one
+        for partial in ck_root.glob(".tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
     if resume and existing:
         st = ckpt.load(existing[-1], cfg, identity)
         resumed_from = str(existing[-1])

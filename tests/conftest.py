@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,14 @@ GEN_ROWS = [  # a small generation data set shared by the teacher, server and tr
     {"prompt": "A word for happy?", "response": "Joyful."},
     {"prompt": "Colour of grass?", "response": "Green."},
 ]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An empty directory for the test to mount a small tmpfs on (root only; unmounted at the end)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)

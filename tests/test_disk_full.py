@@ -4,11 +4,8 @@ with a valid checksum, and the same command finishing the job once space is free
 The small disk is a real tmpfs mounted for the test (needs root, as on this project's machines and
 CI; skipped elsewhere)."""
 import json
-import os
-import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -39,16 +36,6 @@ def generate(recipe_path, out):
 
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_generate_on_a_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model, small_disk):

@@ -354,3 +354,59 @@ def test_cli_export_and_exit_codes(model_dir, tmp_path, monkeypatch):
     r = _run_cli(model_dir("llama"), "--quant", "q8_0", "--out", failed / "m.gguf")
     assert r.exit_code == 1 and "failed verification" in r.output
     assert not list(failed.iterdir())
+
+
+# ---------------------------------------------------------------- interruption
+
+EXPORT_KILLS = [("export_written", "SIGKILL"), ("export_verified", "SIGKILL"), ("export_written", "SIGTERM"),
+                ("export_verified", "SIGINT"), ("random", "SIGKILL")]
+
+
+def test_export_killed_at_any_point_leaves_no_file_and_reruns_to_the_same_bytes(model_dir, tmp_path):
+    """`distill export` interrupted while its temp file is written, after verification just before the
+    rename, and at a random moment: no (partial) output file appears, Ctrl-C / SIGTERM remove the temp
+    file themselves, a SIGKILLed run's temp file is removed by the next export, and that export writes
+    the same bytes as an uninterrupted one."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    src = model_dir("llama")
+    ref = tmp_path / "ref" / "m.gguf"
+    cmd = lambda out: [sys.executable, "-m", "distill", "export", str(src), "--quant", "q8_0", "--out", str(out)]  # noqa: E731
+    assert subprocess.run(cmd(ref), capture_output=True).returncode == 0
+    rng = random.Random(11)
+    for point, sig in EXPORT_KILLS:
+        out = tmp_path / f"{point}-{sig}" / "m.gguf"
+        out.parent.mkdir()
+        env = dict(os.environ, DISTILL_TEST_PAUSE=f"{point}:60" if point != "random" else "")
+        proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            if point == "random":
+                time.sleep(rng.uniform(1.0, 6.0))
+            else:  # wait until the run sits at the pause: the temp file complete, or also made readable (verified)
+                def at_point():
+                    tmps = list(out.parent.glob(".m.*.tmp.gguf"))
+                    if not tmps or tmps[0].stat().st_size != ref.stat().st_size:
+                        return False
+                    return point == "export_written" or bool(tmps[0].stat().st_mode & 0o044)
+                deadline = time.time() + 300
+                while not at_point() and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.05)
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            proc.send_signal(getattr(signal, sig))
+            rc = proc.wait(60)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert not out.exists(), f"{point}/{sig}: an interrupted export left {out}"
+        if sig != "SIGKILL":
+            assert rc == 130 and "interrupted" in err and "Traceback" not in err, (rc, err[-1500:])
+            assert not list(out.parent.iterdir()), list(out.parent.iterdir())
+        r = subprocess.run(cmd(out), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert out.read_bytes() == ref.read_bytes(), f"{point}/{sig}: the rerun wrote other bytes"
+        assert [p.name for p in out.parent.iterdir()] == ["m.gguf"], "leftovers of the killed run are removed"

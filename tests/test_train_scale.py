@@ -226,6 +226,95 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(cls
     assert json.loads((out / "training.json").read_text())["resumed_from"]
 
 
+# Kill points inside the writes themselves (DISTILL_TEST_PAUSE holds the run there until the signal):
+# a checkpoint written but not yet renamed into place (the 3rd of 6), the best model written but not
+# yet moved into OUT (end of epoch 1), and two moments picked at random: a random step's checkpoint
+# appearing plus a random delay of up to 50 ms (a step of this tiny run takes about 100 ms).
+RNG_KILL = __import__("random").Random(20261128)
+KILL_POINTS = [("checkpoint_written:60:3", signal.SIGKILL), ("model_written:60:1", signal.SIGKILL),
+               ("checkpoint_written:60:3", signal.SIGTERM), ("model_written:60:1", signal.SIGINT),
+               (f"random:{RNG_KILL.randint(1, 4)}:{RNG_KILL.uniform(0.0, 0.05):.3f}", signal.SIGKILL),
+               (f"random:{RNG_KILL.randint(1, 4)}:{RNG_KILL.uniform(0.0, 0.05):.3f}", signal.SIGKILL)]
+
+
+def _paused(out: Path, point: str) -> bool:
+    if point.startswith("checkpoint_written"):
+        return any((d / "trainer_state.json").is_file() for d in (out / "checkpoints").glob(".tmp-step-*"))
+    if point.startswith("model_written"):
+        return (out / ".tmp-model" / "tokenizer_config.json").is_file()
+    return (out / "checkpoints" / f"step-{int(point.split(':')[1]):08d}").is_dir()  # random: after step N
+
+
+@pytest.mark.parametrize("point,sig", KILL_POINTS, ids=[f"{p.split(':')[0]}-{s.name}-{i}" for i, (p, s) in enumerate(KILL_POINTS)])
+def test_killed_mid_write_then_resumed_equals_the_uninterrupted_run(cls, lora_recipe, point, sig):
+    tmp, _ = cls
+    r, full = lora_recipe
+    out = tmp / f"lora-{point.split(':')[0]}-{sig.name}-{abs(hash(point)) % 1000}"
+    env = _env()
+    if not point.startswith("random"):
+        env["DISTILL_TEST_PAUSE"] = point
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "train", str(r), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not _paused(out, point):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read()[-2000:]
+        if point.startswith("random"):
+            time.sleep(float(point.split(":")[2]))
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.kill(proc.pid, sig)
+        rc = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig != signal.SIGKILL:  # Ctrl-C / SIGTERM: a clean stop that says how to continue, partial copies removed
+        assert rc == 130 and "interrupted" in err and "Traceback" not in err, (rc, err[-2000:])
+        assert not list(out.rglob(".tmp-*")), list(out.rglob(".tmp-*"))
+    assert not (out / "training.json").exists()
+    for ck in (out / "checkpoints").glob("step-*"):  # every checkpoint that was published is whole
+        assert (ck / "state.pt").is_file() and (ck / "trainable.safetensors").is_file()
+    run_train(load_recipe(r), out=str(out), resume=True)
+    assert _assert_same_run(full, out) <= 1e-6
+    assert not list(out.rglob(".tmp-*")), "a resumed run clears what a killed one left half-written"
+
+
+def test_checkpoint_on_a_full_disk_stops_cleanly_and_resumes(cls, small_disk):
+    """Full fine-tuning (weights + Adam state in every checkpoint) on a tmpfs with room for about
+    one and a half checkpoints: the second one cannot be written."""
+    tmp, recipe = cls
+    r = _recipe_variant(tmp, recipe, "full-disk", checkpoint_every=1, epochs=1, train_examples=12, grad_accum=1)
+    ref = run_train(load_recipe(r), out=str(tmp / "full-disk-ref"))
+    ck = sorted((ref / "checkpoints").glob("step-*"))[-1]
+    ck_bytes = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
+    model_bytes = (ref / "model.safetensors").stat().st_size
+    size_kb = (int(1.5 * ck_bytes) + model_bytes // 2) // 1024
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(small_disk)],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {m.stderr.strip()}")
+    out = small_disk / "student"
+    p = subprocess.run([sys.executable, "-m", "distill", "train", str(r), "--out", str(out)],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert p.returncode == 1, (p.returncode, p.stderr[-3000:])
+    assert "no space left" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    kept = sorted(d.name for d in (out / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000001"], kept
+    assert not list(out.rglob(".tmp-*")), "the partial checkpoint is removed"
+    before = _trainable(out / "checkpoints" / "step-00000001")
+    subprocess.run(["mount", "-o", f"remount,size={4 * size_kb + 4 * model_bytes // 1024}k", str(small_disk)], check=True)
+    p = subprocess.run([sys.executable, "-m", "distill", "train", str(r), "--out", str(out), "--resume"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stderr and before.keys() == _trainable(out / "checkpoints" / "step-00000003").keys()
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [x["loss"] for x in steps_of(ref)] == pytest.approx([x["loss"] for x in steps_of(out)], rel=1e-6)
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(cls, lora_recipe):
     tmp, _ = cls
     r, full = lora_recipe
