@@ -165,6 +165,20 @@ def compression(ref, seqs, positions, vocab_rows, ks, bits=None):
     return out
 
 
+def time_backend(label, teacher, start_s, seqs, positions, prompts, sampling, args, ref) -> dict:
+    """Scoring and generation rates of one started backend (after a warm-up), and its agreement with
+    the transformers reference."""
+    n_tokens = sum(map(len, seqs))
+    run_scoring(teacher, seqs[:2], positions[:2], args.k, args.batch)
+    got, secs = run_scoring(teacher, seqs, positions, args.k, args.batch)
+    gen, gsecs = run_generation(teacher, prompts, args.k, sampling, args.batch)
+    r = {"score_tok_s": n_tokens / secs, "generate_tok_s": sum(len(g.response) for g in gen) / gsecs,
+         "startup_s": start_s, **agreement(ref, got)}
+    print(f"{label}: scoring {r['score_tok_s']:.0f} tok/s, generating {r['generate_tok_s']:.1f} tok/s "
+          f"(start-up {start_s:.0f} s); vs transformers: {agreement(ref, got)}", flush=True)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default=str(ROOT / "teachers" / "smollm2-135m-instruct.yaml"))
@@ -233,14 +247,8 @@ def main():
 
         t0 = time.perf_counter()
         eng = VLLMTeacher(model_path, spec, args.k, vocab_limit=len(tok), vocab_rows=rows)
-        start_s = time.perf_counter() - t0
-        run_scoring(eng, seqs[:2], positions[:2], args.k, args.batch)
-        got, secs = run_scoring(eng, seqs, positions, args.k, args.batch)
-        gen, gsecs = run_generation(eng, prompts, args.k, sampling, args.batch)
-        results["vllm"] = {"score_tok_s": n_tokens / secs, "generate_tok_s": sum(len(g.response) for g in gen) / gsecs,
-                           "startup_s": start_s, **agreement(ref, got)}
-        print(f"vllm engine: scoring {n_tokens / secs:.0f} tok/s, generating {results['vllm']['generate_tok_s']:.1f} tok/s "
-              f"(start-up {start_s:.0f} s); vs transformers: {agreement(ref, got)}", flush=True)
+        results["vllm"] = time_backend("vllm engine", eng, time.perf_counter() - t0, seqs, positions, prompts,
+                                       sampling, args, ref)
         eng.close()
         del eng
         gc.collect()
@@ -252,17 +260,21 @@ def main():
         t0 = time.perf_counter()
         with ServedTeacher(spec, model_path=model_path, max_logprobs=kmax,
                            log_file=Path(args.out).with_suffix(".server.log")) as srv:
-            start_s = time.perf_counter() - t0
             cli = ServerTeacher(spec, tok, args.k, vocab_rows=rows, urls=[srv.url], model_path=model_path)
-            run_scoring(cli, seqs[:2], positions[:2], args.k, args.batch)
-            got, secs = run_scoring(cli, seqs, positions, args.k, args.batch)
-            gen, gsecs = run_generation(cli, prompts, args.k, sampling, args.batch)
+            results["server"] = time_backend("vllm server", cli, time.perf_counter() - t0, seqs, positions, prompts,
+                                             sampling, args, ref)
             cli.close()
-        results["server"] = {"score_tok_s": n_tokens / secs, "generate_tok_s": sum(len(g.response) for g in gen) / gsecs,
-                             "startup_s": start_s, **agreement(ref, got)}
-        print(f"vllm server: scoring {n_tokens / secs:.0f} tok/s, generating {results['server']['generate_tok_s']:.1f} tok/s "
-              f"(start-up {start_s:.0f} s); vs transformers: {agreement(ref, got)}", flush=True)
     report["backends"] = results
+    if results:  # what `auto` picks here, against the fastest backend measured in this run
+        from distill.teacher import pick_backend
+
+        default = pick_backend("auto", spec)
+        for what in ("score_tok_s", "generate_tok_s"):
+            best = max(results, key=lambda b: results[b][what])
+            if default in results:
+                ratio = results[default][what] / results[best][what]
+                print(f"default backend here: {default}; {what}: {ratio:.2f} of the fastest ({best})"
+                      f"{'' if ratio >= 0.9 else ' -- more than 10% slower'}", flush=True)
 
     report["cache"] = compression(ref_full, seqs, positions, rows, ks, args.bits)
     from distill import cache as cache_mod

@@ -1,5 +1,6 @@
 """Data layer and configs: deterministic stratified splits, and bad input stopped with file:line."""
 import json
+from collections import Counter
 
 import pytest
 
@@ -89,3 +90,21 @@ def test_extends_merges_sections(tmp_path):
     (tmp_path / "r.yaml").write_text("extends: base.yaml\ntrain: {epochs: 1}\n")
     r = load_recipe(tmp_path / "r.yaml")
     assert r.train.lr == 0.1 and r.train.epochs == 1
+
+
+def test_subsets_are_stratified_exact_and_stable():
+    """A subset of a file sorted by label (Banking77 is) keeps every class's share, has exactly n
+    examples, and is the same every time."""
+    from distill.data import subset_indices
+
+    rows = [{"text": f"{c}{i}", "label": c} for c in "abcdefg" for i in range(10 + 3 * "abcdefg".index(c))]
+    for n in (7, 20, 33, len(rows) - 1):
+        idx = subset_indices(rows, n, seed=0)
+        assert len(idx) == n == len(set(idx)) and idx == sorted(idx) == subset_indices(rows, n, seed=0)
+        got = Counter(rows[i]["label"] for i in idx)
+        for c in "abcdefg":
+            share = n * sum(r["label"] == c for r in rows) / len(rows)
+            assert abs(got[c] - share) < 1, (n, c, got[c], share)
+    assert subset_indices(rows, 7, seed=0) != subset_indices(rows, 7, seed=1)
+    assert subset_indices(rows, None, seed=0) == list(range(len(rows)))
+    assert subset_indices(rows, 5, seed=0, key=None) == [0, 1, 2, 3, 4]  # generation: the first n

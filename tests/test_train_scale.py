@@ -323,6 +323,31 @@ def test_resume_refuses_a_checkpoint_of_other_settings(cls, lora_recipe):
         run_train(load_recipe(other), out=str(full), resume=True)
 
 
+def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
+    """train.train_examples picks a stratified sample; the teacher's soft labels used for it must be the
+    cached rows of those same examples (a first-N slice of the cache would silently misalign them)."""
+    from distill.config import resolve_teacher
+    from distill.data import prepare_splits
+    from distill.models import load_tokenizer, resolve_model_path
+    from distill.student import build_student
+    from distill.trainer import ClassificationTask
+
+    tmp, recipe = cls
+    r = load_recipe(_recipe_variant(tmp, recipe, "subset", train_examples=7, eval_examples=3))
+    splits = prepare_splits(r.task, r.workdir)
+    base = resolve_model_path(resolve_teacher(r.teacher).source)
+    task = ClassificationTask(r, splits, load_tokenizer(base), build_student(r.train.student, base), r.workdir_path / "cache")
+    cached = cache_mod.load_split(r.workdir_path / "cache", "train", len(splits.train))["label_logprobs"]
+    labels = splits.labels
+    assert len(task.train) == 7 and len({int(g) for g in task.gold}) == len(labels)  # every class kept
+    from distill.data import subset_indices
+
+    idx = subset_indices(splits.train, 7, r.task.split.seed)
+    torch.testing.assert_close(task.teacher, cached[idx], atol=0.0, rtol=0.0)
+    assert [labels.index(splits.train[i]["label"]) for i in idx] == task.gold.tolist()
+    assert not torch.equal(task.teacher, cached[:7])
+
+
 # -------------------------------------------------------------------------------------------------
 # token-level distillation (generation)
 
