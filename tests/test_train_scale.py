@@ -479,9 +479,13 @@ def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
 
     model = build_student(rec.train.student, rec.teacher).eval()
     splits = prepare_splits(rec.task, rec.workdir)
-    enc, label_ids = encode_classification(tok, rec.task, splits.labels, splits.train[:21], rec.train.max_length)
+    from distill.data import subset_indices
+
+    subset = subset_indices(splits.train, 21, rec.task.split.seed)  # train.train_examples: 21, stratified
+    enc, label_ids = encode_classification(tok, rec.task, splits.labels, [splits.train[i] for i in subset],
+                                           rec.train.max_length)
     idx = torch.randperm(21, generator=torch.Generator().manual_seed(rec.train.seed)).tolist()[:4]
-    teacher = cache_mod.load_split(tmp / "work" / "cache", "train")["label_logprobs"]
+    teacher = cache_mod.load_split(tmp / "work" / "cache", "train")["label_logprobs"][subset]
     with torch.no_grad():
         scores = label_logprobs(model, [enc[i].prompt for i in idx], label_ids, tok.pad_token_id)
     kw = {"lam": extra["skew_lambda"]} if "skew_lambda" in extra else {}
