@@ -172,49 +172,49 @@ class Splits:
         return getattr(self, name)
 
 
+def _take_per_class(examples: list[dict], key: str | None, seed: int, count) -> list[int]:
+    """Sorted indices of `count(cls, size)` examples of each class: every class shuffled, in sorted
+    class order, by one generator seeded with `seed` (the same draw for the same data and seed)."""
+    import random
+
+    by_class: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_class.setdefault(str(ex.get(key, "")), []).append(i)
+    rng = random.Random(seed)
+    taken = []
+    for cls in sorted(by_class):
+        idx = by_class[cls][:]
+        rng.shuffle(idx)
+        taken += idx[: count(cls, len(idx))]
+    return sorted(taken)
+
+
 def subset_indices(examples: list[dict], n: int | None, seed: int, key: str | None = "label") -> list[int]:
     """Indices (in order) of an n-example subset: for labelled examples a seeded stratified sample, each
     class keeping its share (largest remainders first), so a subset of a file sorted by label (as
     Banking77 is) still covers every class; without `key`, the first n."""
-    import random
+    from collections import Counter
 
     if not n or n >= len(examples):
         return list(range(len(examples)))
     if key is None:
         return list(range(n))
-    by_class: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_class.setdefault(str(ex.get(key, "")), []).append(i)
-    classes = sorted(by_class)
-    exact = {c: n * len(by_class[c]) / len(examples) for c in classes}
-    quota = {c: int(exact[c]) for c in classes}
-    for c in sorted(classes, key=lambda c: (-(exact[c] - quota[c]), c))[: n - sum(quota.values())]:
+    sizes = Counter(str(ex.get(key, "")) for ex in examples)
+    exact = {c: n * size / len(examples) for c, size in sizes.items()}
+    quota = {c: int(x) for c, x in exact.items()}
+    for c in sorted(sizes, key=lambda c: (-(exact[c] - quota[c]), c))[: n - sum(quota.values())]:
         quota[c] += 1
-    rng = random.Random(seed)
-    taken = []
-    for c in classes:
-        idx = by_class[c][:]
-        rng.shuffle(idx)
-        taken += idx[: quota[c]]
-    return sorted(taken)
+    return _take_per_class(examples, key, seed, lambda cls, size: quota[cls])
 
 
 def _stratified_split(examples, fraction, seed, key):
     """Deterministic stratified split: each class keeps its share; returns (rest, taken)."""
-    import random
 
-    by_class: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_class.setdefault(ex.get(key, ""), []).append(i)
-    taken = set()
-    rng = random.Random(seed)
-    for cls in sorted(by_class):
-        idx = by_class[cls][:]
-        rng.shuffle(idx)
-        n = int(round(len(idx) * fraction))
-        if fraction > 0 and n == 0 and len(idx) > 1:
-            n = 1
-        taken.update(idx[:n])
+    def count(cls, size):
+        n = int(round(size * fraction))
+        return 1 if fraction > 0 and n == 0 and size > 1 else n
+
+    taken = set(_take_per_class(examples, key, seed, count))
     rest = [ex for i, ex in enumerate(examples) if i not in taken]
     took = [ex for i, ex in enumerate(examples) if i in taken]
     return rest, took

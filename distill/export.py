@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -148,8 +149,6 @@ def remove_stale_temps(out: Path) -> list[Path]:
         pid = f.name[len(out.stem) + 2:].split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             if f.is_dir():
-                import shutil
-
                 shutil.rmtree(f, ignore_errors=True)
             else:
                 f.unlink(missing_ok=True)
