@@ -187,9 +187,11 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
 @click.option("--verify-with", default="auto", show_default=True, type=click.Choice(["auto", "llama_cpp", "transformers"]),
               help="Runtime that reloads the file to compare logits (auto: llama.cpp when installed).")
 @click.option("--no-verify", is_flag=True, help="Skip the logit comparison with the source model.")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="Recipe whose training split calibrates q4_k_m (default: the one in MODEL_DIR/training.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @friendly_errors
-def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, as_json):
+def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, as_json):
     """Export MODEL_DIR (a model directory or a LoRA adapter, merged into its base) to GGUF for llama.cpp.
 
     The written file is reloaded and its logits compared with the source model at every position of a
@@ -199,7 +201,7 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, as_json):
 
     from .export import export_gguf, format_export_report
 
-    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with)
+    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with, recipe=recipe_path)
     click.echo(json.dumps(report, indent=2) if as_json else format_export_report(report))
 
 

@@ -271,23 +271,31 @@ def _tensor_name_map(spec: ArchSpec, n_blocks: int):
     return gguf.get_tensor_name_map(arch, n_blocks)
 
 
-def hf_tensors(model, spec: ArchSpec) -> dict[str, np.ndarray]:
-    """The model's tensors as float32 numpy arrays under GGUF names, with Q/K permuted where llama.cpp needs it."""
-    config = model.config
-    names = _tensor_name_map(spec, config.num_hidden_layers)
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+def gguf_parameter_names(model, spec: ArchSpec) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name, for the tensors the file stores."""
+    names = _tensor_name_map(spec, model.config.num_hidden_layers)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     out = {}
-    for hf_name, t in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        if "rotary_emb" in hf_name:
+    for hf_name in model.state_dict():
+        if (tied and hf_name == "lm_head.weight") or "rotary_emb" in hf_name:
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise DistillError(f"GGUF export: no GGUF name for tensor {hf_name}")
-        arr = t.detach().to("cpu").float().numpy()
+        out[name] = hf_name
+    return out
+
+
+def hf_tensors(model, spec: ArchSpec) -> dict[str, np.ndarray]:
+    """The model's tensors as float32 numpy arrays under GGUF names, with Q/K permuted where llama.cpp needs it."""
+    config = model.config
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    state = model.state_dict()
+    out = {}
+    # a tied lm_head is left out: llama.cpp reuses token_embd when output.weight is absent
+    for name, hf_name in gguf_parameter_names(model, spec).items():
+        arr = state[hf_name].detach().to("cpu").float().numpy()
         if spec.permute_qk and ".self_attn.q_proj." in hf_name:
             arr = permute_rotary_rows(arr, n_head)
         elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
@@ -330,8 +338,13 @@ def encode(arr: np.ndarray, qtype) -> np.ndarray:
 _FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 
 
-def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None) -> dict:
-    """Write `model` + `tokenizer` as a GGUF at `path` (in place: callers make it atomic). Returns what was written."""
+def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None,
+               prequantized: dict | None = None) -> dict:
+    """Write `model` + `tokenizer` as a GGUF at `path` (in place: callers make it atomic). Returns what was written.
+
+    prequantized: GGUF tensor name -> (GGML type, block bytes) written as given instead of converted
+    (the calibrated IQ4_NL matrices of distill.gptq).
+    """
     import gguf
 
     if quant not in NUMPY_QUANTS:
@@ -354,8 +367,11 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
 
     counts = Counter()
     for tname, arr in tensors.items():
-        qtype = tensor_type(tname, arr, quant)
-        data = encode(arr, qtype)
+        if prequantized and tname in prequantized:
+            qtype, data = prequantized[tname]
+        else:
+            qtype = tensor_type(tname, arr, quant)
+            data = encode(arr, qtype)
         writer.add_tensor(tname, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
         counts[qtype.name] += 1
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_class_data, write_recipe
 from distill.errors import DistillError, UsageError
 from distill.export import (THRESHOLDS, Thresholds, export_gguf, gguf_tensor_types, have_llama_cpp,
                             llama_cpp_logits, probe_ids, reference_logits, transformers_logits)
@@ -265,6 +266,51 @@ def test_quantized_correlates_with_hf(arch, quant, model_dir, tmp_path, tok):
     expected = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K"}[quant]
     assert types.get(expected, 0) >= 8, types
     assert "F16" not in types  # every matrix here has rows that fit the blocks
+
+
+@needs_llama
+def test_q4_k_m_calibrates_the_matrices_k_blocks_cannot_hold(tiny_model, tmp_path):
+    """hidden 128: q/k/v/o/gate/up rows do not fit 256-wide K blocks (ffn_down's 256 do). With a recipe
+    they become GPTQ IQ4_NL blocks calibrated on the training split, which llama.cpp copies unchanged;
+    without one, llama.cpp's own Q5_0 fallback."""
+    import gguf
+
+    from distill.config import load_recipe
+    from distill.data import prepare_splits
+    from distill.export import calibrated_iq4_nl, calibration_sequences, load_source, narrow_matrices
+
+    recipe = write_recipe(tmp_path / "r.yaml", write_class_data(tmp_path / "d.jsonl", copies=4), tmp_path / "w",
+                          tiny_model)
+    out = tmp_path / "cal.gguf"
+    report = export_gguf(tiny_model, out, "q4_k_m", verify="llama_cpp", recipe=recipe)
+    assert report["verify"]["passed"], report["verify"]
+    assert report["calibrated"]["tensors"] == 12 and report["calibrated"]["type"] == "IQ4_NL"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    for i in range(2):
+        for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+            assert types[f"blk.{i}.{m}.weight"] == "IQ4_NL"
+        assert types[f"blk.{i}.ffn_down.weight"] in ("Q4_K", "Q6_K")
+    assert types["token_embd.weight"] == "Q5_0"
+
+    # the file holds exactly the calibrated blocks (llama.cpp did not re-round them) ...
+    model, tok, _ = load_source(Path(tiny_model))
+    seqs = calibration_sequences(Path(tiny_model), recipe, tok)
+    ours = calibrated_iq4_nl(model, narrow_matrices(model), seqs)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    for name, (_, blocks) in ours.items():
+        np.testing.assert_array_equal(stored[name].reshape(blocks.shape), blocks)
+    # ... calibrated on training examples only: never a holdout or validation text
+    splits = prepare_splits(load_recipe(recipe).task, tmp_path / "w")
+    texts = [tok.decode(s) for s in seqs]
+    assert len(seqs) == len(splits.train)
+    for ex in splits.holdout + splits.validation:
+        assert not any(ex["text"] + "<|im_end|>" in t for t in texts)
+    assert all(any(ex["text"] in t for t in texts) for ex in splits.train)
+
+    # no recipe (the tiny model has no training.json): the uncalibrated fallback, said in the report
+    plain = export_gguf(tiny_model, tmp_path / "plain.gguf", "q4_k_m", verify="llama_cpp")
+    assert plain["calibrated"] is None and plain["verify"]["passed"]
+    assert gguf_tensor_types(tmp_path / "plain.gguf").get("IQ4_NL", 0) == 0
 
 
 # ---------------------------------------------------------------- LoRA, failures, CLI
