@@ -100,3 +100,12 @@ def small_disk(tmp_path):
     mnt.mkdir()
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
+
+
+def sigint_default() -> None:
+    """preexec_fn for children that tests interrupt with SIGINT: a shell running the suite in the
+    background (`bash .ci/run &`) passes SIGINT on as ignored, and Python then never raises
+    KeyboardInterrupt; restore the default so the child behaves as under a terminal's Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

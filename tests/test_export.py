@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_class_data, write_recipe
+from conftest import sigint_default, write_class_data, write_recipe
 from distill.errors import DistillError, UsageError
 from distill.export import (THRESHOLDS, Thresholds, export_gguf, gguf_tensor_types, have_llama_cpp,
                             llama_cpp_logits, probe_ids, reference_logits, transformers_logits)
@@ -428,7 +428,8 @@ def test_export_killed_at_any_point_leaves_no_file_and_reruns_to_the_same_bytes(
         out = tmp_path / f"{point}-{sig}" / "m.gguf"
         out.parent.mkdir()
         env = dict(os.environ, DISTILL_TEST_PAUSE=f"{point}:60" if point != "random" else "")
-        proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=sigint_default)
         try:
             if point == "random":
                 time.sleep(rng.uniform(1.0, 6.0))

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import GEN_ROWS as SHARED_GEN_ROWS
-from conftest import ROOT, write_class_data, write_recipe
+from conftest import ROOT, sigint_default, write_class_data, write_recipe
 
 from distill import cache as cache_mod
 from distill.config import load_recipe
@@ -254,7 +254,8 @@ def test_killed_mid_write_then_resumed_equals_the_uninterrupted_run(cls, lora_re
     if not point.startswith("random"):
         env["DISTILL_TEST_PAUSE"] = point
     proc = subprocess.Popen([sys.executable, "-m", "distill", "train", str(r), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=sigint_default)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not _paused(out, point):
