@@ -51,6 +51,12 @@ def divergence(logp, logq, kind: str = "forward_kl", beta: float = 0.5, lam: flo
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
 
 
+def total_loss(kd, ce, alpha: float, temperature: float):
+    """The training objective alpha * T^2 * D + (1 - alpha) * CE (T^2 keeps the soft term's gradient
+    on the scale of the hard one's as T changes, Hinton et al.); tensors or floats."""
+    return alpha * temperature ** 2 * kd + (1 - alpha) * ce
+
+
 def _reduce(d, reduction: str):
     if reduction == "mean":
         return d.mean()
