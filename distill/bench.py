@@ -19,7 +19,7 @@ import numpy as np
 from .config import Recipe
 from .errors import UsageError
 from .evaluation import classification_metrics, eval_examples
-from .io import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 
 
 def size_on_disk(model_ref: str) -> int | None:

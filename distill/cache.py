@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save
 
 from . import topk_codec
 from .errors import DistillError, UsageError
-from .io import atomic_write_bytes, atomic_write_text, sha256_file
+from .fileio import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMAT_VERSION = 2
 IDENTITY_KEYS = ("kind", "teacher", "tokenizer_hash", "k", "data_fingerprint", "labels", "max_length", "responses")

@@ -80,7 +80,7 @@ def check_teacher(ref: str, k: int):
 
 def check_cache(cache_dir: str, student: str | None):
     from . import cache as cache_mod
-    from .io import sha256_file
+    from .fileio import sha256_file
 
     m = cache_mod.read_manifest(cache_dir)
     bad = [s["file"] for s in m.shards if not (Path(cache_dir) / s["file"]).is_file()

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .config import Recipe
 from .data import prepare_splits, subset_indices
 from .errors import UsageError
-from .io import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 from .prompts import encode_classification
 from .scoring import label_logprobs
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DistillError, UsageError
+from .fileio import fsync_file, pause_point, pid_alive
 from .gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
-from .io import fsync_file, pause_point, pid_alive
 
 log = logging.getLogger(__name__)
 

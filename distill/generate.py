@@ -24,7 +24,7 @@ from . import cache as cache_mod
 from .config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher
 from .data import prepare_splits
 from .errors import UsageError
-from .io import pause_point
+from .fileio import pause_point
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
 from .prompts import _end_of_turn_id, answer_ids, encode_classification, prompt_ids
 from .teacher import make_backend, pick_backend

@@ -147,7 +147,7 @@ def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | Non
     import shutil
 
     from .errors import DistillError
-    from .io import pause_point, publish_files, ran_out_of_space
+    from .fileio import pause_point, publish_files, ran_out_of_space
 
     tmp = out / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
