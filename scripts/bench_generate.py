@@ -254,7 +254,7 @@ def main():
         gc.collect()
 
     if "server" in backends:
-        from distill.serve import ServedTeacher
+        from distill.teacher.serve import ServedTeacher
         from distill.teacher.server import ServerTeacher
 
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from distill import cache as cache_mod
 from distill.config import TeacherSpec, load_recipe
 from distill.errors import DistillError, UsageError
 from distill.generate import run_generate
-from distill.serve import ServedTeacher, free_port
+from distill.teacher.serve import ServedTeacher, free_port
 
 from conftest import GEN_ROWS, make_tiny_llama, write_class_data, write_recipe
 
@@ -352,7 +352,7 @@ def test_teacher_urls_are_parsed_and_checked():
 
 
 def test_server_command_passes_the_scale_out_settings(tmp_path):
-    from distill.serve import server_args
+    from distill.teacher.serve import server_args
 
     spec = TeacherSpec(name="t", source=str(tmp_path), max_logprobs=128, tensor_parallel_size=4, data_parallel_size=2,
                        dtype="float16", max_model_len=2048, gpu_memory_utilization=0.7)
@@ -370,7 +370,7 @@ def test_data_parallel_engine_becomes_a_local_server_and_tp_reaches_the_engine(m
     """vLLM's offline engine refuses data parallelism in one process: backend vllm with
     data_parallel_size > 1 serves the teacher locally (--data-parallel-size) and talks to it."""
     pytest.importorskip("vllm")
-    import distill.serve as serve_mod
+    import distill.teacher.serve as serve_mod
     import distill.teacher.server as server_mod
     from distill.teacher import make_backend, pick_backend
     from distill.teacher.vllm_engine import engine_kwargs

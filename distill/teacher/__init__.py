@@ -7,7 +7,7 @@ All backends share one interface so the cache does not care where numbers came f
 - `generate_topk(prompts, k, sampling, seeds) -> list of Generated`: the teacher writes a response
   to each prompt and its top k at each response token comes from the same pass.
 Backends: `transformers` (hf.py), `vllm` (vllm_engine.py, the offline engine), `server` (server.py,
-one or more running vLLM OpenAI-compatible servers, e.g. from `distill serve-teacher`).
+one or more running vLLM OpenAI-compatible servers, e.g. from `distill serve-teacher`, which serve.py starts).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _local_server(spec: TeacherSpec, model_path: str, k: int, tok, vocab_rows):
     --data-parallel-size and use the server backend on it (stopped by `close()`)."""
     import dataclasses
 
-    from ..serve import ServedTeacher
+    from .serve import ServedTeacher
     from .server import ServerTeacher
 
     log.info("data_parallel_size=%d: vLLM's offline engine runs one replica per process; starting a local "

@@ -9,7 +9,7 @@ the same sequence.
 
 Tensor parallelism goes to the engine as `tensor_parallel_size`. vLLM's offline engine refuses data
 parallelism inside one process, so `data_parallel_size > 1` starts a local vLLM server with
-`--data-parallel-size` instead (`distill/serve.py`) and talks to it like the server backend.
+`--data-parallel-size` instead (`distill/teacher/serve.py`) and talks to it like the server backend.
 """
 from __future__ import annotations
 
