@@ -5,7 +5,9 @@ outside them (the tail). Both distributions are compared on k+1 buckets: the k c
 "everything else". At temperature 1 and k = vocabulary size this is exactly the dense divergence;
 for smaller k it is the divergence between the two distributions coarsened to those buckets, which
 keeps the tail's mass in the loss instead of silently renormalising the top k. A temperature T
-acts on both bucket distributions alike (each softmax(log-prob / T) over the k+1 buckets).
+acts on both bucket distributions alike (each softmax(log-prob / T) over the k+1 buckets). Slots a
+backend left without a teacher entry (filler ids at -inf) are not buckets: the student's mass on
+them stays in its "everything else", exactly as if the row had been cached with a smaller k.
 
 Soft labels (classification) are the same computation with the label set as the support.
 """
@@ -18,15 +20,21 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 
 
 def _kl(logp, logq):
-    """KL(p || q) summed over the last axis; 0 log 0 = 0."""
+    """KL(p || q) summed over the last axis; 0 log 0 = 0. Terms where p = 0 are left out of the
+    gradient too (both logs are replaced there first), so outcomes where p = q = 0 (cache slots with
+    no teacher entry) give 0 and no NaN."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    live = p > 0
+    zero = torch.zeros_like(p)
+    return torch.where(live, p * (torch.where(live, logp, zero) - torch.where(live, logq, zero)), zero).sum(-1)
 
 
 def _log_mix(logp, logq, w):
-    """log(w p + (1 - w) q), stably."""
+    """log(w p + (1 - w) q), stably; -inf with zero gradient where both terms are 0."""
     w = torch.as_tensor(w, dtype=logp.dtype, device=logp.device)
-    return torch.logaddexp(logp + torch.log(w), logq + torch.log1p(-w))
+    a, b = logp + torch.log(w), logq + torch.log1p(-w)
+    none = torch.isneginf(a) & torch.isneginf(b)
+    return torch.logaddexp(a.masked_fill(none, 0.0), b.masked_fill(none, 0.0)).masked_fill(none, float("-inf"))
 
 
 def divergence(logp, logq, kind: str = "forward_kl", beta: float = 0.5, lam: float = 0.1):
@@ -88,6 +96,10 @@ def soft_label_kd(student_scores, teacher_scores, temperature: float = 1.0, kind
     (averaged over rows by default; `reduction="sum"` or `"none"` for sums or per-row values).
 
     Scores are unnormalised log-probabilities of each label answer; both are softmaxed over labels.
+    A teacher score of -inf is a label with probability exactly 0: forward KL, JSD with beta < 1, the
+    skews with lambda > 0 and TVD stay finite; reverse KL (and JSD at beta = 1, skew_reverse_kl at
+    lambda = 0) is +inf with NaN gradients wherever the student gives such a label any mass, which is
+    that divergence's value, not masked here (unlike `sparse_kd`'s slots with no teacher entry).
     """
     logp = F.log_softmax(teacher_scores.float() / temperature, dim=-1)
     logq = F.log_softmax(student_scores.float() / temperature, dim=-1)
@@ -113,16 +125,22 @@ def teacher_buckets(topk_logprobs, tail_mass, temperature: float = 1.0):
     return F.log_softmax(logp / temperature, dim=-1) if temperature != 1.0 else logp - torch.logsumexp(logp, -1, keepdim=True)
 
 
-def student_buckets(student_logits, topk_ids, temperature: float = 1.0):
+def student_buckets(student_logits, topk_ids, has_entry, temperature: float = 1.0):
     """Student log-probs over the teacher's k cached tokens plus the rest of the vocabulary, then
     tempered as a (k+1)-outcome distribution, as `teacher_buckets` does for the teacher.
 
+    Slots where `has_entry` is False (filler ids of a row the backend gave fewer than k tokens for)
+    are not buckets: -inf here as in the teacher's, and the student's mass on those ids stays in its
+    tail, so the row is the same as one cached without them.
     Only [N, k] values and one log-sum-exp per row are formed from the [N, V] logits (no second
     vocabulary-sized log-softmax beside the cross-entropy's).
     """
     z = student_logits.float()
     logq_top = z.gather(-1, topk_ids.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
-    covered = torch.logsumexp(logq_top, dim=-1, keepdim=True)
+    logq_top = logq_top.masked_fill(~has_entry, float("-inf"))
+    some = has_entry.any(-1, keepdim=True)  # a row of filler only covers nothing (and has no NaN gradient)
+    covered = torch.logsumexp(logq_top.masked_fill(~some, 0.0), dim=-1, keepdim=True)
+    covered = covered.masked_fill(~some, float("-inf"))
     logq = torch.cat([logq_top, _log1mexp(covered)], dim=-1)
     return F.log_softmax(logq / temperature, dim=-1) if temperature != 1.0 else logq
 
@@ -133,16 +151,18 @@ def sparse_kd(student_logits, topk_ids, topk_logprobs, tail_mass, temperature: f
     over positions (or summed, or per position, by `reduction`).
 
     student_logits: [N, V]; topk_ids / topk_logprobs: [N, k]; tail_mass: [N]. Ids beyond the student's
-    vocabulary are an error upstream (the trainer checks the cache against the student).
+    vocabulary are an error upstream (the trainer checks the cache against the student). A slot at
+    log-prob -inf has no teacher entry (filler) and is dropped from both bucket distributions.
     """
     logp = teacher_buckets(topk_logprobs, tail_mass, temperature)
-    logq = student_buckets(student_logits, topk_ids, temperature)
+    logq = student_buckets(student_logits, topk_ids, ~torch.isneginf(topk_logprobs), temperature)
     return _reduce(divergence(logp, logq, kind, **kw), reduction)
 
 
 def dense_kd(student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward_kl",
              reduction: str = "mean", **kw):
-    """Divergence between full teacher and student distributions (online distillation, teacher in the loop)."""
+    """Divergence between full teacher and student distributions (online distillation, teacher in the
+    loop); -inf teacher logits are tokens at probability 0, with the consequences `soft_label_kd` lists."""
     logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return _reduce(divergence(logp, logq, kind, **kw), reduction)

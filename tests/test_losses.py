@@ -166,3 +166,79 @@ def test_loss_kwargs_checks_the_parameters():
         loss_kwargs("skew_forward_kl", 0.5, 1.0)
     with pytest.raises(ValueError, match="unknown divergence"):
         loss_kwargs("kl", 0.5, 0.1)
+
+
+def rows_with_filler(seed=11, V=40, N=6, k=8):
+    """A cache whose row r has only real[r] teacher entries, the rest filler ids (unused by that row)
+    at -inf as distill.teacher.common.rows_from_entries writes them; row 0 is all filler."""
+    torch.manual_seed(seed)
+    t = torch.randn(N, V) * 3
+    ids, vals, _ = teacher_cache(t, k)
+    real = [0, 1, 3, 5, 7, 8][:N]
+    for r, n in enumerate(real):
+        fill = [i for i in range(V) if i not in ids[r, :n].tolist()][: k - n]
+        ids[r, n:], vals[r, n:] = torch.tensor(fill, dtype=ids.dtype), float("-inf")
+    tail = (1 - vals.exp().sum(-1)).clamp_min(0)  # the real entries' tail, as the cache stores it
+    return ids, vals, tail, real
+
+
+@pytest.mark.parametrize("kind,kw", [("reverse_kl", {}), ("jsd", {"beta": 1.0}), ("skew_reverse_kl", {"lam": 0.0})])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_filler_slots_give_finite_reverse_kl_and_jsd_beta_1_with_finite_gradients(kind, kw, T):
+    ids, vals, tail, _ = rows_with_filler()
+    s = (torch.randn(len(ids), 40) * 2).requires_grad_()
+    loss = sparse_kd(s, ids, vals, tail, T, kind, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 1e-3
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("T", [1.0, 0.5, 2.0])
+def test_filler_slots_are_the_row_cached_without_them(kind, T):
+    """Each divergence (and its gradient) on a row with filler equals it on the row with those slots
+    removed (smaller k, same tail): the student's mass on filler ids is in its tail bucket."""
+    ids, vals, tail, real = rows_with_filler()
+    kw = {"beta": 0.3, "lam": 0.2}
+    s = (torch.randn(len(ids), 40) * 2).requires_grad_()
+    per_row = sparse_kd(s, ids, vals, tail, T, kind, reduction="none", **kw)
+    per_row.sum().backward()
+    assert per_row[0].item() == pytest.approx(0.0, abs=1e-6)  # all filler: both are one tail bucket
+    torch.testing.assert_close(s.grad[0], torch.zeros(40), rtol=0, atol=1e-6)
+    for r, n in enumerate(real[1:], start=1):
+        s_r = s.detach()[r:r + 1].clone().requires_grad_()
+        ref = sparse_kd(s_r, ids[r:r + 1, :n], vals[r:r + 1, :n], tail[r:r + 1], T, kind, **kw)
+        ref.backward()
+        assert per_row[r].item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-6), (r, n)
+        torch.testing.assert_close(s.grad[r], s_r.grad[0], rtol=1e-5, atol=1e-6)
+
+
+def zero_probability_teacher():
+    torch.manual_seed(12)
+    t = torch.randn(5, 6) * 2
+    t[:, 2], t[0, 4] = float("-inf"), float("-inf")
+    return t, torch.randn(5, 6)
+
+
+@pytest.mark.parametrize("kind", [d for d in DIVERGENCES if d != "reverse_kl"])
+@pytest.mark.parametrize("fn", [soft_label_kd, dense_kd])
+def test_soft_labels_and_dense_kd_with_a_zero_probability_teacher_label(kind, fn):
+    """A teacher score of -inf is a label at probability exactly 0, legitimate here (not masked):
+    forward KL and the other bounded divergences stay finite and match the float64 formula, gradients too."""
+    t, s = zero_probability_teacher()
+    kw = {"beta": 0.3, "lam": 0.2}
+    s1, s2 = s.clone().requires_grad_(), s.double().clone().requires_grad_()
+    ours = fn(s1, t, 1.0, kind, **kw)
+    ref = dense_bucket_reference(t, s2, 6, kind, **kw)
+    ours.backward()
+    ref.backward()
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,kw", [("reverse_kl", {}), ("jsd", {"beta": 1.0}), ("skew_reverse_kl", {"lam": 0.0})])
+def test_reverse_kl_of_a_zero_probability_teacher_label_is_infinite(kind, kw):
+    """KL(q || p) with p = 0 where q > 0 is +inf: the documented value, not masked for soft labels."""
+    t, s = zero_probability_teacher()
+    assert soft_label_kd(s, t, 1.0, kind, **kw).item() == float("inf")
+    assert dense_kd(s, t, 2.0, kind, **kw).item() == float("inf")
