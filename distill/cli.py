@@ -5,37 +5,43 @@ import functools
 import logging
 import os
 import sys
+import traceback
+import typing
 from pathlib import Path
 
 import click
 
-from .errors import DistillError, UsageError
+from .config import Backend, Loss
+from .errors import UsageError, describe
 
 
 def friendly_errors(fn):
-    """Turn DistillError into one line on stderr and exit 2 (usage) or 1 (failure); no traceback."""
+    """Turn any exception into one line on stderr and exit 2 (usage) or 1 (failure); a traceback only
+    with `distill --debug` or DISTILL_DEBUG=1. Unexpected errors are reported as internal errors."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _sigterm_interrupts()
         try:
             return fn(*args, **kwargs)
-        except DistillError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
             sys.exit(130)
-        except OSError as e:  # a full disk anywhere (checkpoints, exports): one clear line, exit 1
-            import errno
-
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            click.echo(f"error: no space left on the device ({e.filename or 'while writing'}); finished work is kept. "
-                       "Free some space and run the same command again.", err=True)
-            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - the CLI boundary: every error becomes one line
+            if _debug():
+                traceback.print_exc()
+            code, line = describe(e)
+            click.echo(f"error: {line}", err=True)
+            sys.exit(code)
 
     return wrapper
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return os.environ.get("DISTILL_DEBUG") == "1" or bool(ctx and ctx.find_root().params.get("debug"))
 
 
 def _sigterm_interrupts() -> None:
@@ -53,33 +59,40 @@ def _sigterm_interrupts() -> None:
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("--debug", is_flag=True, help="Print the traceback of an error (also: DISTILL_DEBUG=1).")
 @click.version_option(package_name="distill")
-def cli(verbose):
+def cli(verbose, debug):
     """Distill a large teacher model into a small student: generate -> train -> eval -> export -> bench."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 RECIPE = click.argument("recipe", type=click.Path(dir_okay=False))
+SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                   help="Set any recipe key, the value read as YAML and checked like the file's (repeatable), "
+                        "e.g. --set train.lora.r=16 --set train.lora.target_modules=[q_proj,v_proj].")
+POSITIVE = click.IntRange(min=1)
 
 
-def _load(recipe_path, overrides=None):
-    from .config import apply_overrides, load_recipe
+def _load(recipe_path, sets=(), overrides=None):
+    """The recipe with --set and the specific options applied, validated before any work."""
+    from .config import load_recipe
 
-    return apply_overrides(load_recipe(recipe_path), overrides or {})
+    return load_recipe(recipe_path, sets, overrides)
 
 
 @cli.command()
 @RECIPE
 @click.option("--teacher", help="Teacher spec (YAML), model directory, hub id or server URL; default: the recipe's.")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers", "server"]), help="Teacher backend.")
+@click.option("--backend", type=click.Choice(typing.get_args(Backend)), help="Teacher backend.")
 @click.option("--out", type=click.Path(file_okay=False), help="Cache directory (default: WORKDIR/cache).")
-@click.option("--k", type=int, help="Top-k log-probabilities per position (token-level tasks).")
-@click.option("--batch-size", type=int, help="Examples per teacher call.")
+@click.option("--k", type=POSITIVE, help="Top-k log-probabilities per position (token-level tasks).")
+@click.option("--batch-size", type=POSITIVE, help="Examples per teacher call.")
 @click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
               help="A running vLLM server of the teacher (`distill serve-teacher`); repeat to spread the work over several.")
+@SET
 @friendly_errors
-def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls):
+def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, sets):
     """Run the teacher over the train and validation splits and cache its distributions.
 
     Classification: soft labels (the teacher's log-probability of every label). Generation: top-k
@@ -88,14 +101,14 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls):
     """
     from .generate import run_generate
 
-    r = _load(recipe, {"generate.batch_size": batch_size})
+    r = _load(recipe, sets, {"generate.batch_size": batch_size})
     path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None)
     click.echo(f"teacher cache: {path}")
 
 
 @cli.command("serve-teacher")
 @click.argument("teacher_spec")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @friendly_errors
 def serve_teacher(teacher_spec, port, host):
@@ -121,25 +134,26 @@ def serve_teacher(teacher_spec, port, host):
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--batch-size", type=int, help="Global batch size (split over processes).")
 @click.option("--num-layers", type=int, help="Keep this many teacher layers, evenly spaced.")
-@click.option("--train-examples", type=int, help="Use only the first N training examples.")
+@click.option("--train-examples", type=int,
+              help="Train on a stratified, seeded sample of N training examples (generation tasks: the first N).")
 @click.option("--seed", type=int, help="Random seed.")
-@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]),
-              help="Divergence of the distillation term (train.loss).")
+@click.option("--loss", type=click.Choice(typing.get_args(Loss)), help="Divergence of the distillation term (train.loss).")
 @click.option("--max-steps", type=int, help="Cap on optimizer steps (the schedule is fitted to it).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints.")
-@click.option("--stop-after-steps", type=int,
+@click.option("--stop-after-steps", type=POSITIVE,
               help="Stop after N optimizer steps with a checkpoint, schedule unchanged (continue with --resume).")
+@SET
 @friendly_errors
 def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_size, num_layers, train_examples, seed,
-          loss, max_steps, resume, stop_after_steps):
+          loss, max_steps, resume, stop_after_steps, sets):
     """Train a student from the teacher cache: alpha*T^2*D + (1-alpha)*CE, best epoch saved.
 
     D is train.loss (forward KL by default). Multi-process: `accelerate launch --config_file
     recipes/accelerate/ddp.yaml --num_processes N -m distill train RECIPE` (or zero2.yaml, zero3.yaml).
     """
-    from .trainer import run_train
+    from .train import run_train
 
-    r = _load(recipe, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
+    r = _load(recipe, sets, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
                        "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
                        "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
                        "train.max_steps": max_steps})
@@ -154,15 +168,17 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
               help="Recipe whose task (labels, instruction, splits) defines the evaluation.")
 @click.option("--split", default="holdout", show_default=True, type=click.Choice(["holdout", "validation", "train"]))
 @click.option("--data", type=click.Path(dir_okay=False), help="Score this file instead of a split.")
-@click.option("--shots", default=0, show_default=True, help="Few-shot examples from the training split (baseline mode).")
+@click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Few-shot examples from the training split (baseline mode).")
 @click.option("--name", help="Name for the report directory (default: the model's directory name).")
 @click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME).")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--limit", type=int, help="Score a stratified sample of N examples (seeded: the same N every time).")
+@click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Examples scored per batch.")
+@click.option("--limit", type=POSITIVE, help="Score a stratified sample of N examples (seeded: the same N every time).")
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for a .gguf MODEL "
               "(default: the GGUF's own directory if it has one, else the tokenizer inside the GGUF).")
+@SET
 @friendly_errors
-def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limit, tokenizer):
+def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limit, tokenizer, sets):
     """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) by scoring every label.
 
     Writes report.json (accuracy, per-class precision/recall/F1, macro and weighted F1), confusion
@@ -172,7 +188,7 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .evaluation import format_report, run_eval
 
-    r = _load(recipe_path)
+    r = _load(recipe_path, sets)
     report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
                       batch_size=batch_size, limit=limit, tokenizer=tokenizer)
     click.echo(format_report(report, list(report["per_class"])))
@@ -190,8 +206,9 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="Recipe whose training split calibrates q4_k_m (default: the one in MODEL_DIR/training.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@SET
 @friendly_errors
-def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, as_json):
+def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, as_json, sets):
     """Export MODEL_DIR (a model directory or a LoRA adapter, merged into its base) to GGUF for llama.cpp.
 
     The written file is reloaded and its logits compared with the source model at every position of a
@@ -201,7 +218,10 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, 
 
     from .export import export_gguf, format_export_report
 
-    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with, recipe=recipe_path)
+    if sets and not recipe_path:
+        raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
+    recipe = _load(recipe_path, sets) if recipe_path else None
+    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with, recipe=recipe)
     click.echo(json.dumps(report, indent=2) if as_json else format_export_report(report))
 
 
@@ -211,13 +231,15 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, 
 @click.option("--teacher", required=True, help="Teacher: model directory, hub id, teacher spec or .gguf.")
 @click.option("--student", "students", multiple=True, required=True, help="Student (repeatable): directory or .gguf.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
-@click.option("--batch-size", default=16, show_default=True, help="Batch size for the throughput figure.")
-@click.option("--latency-examples", default=32, show_default=True, help="Examples timed one by one for latency.")
-@click.option("--limit", type=int, help="Use a stratified sample of N holdout examples (seeded).")
+@click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Batch size for the throughput figure.")
+@click.option("--latency-examples", default=32, show_default=True, type=POSITIVE,
+              help="Examples timed one by one for latency.")
+@click.option("--limit", type=POSITIVE, help="Use a stratified sample of N holdout examples (seeded).")
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for .gguf models.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: WORKDIR/bench).")
+@SET
 @friendly_errors
-def bench(recipe_path, teacher, students, data, batch_size, latency_examples, limit, tokenizer, out):
+def bench(recipe_path, teacher, students, data, batch_size, latency_examples, limit, tokenizer, out, sets):
     """Teacher vs students on one holdout: quality, agreement, size, latency, throughput, memory.
 
     Writes bench.md (table), bench.json and bench.png (quality vs latency).
@@ -225,7 +247,7 @@ def bench(recipe_path, teacher, students, data, batch_size, latency_examples, li
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the per-model processes
     from .bench import run_bench
 
-    report = run_bench(_load(recipe_path), teacher, list(students), data=data, batch_size=batch_size,
+    report = run_bench(_load(recipe_path, sets), teacher, list(students), data=data, batch_size=batch_size,
                        latency_examples=latency_examples, limit=limit, out=out, tokenizer=tokenizer)
     click.echo((Path(report["out_dir"]) / "bench.md").read_text())
     click.echo(f"written to {report['out_dir']} (bench.md, bench.json, bench.png)")
@@ -238,15 +260,19 @@ def bench(recipe_path, teacher, students, data, batch_size, latency_examples, li
 @click.option("--student", help="Student model whose tokenizer must match the cache.")
 @click.option("--no-estimate", is_flag=True, help="Skip timing the teacher for the generate estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@SET
 @friendly_errors
-def doctor(recipe_path, teacher, cache, student, no_estimate, as_json):
+def doctor(recipe_path, teacher, cache, student, no_estimate, as_json, sets):
     """Check the environment, a teacher, a recipe and a cache; estimate disk and time for generate.
 
     Exits 1 when any check fails.
     """
     from .doctor import format_rows, rows_json, run_doctor
 
-    rows, ok = run_doctor(recipe_path, teacher, cache, student, estimate=not no_estimate)
+    if sets and not recipe_path:
+        raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
+    recipe = _load(recipe_path, sets) if sets else recipe_path  # without --set, a bad recipe is a failed check
+    rows, ok = run_doctor(recipe, teacher, cache, student, estimate=not no_estimate)
     click.echo(rows_json(rows) if as_json else format_rows(rows))
     if not ok:
         sys.exit(1)

@@ -1,20 +1,73 @@
 """Typed configs for teacher specs (`teachers/*.yaml`) and recipes (`recipes/*.yaml`).
 
 Every YAML key maps onto a dataclass field; an unknown or mistyped key stops with an error that
-names the file and the key and suggests the closest known one.
+names the file and the key and suggests the closest known one. Enumerated values are `Literal`
+types (the CLI's choices reuse them) and every number carries its allowed range in the field's
+metadata, so `validate_recipe` checks a whole recipe in one pass before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+TaskType = Literal["classification", "generation"]
+Backend = Literal["auto", "vllm", "transformers", "server"]
+Responses = Literal["auto", "data", "teacher"]
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["no", "bf16", "fp16"]
+Loss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]  # losses.DIVERGENCES
+StoppingMetric = Literal["auto", "val_loss", "val_f1"]
+Quantization = Literal["4bit"]
+GenerateSplit = Literal["train", "validation"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number: bounds `ge`/`gt` below and `le`/`lt` above (None: unbounded)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, v) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def __str__(self) -> str:
+        lo, hi = self.ge if self.gt is None else self.gt, self.le if self.lt is None else self.lt
+        if lo is not None and hi is not None:
+            return f"a number in {'(' if self.gt is not None else '['}{lo:g}, {hi:g}{')' if self.lt is not None else ']'}"
+        if self.gt is not None:
+            return f"a number > {self.gt:g}"
+        return f"at least {lo:g}" if lo is not None else f"a number {'<' if self.lt is not None else '<='} {hi:g}"
+
+
+def num(default, **bounds):
+    """A numeric field with its allowed range (`ge`, `gt`, `le`, `lt`), checked by `validate_recipe`."""
+    return field(default=default, metadata={"range": Range(**bounds)})
+
+
+def distinct(default=None, factory=None, **bounds):
+    """A list field whose items must be distinct (and, when given, a non-empty list)."""
+    meta = {"distinct": True, **({"range": Range(**bounds)} if bounds else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -24,116 +77,122 @@ class TeacherSpec:
     name: str = "teacher"
     # A hub id, a local HF directory, or `pypi:PACKAGE/FILE.gguf` (a GGUF shipped in a package).
     source: str = ""
-    backend: str = "auto"  # auto | vllm | transformers | server
+    backend: Backend = "auto"
     url: str | None = None  # server backend: http://HOST:PORT/v1
     urls: list[str] | None = None  # server backend: several servers of the same teacher share the work
     served_model_name: str | None = None  # the name the server must report (default: `name`, as serve-teacher sets it)
     tokenizer: str | None = None  # the local tokenizer of a served teacher (default: source)
     dtype: str = "bfloat16"
-    max_model_len: int = 512
-    max_logprobs: int = 64
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    cpu_kvcache_space_gib: int = 2
+    max_model_len: int = num(512, ge=1)
+    max_logprobs: int = num(64, ge=1)
+    tensor_parallel_size: int = num(1, ge=1)
+    data_parallel_size: int = num(1, ge=1)
+    gpu_memory_utilization: float = num(0.85, gt=0, le=1)
+    cpu_kvcache_space_gib: int = num(2, ge=0)
 
 
 @dataclass
 class SplitConfig:
-    validation: float = 0.1
-    holdout: float = 0.2
-    seed: int = 0
+    validation: float = num(0.1, ge=0, lt=1)
+    holdout: float = num(0.2, ge=0, lt=1)
+    seed: int = num(0, ge=0)
 
 
 @dataclass
 class TaskConfig:
     """What the data is and how an example becomes a prompt."""
 
-    type: str = "classification"  # classification | generation
+    type: TaskType = "classification"
     data: str = "builtin:default"  # a path (JSONL, CSV, anything `datasets` loads) or builtin:NAME
     holdout_data: str | None = None  # an official test split; used only by `distill eval`
     text_field: str = "text"
     label_field: str = "label"
-    labels: list[str] | None = None  # the label set; a list, or read from `labels_file`
+    labels: list[str] | None = distinct(None)  # the label set; a list, or read from `labels_file`
     labels_file: str | None = None
     instruction: str = ""
     list_labels_in_prompt: bool = True
     prompt_field: str = "prompt"
     response_field: str = "response"
-    max_examples: int | None = None  # read a stratified sample of N rows (classification; the first N for generation)
+    max_examples: int | None = num(None, ge=1)  # a stratified sample of N rows (classification; the first N for generation)
+    # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
+    max_length: int = num(256, ge=16)
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
 @dataclass
 class GenerateConfig:
-    backend: str | None = None  # overrides the teacher spec's backend
-    k: int = 20  # top-k log-probabilities per position (token-level distillation)
-    batch_size: int = 16
-    shard_size: int = 256
-    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    backend: Backend | None = None  # overrides the teacher spec's backend
+    k: int = num(20, ge=1)  # top-k log-probabilities per position (token-level distillation)
+    batch_size: int = num(16, ge=1)
+    shard_size: int = num(256, ge=1)
+    splits: list[GenerateSplit] = distinct(factory=lambda: ["train", "validation"])
     # generation tasks: who writes the responses. auto: the data's, the teacher's where a row has none;
     # data: the data's (every row needs one); teacher: the teacher's for every row (sequence-level KD)
-    responses: str = "auto"
-    max_new_tokens: int = 128  # teacher-written responses: sampling settings
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
+    responses: Responses = "auto"
+    max_new_tokens: int = num(128, ge=1)  # teacher-written responses: sampling settings
+    temperature: float = num(1.0, ge=0)  # 0: greedy
+    top_p: float = num(1.0, gt=0, le=1)
+    seed: int = num(0, ge=0)
     compact: bool = True  # store top-k compactly (about 100 bytes a token at k=64) or as plain tensors
 
 
 @dataclass
 class StudentConfig:
     model: str | None = None  # a model directory or hub id; default: built from the teacher
-    from_teacher_layers: list[int] | None = None  # keep these teacher layers (0-based)
-    num_layers: int | None = None  # or keep this many, evenly spaced, first and last included
+    from_teacher_layers: list[int] | None = distinct(None, ge=0)  # keep these teacher layers (0-based)
+    num_layers: int | None = num(None, ge=1)  # or keep this many, evenly spaced, first and last included
     # "4bit": QLoRA (the frozen base in 4-bit NF4 via bitsandbytes; needs train.lora and a CUDA GPU)
-    quantization: str | None = None
+    quantization: Quantization | None = None
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    r: int = num(16, ge=1)
+    alpha: int = num(32, gt=0)
+    dropout: float = num(0.05, ge=0, lt=1)
+    target_modules: list[str] = distinct(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     merge: bool = True  # save merged weights (True) or the adapter alone (False)
 
 
 @dataclass
 class TrainConfig:
-    alpha: float = 0.5  # weight of the distillation term; 0 = plain supervised fine-tuning
-    temperature: float = 2.0
-    epochs: float = 2.0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    train_examples: int | None = None  # a labelled subset: a stratified sample of N training examples (classification; the first N for generation)
-    eval_examples: int | None = None  # cap on validation examples scored each epoch
-    overfit_gap: float = 0.10  # warn when train F1 exceeds validation F1 by this much
-    # the divergence in the distillation term: forward_kl | reverse_kl | jsd | skew_forward_kl |
-    # skew_reverse_kl | tvd (see distill/losses.py); jsd_beta and skew_lambda parametrise jsd and skew KL
-    loss: str = "forward_kl"
-    jsd_beta: float = 0.5
-    skew_lambda: float = 0.1
-    schedule: str = "cosine"  # learning rate after warm-up: cosine | linear | constant
-    max_steps: int | None = None  # cap on optimizer steps (the schedule is fitted to the cap)
-    max_grad_norm: float = 1.0
+    alpha: float = num(0.5, ge=0, le=1)  # weight of the distillation term; 0 = plain supervised fine-tuning
+    temperature: float = num(2.0, gt=0)
+    epochs: float = num(2.0, gt=0)
+    lr: float = num(1e-4, gt=0)
+    weight_decay: float = num(0.0, ge=0)
+    warmup_ratio: float = num(0.05, ge=0, lt=1)
+    batch_size: int = num(8, ge=1)
+    grad_accum: int = num(1, ge=1)
+    seed: int = num(0, ge=0)
+    mixed_precision: Precision = "no"
+    train_examples: int | None = num(None, ge=1)  # a labelled subset: a stratified sample of N training examples (classification; the first N for generation)
+    eval_examples: int | None = num(None, ge=1)  # cap on validation examples scored each epoch
+    overfit_gap: float = num(0.10, ge=0)  # warn when train F1 exceeds validation F1 by this much
+    # the divergence in the distillation term (see distill/losses.py); jsd_beta and skew_lambda
+    # parametrise jsd and skew KL
+    loss: Loss = "forward_kl"
+    jsd_beta: float = num(0.5, ge=0, le=1)
+    skew_lambda: float = num(0.1, ge=0, lt=1)
+    schedule: Schedule = "cosine"  # learning rate after warm-up
+    max_steps: int | None = num(None, ge=1)  # cap on optimizer steps (the schedule is fitted to the cap)
+    max_grad_norm: float = num(1.0, gt=0)  # (a negative norm would flip the gradient's sign)
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0: at epoch ends only)
-    keep_checkpoints: int = 2  # newest checkpoints kept in OUT/checkpoints/ (0: write none)
-    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
-    early_stopping_metric: str = "auto"  # auto | val_loss | val_f1 (auto: val_f1 for classification)
-    swamp_fraction: float = 0.01  # warn when one loss term stays below this share of the total ...
-    swamp_steps: int = 20  # ... for this many optimizer steps in a row
+    checkpoint_every: int = num(0, ge=0)  # optimizer steps between resumable checkpoints (0: at epoch ends only)
+    keep_checkpoints: int = num(2, ge=0)  # newest checkpoints kept in OUT/checkpoints/ (0: write none)
+    early_stopping_patience: int | None = num(None, ge=1)  # stop after this many evaluations without improvement
+    early_stopping_metric: StoppingMetric = "auto"  # auto: val_f1 for classification, val_loss for generation
+    swamp_fraction: float = num(0.01, gt=0, lt=1)  # warn when one loss term stays below this share of the total ...
+    swamp_steps: int = num(20, ge=1)  # ... for this many optimizer steps in a row
     lora: LoraConfig | None = None
     student: StudentConfig = field(default_factory=StudentConfig)
+
+    @property
+    def max_length(self) -> int:
+        """Deprecated: moved to `task.max_length`. Kept only while modules still read it here."""
+        return self._task.max_length
 
 
 @dataclass
@@ -146,9 +205,19 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     path: str | None = None  # where it was read from (set by the loader)
 
+    def __post_init__(self):
+        self.train._task = self.task  # for the deprecated `train.max_length` (remove with it)
+
+    def __str__(self) -> str:  # messages name a recipe by its file
+        return self.path or "recipe"
+
     @property
     def workdir_path(self) -> Path:
         return Path(self.workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# building dataclasses from YAML (types, Literal choices, unknown keys)
 
 
 def _is_dataclass_type(tp) -> bool:
@@ -164,6 +233,23 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _check_number(value, tp, src, key):
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{src}: {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"{src}: {key}: expected a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{src}: {key}: expected an integer, got {value!r}")
+    return value
+
+
 def _check_value(value, tp, src, key):
     tp, optional = _unwrap_optional(tp)
     if value is None:
@@ -175,19 +261,18 @@ def _check_value(value, tp, src, key):
             raise UsageError(f"{src}: {key}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return from_dict(tp, value, src, key + ".")
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            raise UsageError(f"{src}: {key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise UsageError(f"{src}: {key}: expected a list, got {value!r}")
         return [_check_value(v, item_tp, src, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{src}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{src}: {key}: expected an integer, got {value!r}")
-        return value
+    if tp in (float, int):
+        return _check_number(value, tp, src, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise UsageError(f"{src}: {key}: expected true or false, got {value!r}")
@@ -213,6 +298,77 @@ def from_dict(cls, data: dict, src: str = "<config>", prefix: str = ""):
     return cls(**kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# validation: every range, once, over a whole recipe
+
+
+def _check_fields(obj, src: str, prefix: str = "") -> None:
+    """Types, choices and ranges of every field of `obj` and of the configs inside it."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if f.name == "path":
+            continue
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, src, key + ".")
+            continue
+        _check_value(value, hints[f.name], src, key)
+        if isinstance(value, list):
+            _check_list(value, f.metadata, src, key)
+        elif value is not None and "range" in f.metadata and not f.metadata["range"].holds(value):
+            raise UsageError(f"{src}: {key}: expected {f.metadata['range']}, got {value!r}")
+
+
+def _check_list(values: list, meta, src: str, key: str) -> None:
+    rng = meta.get("range")
+    for i, v in enumerate(values):
+        if rng is not None and not rng.holds(v):
+            raise UsageError(f"{src}: {key}[{i}]: expected {rng}, got {v!r}")
+    if meta.get("distinct"):
+        if not values:
+            raise UsageError(f"{src}: {key}: expected at least one value, got an empty list")
+        repeated = [str(v) for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise UsageError(f"{src}: {key}: expected distinct values, got {', '.join(repeated)} more than once")
+
+
+def _check_combinations(recipe: Recipe, src: str) -> None:
+    """Checks that involve more than one key."""
+    task, sp = recipe.task, recipe.task.split
+    held = 0.0 if task.holdout_data else sp.holdout
+    if sp.validation + held >= 1:
+        raise UsageError(f"{src}: task.split: validation + holdout must be below 1 (the rest is the training "
+                         f"split), got {sp.validation:g} + {held:g}")
+    if stopping_metric(recipe) == "val_f1" and task.type != "classification":
+        raise UsageError(f"{src}: train.early_stopping_metric: val_f1 exists for classification only; "
+                         "generation tasks are selected by val_loss")
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Refuse any value outside its type, choices or range, naming the recipe file and the key.
+
+    Reads nothing and changes nothing, so it can run again on a recipe built or edited in code."""
+    src = recipe.path or "recipe"
+    _check_fields(recipe, src)
+    _check_combinations(recipe, src)
+
+
+def validate_teacher_spec(spec: TeacherSpec, src: str) -> None:
+    _check_fields(spec, src)
+
+
+def stopping_metric(recipe: Recipe) -> str:
+    """The early-stopping / best-model metric, with `auto` resolved for the task type."""
+    metric = recipe.train.early_stopping_metric
+    if metric == "auto":
+        return "val_f1" if recipe.task.type == "classification" else "val_loss"
+    return metric
+
+
+# ---------------------------------------------------------------------------------------------
+# reading recipes: extends chains, the deprecated train.max_length, --set and option overrides
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -224,6 +380,8 @@ def _read_yaml(path: Path) -> dict:
         raise UsageError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -238,17 +396,87 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe; `extends: other.yaml` (relative to this file) supplies defaults."""
-    path = Path(path)
+def _move_max_length(data: dict, src: str) -> dict:
+    """`train.max_length` (deprecated) becomes `task.max_length`, with a warning."""
+    train, task = data.get("train"), data.get("task")
+    if not isinstance(train, dict) or "max_length" not in train or not isinstance(task, (dict, type(None))):
+        return data
+    train, task = dict(train), dict(task or {})
+    value = train.pop("max_length")
+    if "max_length" in task and task["max_length"] != value:
+        raise UsageError(f"{src}: train.max_length ({value}) and task.max_length ({task['max_length']}) differ; "
+                         "train.max_length is deprecated: keep task.max_length only")
+    task["max_length"] = value
+    log.warning("%s: train.max_length is deprecated; move it to task.max_length", src)
+    return {**data, "train": train, "task": task}
+
+
+def _checked_layer(data: dict, src: str) -> dict:
+    """One source of recipe keys (a file, a --set, an option), checked alone (keys, types, ranges) so
+    that an error names that source; the other keys keep their valid defaults."""
+    data = _move_max_length(data, src)
+    _check_fields(from_dict(Recipe, data, src), src)
+    return data
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe's keys over those of the recipes it `extends:` (relative to it), at any depth."""
+    here = path.resolve()
+    if here in seen:
+        chain = " -> ".join(str(p) for p in (*seen, here))
+        raise UsageError(f"{path}: extends: a cycle ({chain})")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
-    if parent is not None:
-        base = _read_yaml(path.parent / parent)
-        base.pop("extends", None)
-        data = _deep_merge(base, data)
+    data = _checked_layer(data, str(path))
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise UsageError(f"{path}: extends: expected the path of another recipe, got {parent!r}")
+    return _deep_merge(_read_chain(path.parent / parent, (*seen, here)), data)
+
+
+def _nest(dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    out = {last: value}
+    for p in reversed(parents):
+        out = {p: out}
+    return out
+
+
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def parse_set(item: str) -> dict:
+    """`--set KEY=VALUE`: the value is read as YAML (`16`, `[q_proj, v_proj]`, `null`)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.fullmatch(key):
+        raise UsageError(f"--set {item}: expected KEY=VALUE with a dotted recipe key, e.g. --set train.lora.r=16")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return _nest(key, value)
+
+
+def load_recipe(path: str | Path | Recipe, sets: typing.Iterable[str] = (), overrides: dict | None = None) -> Recipe:
+    """Read and validate a recipe. `extends: other.yaml` supplies defaults; then each `--set KEY=VALUE`
+    in `sets`, then `overrides` (dotted keys from specific CLI options; None values skipped) apply,
+    each checked by the same builder as the file. An already built Recipe is validated and returned."""
+    if isinstance(path, Recipe):
+        validate_recipe(path)
+        return path
+    path = Path(path)
+    data = _read_chain(path)
+    for item in sets:
+        data = _deep_merge(data, _checked_layer(parse_set(item), f"--set {item}"))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            option = "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
+            data = _deep_merge(data, _checked_layer(_nest(dotted, value), option))
     recipe = from_dict(Recipe, data, str(path))
     recipe.path = str(path)
+    validate_recipe(recipe)
     return recipe
 
 
@@ -257,6 +485,7 @@ def load_teacher_spec(path: str | Path) -> TeacherSpec:
     spec = from_dict(TeacherSpec, _read_yaml(path), str(path))
     if not spec.source and spec.backend != "server":
         raise UsageError(f"{path}: source: expected a hub id, a model directory or pypi:PACKAGE/FILE.gguf")
+    validate_teacher_spec(spec, str(path))
     return spec
 
 
@@ -268,16 +497,3 @@ def resolve_teacher(ref: str) -> TeacherSpec:
     if ref.startswith(("http://", "https://")):
         return TeacherSpec(name=ref, backend="server", url=ref)
     return TeacherSpec(name=p.name or ref, source=ref)
-
-
-def apply_overrides(obj, overrides: dict):
-    """Set CLI overrides (dotted keys such as `train.lr`) on a config object, skipping None values."""
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        *parents, last = dotted.split(".")
-        target = obj
-        for p in parents:
-            target = getattr(target, p)
-        setattr(target, last, value)
-    return obj

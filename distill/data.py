@@ -95,20 +95,44 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
 
 
 def label_set(task: TaskConfig, src: str) -> list[str] | None:
-    if task.labels:
+    if task.labels:  # distinct: checked with the recipe (config.validate_recipe)
         return list(task.labels)
     if task.labels_file:
         p = Path(task.labels_file)
         if not p.is_file():
             raise UsageError(f"{src}: task.labels_file: no such file {p}")
-        text = p.read_text(encoding="utf-8")
-        labels = json.loads(text) if p.suffix == ".json" else [x.strip() for x in text.splitlines() if x.strip()]
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise UsageError(f"{p}: expected a JSON list of label names")
-        return labels
+        return _distinct_labels(_read_labels_file(p), str(p))
     if task.data == "builtin:default":
         return list(default_task.LABELS)
     return None
+
+
+def _read_labels_file(p: Path) -> list[str]:
+    """A JSON list of names (`.json`) or one name a line."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: not UTF-8 text") from None
+    if not text.strip():
+        what = "a JSON list of label names" if p.suffix == ".json" else "one label name a line"
+        raise UsageError(f"{p}: the labels file is empty; expected {what}")
+    if p.suffix != ".json":
+        return [x.strip() for x in text.splitlines() if x.strip()]
+    try:
+        labels = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); expected a JSON list of label names") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise UsageError(f"{p}: expected a JSON list of label names")
+    return labels
+
+
+def _distinct_labels(labels: list[str], path: str) -> list[str]:
+    """Duplicate names would collapse their classes' rows (and skew macro-F1): refuse them."""
+    for i, x in enumerate(labels):
+        if x in labels[:i]:
+            raise UsageError(f"{path}: label {x!r} appears more than once; expected distinct label names")
+    return labels
 
 
 def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list[dict]:
