@@ -18,17 +18,10 @@ import numpy as np
 
 from .config import Recipe
 from .errors import UsageError
-from .evaluation import classification_metrics, eval_examples
+from .evaluation import eval_examples
 from .fileio import atomic_write_bytes, atomic_write_text
-
-
-def size_on_disk(model_ref: str) -> int | None:
-    p = Path(model_ref)
-    if p.is_file():
-        return p.stat().st_size
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
-    return None
+from .metrics import agreement, classification_metrics
+from .models import size_on_disk
 
 
 def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, queue):
@@ -44,7 +37,7 @@ def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, queu
         scorer = make_scorer(model_ref, tokenizer)
         load_s = time.perf_counter() - t0
         enc, label_ids = encode_classification(scorer.tokenizer, recipe.task, recipe.task.labels, examples,
-                                               recipe.train.max_length)
+                                               recipe.task.max_length)
         scorer.scores(enc[:2], label_ids, batch_size)  # warm-up
         t0 = time.perf_counter()
         scores = scorer.scores(enc, label_ids, batch_size, desc=f"bench {Path(str(model_ref)).name}")
@@ -90,10 +83,10 @@ def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | Non
         metrics = classification_metrics(y_true, m["predictions"], labels)
         rows.append({"role": role, "model": str(ref), "name": Path(str(ref)).name, **m,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                     "size_mb": (size_on_disk(ref) or 0) / 2**20})
+                     "size_mb": size_on_disk(ref) / 2**20})
     teacher_pred = rows[0]["predictions"]
     for r in rows:
-        r["agreement"] = float(np.mean([a == b for a, b in zip(r["predictions"], teacher_pred)]))
+        r["agreement"] = agreement(r["predictions"], teacher_pred)
         r["f1_kept"] = r["macro_f1"] / rows[0]["macro_f1"] if rows[0]["macro_f1"] else None
         r["speedup_1"] = r["throughput_1"] / rows[0]["throughput_1"]
         r["speedup_batch"] = r["throughput_batch"] / rows[0]["throughput_batch"]

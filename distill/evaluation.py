@@ -16,6 +16,7 @@ from .config import Recipe
 from .data import prepare_splits, subset_indices
 from .errors import UsageError
 from .fileio import atomic_write_bytes, atomic_write_text
+from .metrics import classification_metrics
 from .prompts import encode_classification
 from .scoring import label_logprobs
 
@@ -34,23 +35,6 @@ def predict_scores(model, encoded, label_ids, pad_id: int, batch_size: int = 16,
         bar.update(len(batch))
     bar.close()
     return torch.cat(out) if out else torch.zeros((0, len(label_ids)))
-
-
-def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, macro and weighted F1, confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
-    idx = list(range(len(labels)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=idx, average="weighted", zero_division=0)),
-        "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, lab in enumerate(labels)},
-        "confusion": confusion_matrix(y_true, y_pred, labels=idx).tolist(),
-    }
 
 
 def confusion_csv(cm, labels) -> str:
@@ -106,18 +90,13 @@ def few_shot_examples(train: list[dict], labels: list[str], shots: int) -> list[
 
 
 def load_for_eval(model_ref: str):
-    """A model directory (full weights, or a LoRA adapter on its base), a hub id, or a teacher spec."""
+    """A model directory (full weights, or a LoRA adapter merged into its base), a hub id, or a teacher spec."""
     from .config import resolve_teacher
-    from .models import load_causal_lm, load_tokenizer, resolve_model_path
+    from .models import load_model, load_tokenizer
 
-    p = Path(model_ref)
-    if (p / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(p))
-        return model, load_tokenizer(str(p)), str(p)
-    path = resolve_model_path(resolve_teacher(model_ref).source) if p.suffix in (".yaml", ".yml") else resolve_model_path(model_ref)
-    return load_causal_lm(path, "float32"), load_tokenizer(path), path
+    ref = resolve_teacher(model_ref).source if Path(model_ref).suffix in (".yaml", ".yml") else model_ref
+    model, tokenizer_dir = load_model(ref, "float32")
+    return model, load_tokenizer(tokenizer_dir)
 
 
 class HFScorer:
@@ -126,7 +105,7 @@ class HFScorer:
     kind = "transformers"
 
     def __init__(self, model_ref: str):
-        self.model, self.tokenizer, self.path = load_for_eval(model_ref)
+        self.model, self.tokenizer = load_for_eval(model_ref)
         self.model.eval()
         self.layers = self.model.config.num_hidden_layers
         self.parameters = sum(p.numel() for p in self.model.parameters())
@@ -135,74 +114,11 @@ class HFScorer:
         return predict_scores(self.model, encoded, label_ids, self.tokenizer.pad_token_id, batch_size, desc)
 
 
-class GGUFScorer:
-    """Scores labels with llama.cpp on a GGUF file: the prompt is evaluated once, then each label's
-    answer is evaluated after it (the KV cache is cut back to the prompt between labels)."""
-
-    kind = "llama.cpp"
-
-    def __init__(self, path: str, tokenizer_dir: str | None = None, n_ctx: int = 1024, n_threads: int | None = None):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise UsageError(f"{path}: scoring a GGUF file needs llama.cpp: pip install llama-cpp-python "
-                             "(the `llama` extra; builds from source in a few minutes)") from None
-        from .models import load_tokenizer
-
-        gguf = Path(path)
-        if not gguf.is_file():
-            raise UsageError(f"{gguf}: no such file")
-        self.path = str(gguf)
-        self.llm = Llama(model_path=self.path, logits_all=True, n_ctx=n_ctx, verbose=False, seed=0,
-                         n_threads=n_threads)
-        tdir = tokenizer_dir or (str(gguf.parent) if (gguf.parent / "tokenizer_config.json").is_file() else None)
-        if tdir:
-            self.tokenizer = load_tokenizer(tdir)
-        else:  # the tokenizer embedded in the GGUF, through transformers
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        meta = self.llm.metadata
-        arch = meta.get("general.architecture", "llama")
-        self.layers = int(meta.get(f"{arch}.block_count", 0))
-        self.parameters = None
-        self.n_ctx = n_ctx
-
-    def _score_one(self, prompt, label_ids):
-        import numpy as np
-
-        llm = self.llm
-        if len(prompt) + max(map(len, label_ids)) > self.n_ctx:
-            raise UsageError(f"{self.path}: a prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
-        llm.reset()
-        llm.eval(prompt)
-        P = len(prompt)
-        last = np.array(llm.scores[P - 1], dtype=np.float64)
-        out = []
-        for lab in label_ids:
-            llm.n_tokens = P
-            if len(lab) > 1:
-                llm.eval(lab[:-1])
-            rows = [last] + [np.array(llm.scores[P + t], dtype=np.float64) for t in range(len(lab) - 1)]
-            total = 0.0
-            for row, tok in zip(rows, lab):
-                m = row.max()
-                total += row[tok] - (m + np.log(np.exp(row - m).sum()))
-            out.append(total)
-        return out
-
-    def scores(self, encoded, label_ids, batch_size=16, desc=None):
-        bar = tqdm(total=len(encoded), desc=desc, unit="ex", disable=desc is None)
-        rows = []
-        for e in encoded:
-            rows.append(self._score_one(e.prompt, label_ids))
-            bar.update(1)
-        bar.close()
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(encoded), len(label_ids))
-
-
 def make_scorer(model_ref: str, tokenizer_dir: str | None = None):
+    """llama.cpp for a .gguf file, transformers for anything else."""
     if str(model_ref).endswith(".gguf"):
+        from .llamacpp import GGUFScorer
+
         return GGUFScorer(model_ref, tokenizer_dir)
     return HFScorer(model_ref)
 
@@ -244,7 +160,7 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
     labels = splits.labels
     shot_examples = few_shot_examples(splits.train, labels, shots) if shots else []
     scorer = make_scorer(model_ref, tokenizer)
-    enc, label_ids = encode_classification(scorer.tokenizer, task, labels, examples, recipe.train.max_length,
+    enc, label_ids = encode_classification(scorer.tokenizer, task, labels, examples, recipe.task.max_length,
                                            shots=shot_examples)
     t0 = time.time()
     scores = scorer.scores(enc, label_ids, batch_size, desc=f"eval {name or Path(model_ref).name}")

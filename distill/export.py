@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import llamacpp
 from .errors import DistillError, UsageError
 from .fileio import fsync_file, pause_point, pid_alive
 from .gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
+from .llamacpp import have_llama_cpp, require_llama_cpp
+from .models import adapter_base, is_adapter, load_model, size_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -77,38 +80,11 @@ PROBES = (
 
 # ---------------------------------------------------------------- loading the source
 
-def _is_adapter(model_dir: Path) -> bool:
-    return (model_dir / "adapter_config.json").is_file()
-
-
-def _weight_bytes(path: Path) -> int:
-    """Size of the checkpoint files in a directory (what the GGUF is compared against)."""
-    if not path.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
-
-
-def _base_of(adapter_dir: Path) -> str:
-    """The base model a PEFT adapter was trained on, resolved like any other model reference."""
-    from .models import resolve_model_path
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise UsageError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path")
-    local = adapter_dir / base
-    return resolve_model_path(str(local) if not Path(base).is_absolute() and local.exists() else base)
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-
-
 def source_config(model_dir: Path):
     """The config of the model that will be exported (the base's for an adapter), checked before any weights load."""
     from transformers import AutoConfig
 
-    path = _base_of(model_dir) if _is_adapter(model_dir) else str(model_dir)
+    path = adapter_base(model_dir) if is_adapter(model_dir) else str(model_dir)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -121,22 +97,9 @@ def load_source(model_dir: Path):
     """(model in float32, tokenizer, checkpoint bytes); a LoRA adapter is merged into its base."""
     from transformers import AutoTokenizer
 
-    from .models import load_causal_lm
-
-    if _is_adapter(model_dir):
-        from peft import PeftModel
-
-        base_path = _base_of(model_dir)
-        base = load_causal_lm(base_path, "float32")
-        model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-        tok_path = model_dir if _has_tokenizer(model_dir) else Path(base_path)
-        size = _weight_bytes(Path(base_path)) + _weight_bytes(model_dir)
-    else:
-        model = load_causal_lm(str(model_dir), "float32")
-        tok_path, size = model_dir, _weight_bytes(model_dir)
+    model, tokenizer_dir = load_model(str(model_dir), "float32")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_path))
-    return model, tokenizer, size
+    return model, AutoTokenizer.from_pretrained(tokenizer_dir), size_on_disk(model_dir)
 
 
 # ---------------------------------------------------------------- writing
@@ -183,22 +146,6 @@ def atomic_output(out: Path):
         tmp.unlink(missing_ok=True)
 
 
-def have_llama_cpp() -> bool:
-    """Whether llama-cpp-python is installed, without loading it here (it runs in child processes)."""
-    import importlib.util
-    import sys
-
-    if "llama_cpp" in sys.modules:
-        return sys.modules["llama_cpp"] is not None
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def _require_llama_cpp(why: str) -> None:
-    if not have_llama_cpp():
-        raise DistillError(f"{why} needs llama.cpp's Python binding: pip install llama-cpp-python "
-                           f"(or pip install 'distill[llama]'); it builds from source in several minutes")
-
-
 def quantize_k(src: Path, dst: Path, ftype_name: str = "LLAMA_FTYPE_MOSTLY_Q4_K_M",
                embedding_type: str | None = None, keep: list[str] = ()) -> None:
     """Re-quantize an f16 GGUF with llama.cpp (the gguf package cannot make K-quants).
@@ -211,90 +158,7 @@ def quantize_k(src: Path, dst: Path, ftype_name: str = "LLAMA_FTYPE_MOSTLY_Q4_K_
     keep: tensors already quantized in `src` (the calibrated IQ4_NL matrices); llama.cpp is told to
     give them the type they have, which it then copies unchanged.
     """
-    _require_llama_cpp("q4_k_m export")
-    run_llama_job({"job": "quantize", "src": str(src), "dst": str(dst), "ftype": ftype_name,
-                   "embedding_type": embedding_type, "keep_iq4_nl": list(keep)})
-
-
-# llama.cpp runs in a fresh interpreter with passive OpenMP waits. Its threads otherwise spin while
-# waiting for each other, and on a machine where other work (or torch's own thread pool, in this
-# process) holds the cores, a 40-token eval of SmolLM2-135M took 9-18 s instead of 0.6 s (measured on
-# 2 cores). The child also keeps llama.cpp's native state out of the caller's process.
-
-def run_llama_job(request: dict) -> dict:
-    """Run one llama.cpp job (see _llama_job) in a child process; its result dict, or DistillError."""
-    import subprocess
-    import sys
-
-    with tempfile.TemporaryDirectory(prefix="distill-llama.") as tmp:
-        req = Path(tmp) / "request.json"
-        req.write_text(json.dumps({**request, "result": str(Path(tmp) / "result.npz")}))
-        env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                           env.get("PYTHONPATH")]))
-        code = f"from distill.export import _llama_job; _llama_job({str(req)!r})"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-            raise DistillError(f"llama.cpp {request['job']} failed: {tail}")
-        with np.load(Path(tmp) / "result.npz") as z:
-            return {k: z[k] for k in z.files}
-
-
-def _llama_job(request_path: str) -> None:
-    """Child-process side of run_llama_job: quantize a file or compute logits, results into an .npz."""
-    request = json.loads(Path(request_path).read_text())
-    if request["job"] == "quantize":
-        _quantize_here(Path(request["src"]), Path(request["dst"]), request["ftype"], request.get("embedding_type"),
-                       request.get("keep_iq4_nl", []))
-        np.savez(request["result"], ok=np.array(1))
-    elif request["job"] == "logits":
-        logits = _llama_logits_here(Path(request["path"]), request["ids_list"])
-        np.savez(request["result"], **{f"p{i}": x for i, x in enumerate(logits)})
-    else:
-        raise ValueError(f"unknown job {request['job']}")
-
-
-def _quantize_here(src: Path, dst: Path, ftype_name: str, embedding_type: str | None = None,
-                   keep_iq4_nl: list[str] = ()) -> None:
-    import ctypes
-    import re
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, ftype_name)
-    if embedding_type:
-        params.token_embedding_type = getattr(llama_cpp, f"GGML_TYPE_{embedding_type}")
-    params.nthread = os.cpu_count() or 1
-    if keep_iq4_nl:  # one anchored pattern; the array ends with a NULL pattern
-        pattern = ("^(" + "|".join(re.escape(n) for n in keep_iq4_nl) + ")$").encode()
-        overrides = (llama_cpp.llama_model_tensor_override * 2)()
-        overrides[0].pattern, overrides[0].type = pattern, llama_cpp.GGML_TYPE_IQ4_NL
-        overrides[1].pattern = None
-        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize returned {rc} for {src} -> {ftype_name}")
-
-
-def _llama_logits_here(path: Path, ids_list) -> list[np.ndarray]:
-    import llama_cpp
-
-    longest = max(len(ids) for ids in ids_list)
-    n_ctx = -(-longest // 64) * 64
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                          n_threads=os.cpu_count(), verbose=False)
-    try:
-        out = []
-        for ids in ids_list:
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        return out
-    finally:
-        llm.close()
+    llamacpp.quantize(src, dst, ftype_name, embedding_type, keep)
 
 
 def _write(model, tokenizer, path: Path, quant: str, name: str, calibration=None) -> dict:
@@ -306,7 +170,7 @@ def _write(model, tokenizer, path: Path, quant: str, name: str, calibration=None
     """
     if quant != "q4_k_m":
         return write_gguf(model, tokenizer, path, quant, name=name)
-    _require_llama_cpp("q4_k_m export")
+    require_llama_cpp("q4_k_m export")
     narrow = narrow_matrices(model)
     calibrated = calibrated_iq4_nl(model, narrow, calibration) if narrow and calibration else {}
     with tempfile.TemporaryDirectory(prefix=path.name.split(".tmp.gguf")[0] + ".", suffix=".tmp.d", dir=path.parent) as tmp:
@@ -412,13 +276,6 @@ def reference_logits(model, ids_list) -> list[np.ndarray]:
         return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in ids_list]
 
 
-def llama_cpp_logits(path: Path, ids_list) -> list[np.ndarray]:
-    """llama.cpp's own logits at every position (the runtime users will run the file with)."""
-    _require_llama_cpp("verifying with llama.cpp")
-    result = run_llama_job({"job": "logits", "path": str(path), "ids_list": [list(map(int, x)) for x in ids_list]})
-    return [result[f"p{i}"] for i in range(len(ids_list))]
-
-
 def transformers_logits(path: Path, ids_list) -> list[np.ndarray]:
     """Logits from transformers' GGUF loader, which dequantizes: a check that needs no llama.cpp."""
     import torch
@@ -483,7 +340,7 @@ def verify_gguf(model, tokenizer, path: Path, quant: str, backend="auto", ref=No
     backend = _backend(backend)
     ids_list = probe_ids(tokenizer)
     ref = ref if ref is not None else reference_logits(model, ids_list)
-    got = (llama_cpp_logits if backend == "llama_cpp" else transformers_logits)(Path(path), ids_list)
+    got = (llamacpp.logits if backend == "llama_cpp" else transformers_logits)(Path(path), ids_list)
     figures = compare_logits(ref, got)
     if backend == "llama_cpp" and THRESHOLDS[quant].pearson_dequantized is not None:
         figures["dequantized"] = compare_logits(transformers_logits(Path(path), ids_list), got)
@@ -510,7 +367,7 @@ def export_gguf(model_dir, out, quant: str = "q4_k_m", verify=True, recipe=None)
     if out.is_dir():
         raise UsageError(f"{out}: is a directory; give the .gguf file to write")
     if quant == "q4_k_m":
-        _require_llama_cpp("q4_k_m export")
+        require_llama_cpp("q4_k_m export")
     backend = _backend(verify) if verify else None
     source_config(model_dir)
     start = time.perf_counter()
@@ -524,7 +381,7 @@ def export_gguf(model_dir, out, quant: str = "q4_k_m", verify=True, recipe=None)
     with atomic_output(out) as tmp:
         info = _write(model, tokenizer, tmp, quant, name=model_dir.name, calibration=calibration)
         report = {"path": str(out), "format": "gguf", "quant": quant, "source": str(model_dir),
-                  "adapter_merged": _is_adapter(model_dir), "bytes": tmp.stat().st_size,
+                  "adapter_merged": is_adapter(model_dir), "bytes": tmp.stat().st_size,
                   "source_bytes": source_bytes, **info}
         pause_point("export_written")
         if backend:

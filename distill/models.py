@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -81,8 +82,10 @@ def convert_gguf_to_hf(gguf_path: Path, dtype: str = "bfloat16") -> Path:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (out / "config.json").is_file():
+            return out  # another process finished the same conversion first
         raise
     return out
 
@@ -118,10 +121,59 @@ def load_causal_lm(path: str, dtype: str = "float32"):
         raise UsageError(f"{path}: could not load the weights ({e})") from None
 
 
+def is_adapter(path) -> bool:
+    """Whether `path` is a PEFT LoRA adapter directory (what `distill train` saves with lora.merge false)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_dir) -> str:
+    """The base model a PEFT adapter was trained on, resolved like any other model reference."""
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path")
+    local = adapter_dir / base
+    return resolve_model_path(str(local) if not Path(base).is_absolute() and local.exists() else base)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def load_model(ref: str, dtype: str = "float32"):
+    """(causal LM, its tokenizer's directory) for a model directory, a hub id, a GGUF, or a LoRA adapter,
+    which is merged into its base (the tokenizer is the adapter's when it has one, else the base's)."""
+    if is_adapter(ref):
+        from peft import PeftModel
+
+        base_path = adapter_base(ref)
+        model = PeftModel.from_pretrained(load_causal_lm(base_path, dtype), str(ref)).merge_and_unload()
+        return model, str(ref) if _has_tokenizer(Path(ref)) else base_path
+    path = resolve_model_path(str(ref))
+    return load_causal_lm(path, dtype), path
+
+
+def _weight_bytes(path: Path) -> int:
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def size_on_disk(ref) -> int:
+    """Bytes of a model's weights: a file's size, a directory's checkpoint files, an adapter's plus its
+    base's (what running it loads); 0 for a hub id."""
+    p = Path(ref)
+    if p.is_file():
+        return p.stat().st_size
+    if is_adapter(p):
+        return _weight_bytes(Path(adapter_base(p))) + _weight_bytes(p)
+    return _weight_bytes(p)
+
+
 def tokenizer_hash(tok) -> str:
     """A fingerprint of the vocabulary: two tokenizers with the same hash split text the same way."""
     import hashlib
-    import json
 
     vocab = tok.get_vocab()
     blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)

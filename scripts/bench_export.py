@@ -201,6 +201,7 @@ def main() -> None:
         ap.error("MODEL_DIR is required")
 
     from distill.export import export_gguf
+    from distill.metrics import agreement
 
     model_dir = Path(args.model_dir)
     n = args.tokens
@@ -237,8 +238,7 @@ def main() -> None:
                      "top1": v.get("top1"), "corr": v.get("pearson"), "threads": s["threads"], "prefill": s["prefill_tok_s"],
                      "decode": s["decode_tok_s"], "match": same_prefix(ref, s["tokens"]),
                      "f1": f1[q]["macro_f1"] if f1 else None,
-                     "agree": (sum(a == b for a, b in zip(f1["hf"]["predicted"], f1[q]["predicted"]))
-                               / len(f1["hf"]["predicted"])) if f1 else None})
+                     "agree": agreement(f1["hf"]["predicted"], f1[q]["predicted"]) if f1 else None})
     print(f"model {model_dir} | prompt {len(ids)} tokens | {n} new tokens, greedy | {os.cpu_count()} CPU threads | "
           f"bf16 checkpoint {base / 1e6:.1f} MB | load average {load:.1f}")
     print(table(rows, n))

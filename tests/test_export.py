@@ -22,8 +22,10 @@ import pytest
 
 from conftest import sigint_default, write_class_data, write_recipe
 from distill.errors import DistillError, UsageError
-from distill.export import (THRESHOLDS, Thresholds, export_gguf, gguf_tensor_types, have_llama_cpp,
-                            llama_cpp_logits, probe_ids, reference_logits, transformers_logits)
+from distill.export import (THRESHOLDS, Thresholds, export_gguf, gguf_tensor_types, probe_ids, reference_logits,
+                            transformers_logits)
+from distill.llamacpp import have_llama_cpp
+from distill.llamacpp import logits as llama_cpp_logits
 
 HAVE_LLAMA = have_llama_cpp()
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed "
