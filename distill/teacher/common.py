@@ -1,5 +1,6 @@
-"""What every teacher backend shares: sampling settings for teacher-written responses, and turning a
-backend's per-position log-probability entries into the cache's fixed-width top-k rows.
+"""What every teacher backend shares: sampling settings for teacher-written responses, turning a
+backend's per-position log-probability entries into the cache's fixed-width top-k rows, and label
+scores read from prompt log-probabilities (the vLLM engine and server backends).
 
 Vocabulary padding: a model's embedding may have more rows than its tokenizer has tokens (padded to a
 multiple of 64, say). Those rows are never real tokens, so no backend puts them in a top-k row or
@@ -76,3 +77,18 @@ def rows_from_entries(entries, k: int, vocab_limit: int | None, requested: int |
                 c += 1
             filler += 1
     return ids, vals, tail_mass(vals)
+
+
+def score_labels(prompts, label_ids, prompt_logprobs, logprob_of) -> torch.Tensor:
+    """[B, n_labels] log p(label answer | prompt) from a backend that returns prompt log-probabilities:
+    each prompt is sent followed by each label answer, and the actual token's log-probability is summed
+    over the answer. prompt_logprobs(seqs, n): per sequence, per position, the backend's entries for the
+    n best tokens and the actual one; logprob_of(entry, token): the actual token's log-probability."""
+    seqs = [list(p) + list(lab) for p in prompts for lab in label_ids]
+    per_seq = iter(prompt_logprobs(seqs, 1))
+    scores = torch.zeros((len(prompts), len(label_ids)), dtype=torch.float32)
+    for b, p in enumerate(prompts):
+        for j, lab in enumerate(label_ids):
+            lp = next(per_seq)
+            scores[b, j] = sum(logprob_of(lp[len(p) + t], tok) for t, tok in enumerate(lab))
+    return scores

@@ -29,7 +29,7 @@ import torch
 
 from ..config import TeacherSpec
 from ..errors import DistillError, UsageError
-from .common import Generated, Sampling, rows_from_entries
+from .common import Generated, Sampling, rows_from_entries, score_labels
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class ServerTeacher:
         longest = max(len(s) for s in seqs)
         if self.max_model_len and longest + 1 > self.max_model_len:
             raise UsageError(f"a sequence of {longest} tokens does not fit the server's max_model_len="
-                             f"{self.max_model_len}; lower train.max_length or serve with a larger max_model_len")
+                             f"{self.max_model_len}; lower task.max_length or serve with a larger max_model_len")
 
     def _prompt_logprobs(self, seqs, n_logprobs: int):
         self._check_len(seqs)
@@ -301,22 +301,7 @@ class ServerTeacher:
         return res
 
     def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
-        seqs = [list(p) + list(lab) for p in prompts for lab in label_ids]
-        plps = self._prompt_logprobs(seqs, 1)
-        scores = torch.zeros((len(prompts), len(label_ids)), dtype=torch.float32)
-        n = 0
-        for b, p in enumerate(prompts):
-            for j, lab in enumerate(label_ids):
-                lp = plps[n]
-                total = 0.0
-                for t, tok in enumerate(lab):
-                    entry = (lp[len(p) + t] or {}).get(str(tok))
-                    if entry is None:
-                        raise DistillError(f"teacher server: no log-probability for label token {tok}")
-                    total += entry["logprob"]
-                scores[b, j] = total
-                n += 1
-        return scores
+        return score_labels(prompts, label_ids, self._prompt_logprobs, _actual_logprob)
 
     def generate_topk(self, prompts, k, sampling: Sampling, seeds) -> list[Generated]:
         self._check_len([list(p) + [0] * sampling.max_new_tokens for p in prompts])
@@ -345,6 +330,14 @@ class ServerTeacher:
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _actual_logprob(entry, tok: int) -> float:
+    """A label token's log-probability in one position's prompt_logprobs entry (keys are id strings)."""
+    found = (entry or {}).get(str(tok))
+    if found is None:
+        raise DistillError(f"teacher server: no log-probability for label token {tok}")
+    return found["logprob"]
 
 
 def _token_id(t: str) -> int:

@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..config import TeacherSpec
-from .common import Generated, Sampling, rows_from_entries
+from .common import Generated, Sampling, rows_from_entries, score_labels
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,7 @@ class VLLMTeacher:
         return [o.prompt_logprobs for o in outs]
 
     def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
-        seqs = [p + lab for p in prompts for lab in label_ids]
-        plps = self._prompt_logprobs(seqs, 1)
-        scores = torch.zeros((len(prompts), len(label_ids)))
-        n = 0
-        for b, p in enumerate(prompts):
-            for j, lab in enumerate(label_ids):
-                lp = plps[n]
-                scores[b, j] = sum(lp[len(p) + t][tok].logprob for t, tok in enumerate(lab))
-                n += 1
-        return scores
+        return score_labels(prompts, label_ids, self._prompt_logprobs, lambda entry, tok: entry[tok].logprob)
 
     def topk(self, seqs, positions, k):
         out = []
