@@ -69,7 +69,6 @@ class Manifest:
     codec: dict = field(default_factory=dict)  # how top-k shards are encoded; {} = plain tensors
     shard_size: int | None = None  # examples per shard, fixed when the cache is started
     split_sizes: dict = field(default_factory=dict)  # split -> number of examples
-    max_token_id: int | None = None  # the largest token id in any top-k row (must be < student rows)
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in IDENTITY_KEYS}
@@ -81,6 +80,7 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
         raise UsageError(f"{cache_dir}: not a teacher cache (no manifest.json); run `distill generate` first")
     try:
         data = json.loads(path.read_text())
+        data.pop("max_token_id", None)  # written by earlier versions, never read
         return Manifest(**data)
     except (json.JSONDecodeError, TypeError) as e:
         raise DistillError(f"{path}: unreadable manifest ({e})") from None
@@ -165,12 +165,8 @@ def write_shard(cache_dir: str | Path, m: Manifest, split: str, number: int, sta
     cache_dir = Path(cache_dir)
     name = shard_name(split, number)
     count = int(tensors["index"].numel())
-    if m.kind == "topk":
-        if count and int(tensors["topk_ids"].numel()):
-            top = int(tensors["topk_ids"].max())
-            m.max_token_id = top if m.max_token_id is None else max(m.max_token_id, top)
-        if m.codec:
-            tensors = encode_topk(tensors, m)
+    if m.kind == "topk" and m.codec:
+        tensors = encode_topk(tensors, m)
     atomic_write_bytes(cache_dir / name, save({k: v.contiguous() for k, v in tensors.items()}))
     if on_written is not None:
         on_written(name)
@@ -281,27 +277,39 @@ def _concat(parts, kind):
     return out
 
 
-def example_topk(data: dict, i: int):
-    """The i-th example of a loaded top-k split: (input_ids, positions, topk_ids, topk_logprobs, tail_mass)."""
+@dataclass(frozen=True)
+class TopkExample:
+    """One example of a top-k split: its token ids, the target positions (tokens the student must
+    predict) and, per target, the teacher's top-k ids [n, k], log-probabilities [n, k] and tail mass [n]."""
+
+    sequence: torch.Tensor | list[int]
+    positions: torch.Tensor | list[int]
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_mass: torch.Tensor
+
+
+def example_topk(data: dict, i: int) -> TopkExample:
+    """The i-th example of a loaded top-k split."""
     s0, s1 = int(data["seq_offsets"][i]), int(data["seq_offsets"][i + 1])
     p0, p1 = int(data["pos_offsets"][i]), int(data["pos_offsets"][i + 1])
-    return (data["input_ids"][s0:s1], data["positions"][p0:p1], data["topk_ids"][p0:p1],
-            data["topk_logprobs"][p0:p1], data["tail_mass"][p0:p1])
+    return TopkExample(data["input_ids"][s0:s1], data["positions"][p0:p1], data["topk_ids"][p0:p1],
+                       data["topk_logprobs"][p0:p1], data["tail_mass"][p0:p1])
 
 
-def pack_topk(rows) -> dict[str, torch.Tensor]:
-    """rows: (index, input_ids, positions, topk_ids [n,k], topk_logprobs [n,k], tail_mass [n])."""
+def pack_topk(examples: list[TopkExample], start: int) -> dict[str, torch.Tensor]:
+    """The tensors of a top-k shard holding `examples`, the split's examples from number `start` on."""
     seq_off, pos_off = [0], [0]
-    for r in rows:
-        seq_off.append(seq_off[-1] + len(r[1]))
-        pos_off.append(pos_off[-1] + len(r[2]))
+    for e in examples:
+        seq_off.append(seq_off[-1] + len(e.sequence))
+        pos_off.append(pos_off[-1] + len(e.positions))
     return {
-        "index": torch.tensor([r[0] for r in rows], dtype=torch.long),
-        "input_ids": torch.tensor([t for r in rows for t in r[1]], dtype=torch.int32),
+        "index": torch.arange(start, start + len(examples), dtype=torch.long),
+        "input_ids": torch.tensor([t for e in examples for t in e.sequence], dtype=torch.int32),
         "seq_offsets": torch.tensor(seq_off, dtype=torch.long),
-        "positions": torch.tensor([t for r in rows for t in r[2]], dtype=torch.int32),
+        "positions": torch.tensor([t for e in examples for t in e.positions], dtype=torch.int32),
         "pos_offsets": torch.tensor(pos_off, dtype=torch.long),
-        "topk_ids": torch.cat([torch.as_tensor(r[3], dtype=torch.int32) for r in rows]),
-        "topk_logprobs": torch.cat([torch.as_tensor(r[4], dtype=torch.float32) for r in rows]),
-        "tail_mass": torch.cat([torch.as_tensor(r[5], dtype=torch.float32) for r in rows]),
+        "topk_ids": torch.cat([torch.as_tensor(e.topk_ids, dtype=torch.int32) for e in examples]),
+        "topk_logprobs": torch.cat([torch.as_tensor(e.topk_logprobs, dtype=torch.float32) for e in examples]),
+        "tail_mass": torch.cat([torch.as_tensor(e.tail_mass, dtype=torch.float32) for e in examples]),
     }

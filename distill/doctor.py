@@ -102,13 +102,13 @@ def estimate_generate(recipe, splits, model_path, tok, probe_examples: int = 4):
     import torch
 
     from .models import load_causal_lm
-    from .prompts import encode_classification
+    from .prompts import encode_classification, encode_generation
     from .scoring import label_logprobs
 
     n = sum(len(splits.get(s)) for s in recipe.generate.splits)
     if recipe.task.type == "classification":
         enc, label_ids = encode_classification(tok, recipe.task, splits.labels, splits.train[:probe_examples],
-                                               recipe.train.max_length)
+                                               recipe.task.max_length)
         model = load_causal_lm(model_path, "bfloat16").eval()
         with torch.no_grad():
             label_logprobs(model, [enc[0].prompt], label_ids, tok.pad_token_id)  # warm-up
@@ -117,9 +117,7 @@ def estimate_generate(recipe, splits, model_path, tok, probe_examples: int = 4):
             per = (time.perf_counter() - t) / len(enc)
         bytes_needed = n * (4 * len(splits.labels) + 8) + 4096
     else:
-        from .generate import encode_generation
-
-        items = encode_generation(tok, recipe.task, splits.train[:probe_examples], recipe.train.max_length)
+        items = encode_generation(tok, recipe.task, splits.train[:probe_examples], recipe.task.max_length)
         model = load_causal_lm(model_path, "bfloat16").eval()
         with torch.no_grad():
             t = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,29 +27,13 @@ from .data import prepare_splits
 from .errors import UsageError
 from .fileio import pause_point
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
-from .prompts import _end_of_turn_id, answer_ids, encode_classification, prompt_ids
+from .prompts import _end_of_turn_id, encode_classification, encode_generation, generation_prompt
 from .teacher import make_backend, pick_backend
 from .teacher.common import Sampling
 
 log = logging.getLogger(__name__)
 
 RESPONSE_MODES = ("auto", "data", "teacher")
-
-
-def encode_generation(tok, task, examples, max_length):
-    """(token ids, target positions) per example: targets are the response tokens."""
-    out = []
-    for ex in examples:
-        if ex.get("response") is None:
-            raise UsageError(f"example {ex['id']} ({task.data}): no '{task.response_field}'; its response is "
-                             "written by the teacher, so it exists only in the cache of `distill generate`")
-        p = prompt_ids(tok, task, None, ex["prompt"])
-        r = answer_ids(tok, task, None, ex["response"])
-        seq = (p + r)[:max_length]
-        if len(p) >= len(seq):
-            raise UsageError(f"example {ex['id']}: the prompt alone fills max_length={max_length} tokens")
-        out.append((seq, list(range(len(p), len(seq)))))
-    return out
 
 
 def model_vocab_rows(model_path: str) -> int:
@@ -164,7 +149,7 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
     wanted = cache_mod.Manifest(
         kind=kind, teacher=str(spec.source or spec.url or ",".join(spec.urls or [])),
         tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab_rows, k=k if kind == "topk" else None,
-        data_fingerprint=splits.fingerprint, labels=splits.labels, max_length=recipe.train.max_length,
+        data_fingerprint=splits.fingerprint, labels=splits.labels, max_length=task.max_length,
         backend=backend_name, versions=versions(), responses=responses,
         codec=dict(cache_mod.DEFAULT_CODEC) if kind == "topk" and gen.compact else {},
         shard_size=gen.shard_size)
@@ -173,87 +158,148 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
         size = manifest.shard_size or gen.shard_size
         if size != gen.shard_size:
             log.info("%s: keeping the cache's shard size %d (the recipe says %d)", cache_dir, size, gen.shard_size)
-        engine = None
+        job = _Job(recipe, spec, backend_name, model_path, tok, vocab_rows, k, kind, splits.labels, sampling,
+                   cache_dir, manifest, size)
         try:
             for split, examples in todo_splits.items():
-                engine = _generate_split(split, examples, teacher_writes[split], kind, k, size, gen, task, recipe,
-                                         tok, splits, spec, backend_name, model_path, vocab_rows, sampling,
-                                         cache_dir, manifest, engine)
+                _generate_split(job, split, examples, teacher_writes[split])
                 cache_mod.mark_complete(cache_dir, manifest, split, len(examples))
         finally:
-            if engine is not None:
-                engine.close()
+            if job.engine is not None:
+                job.engine.close()
     return cache_dir
 
 
-def _generate_split(split, examples, writes, kind, k, size, gen, task, recipe, tok, splits, spec, backend_name,
-                    model_path, vocab_rows, sampling, cache_dir, manifest, engine):
-    max_length = recipe.train.max_length
-    if kind == "soft_labels":
-        enc, label_ids = encode_classification(tok, task, splits.labels, examples, max_length)
-        items = [e.prompt for e in enc]
-    else:
-        items = []
-        for ex, w in zip(examples, writes):
-            if w:
-                p = prompt_ids(tok, task, None, ex["prompt"])
-                if len(p) >= max_length:
-                    raise UsageError(f"example {ex['id']}: the prompt alone fills max_length={max_length} tokens")
-                items.append(("write", p))
-            else:
-                items.append(("score", encode_generation(tok, task, [ex], max_length)[0]))
+@dataclass(frozen=True)
+class ScoreResponse:
+    """A generation example with its response: the teacher's top k at each response token."""
+
+    sequence: list[int]  # prompt + response ids, cut at max_length
+    positions: list[int]  # the response's positions in `sequence`
+
+
+@dataclass(frozen=True)
+class WriteResponse:
+    """A generation example whose response the teacher writes after `prompt`, sampled with `seed`."""
+
+    prompt: list[int]
+    seed: int
+    example_id: object
+
+
+@dataclass
+class _Job:
+    """What every split of one generate run shares; the teacher is loaded when a split first needs it."""
+
+    recipe: Recipe
+    spec: TeacherSpec
+    backend: str
+    model_path: str
+    tok: object
+    vocab_rows: int
+    k: int
+    kind: str  # soft_labels | topk
+    labels: list[str] | None
+    sampling: Sampling | None
+    cache_dir: Path
+    manifest: cache_mod.Manifest
+    shard_size: int
+    engine: object = None
+
+    def teacher(self):
+        if self.engine is None:
+            log.info("loading teacher %s with the %s backend", self.spec.name, self.backend)
+            self.engine = make_backend(self.backend, self.spec, self.model_path, self.k, tok=self.tok,
+                                       vocab_rows=self.vocab_rows)
+            self.manifest.backend = self.backend
+        return self.engine
+
+
+def _work_items(job: _Job, split: str, examples, writes):
+    """What the teacher does for each example: score the labels after a prompt (classification; the
+    label answers' ids come with them), or a ScoreResponse / WriteResponse (generation)."""
+    task, max_length = job.recipe.task, job.recipe.task.max_length
+    if job.kind == "soft_labels":
+        enc, label_ids = encode_classification(job.tok, task, job.labels, examples, max_length)
+        return [e.prompt for e in enc], label_ids
+    items = []
+    for i, (ex, w) in enumerate(zip(examples, writes)):
+        if w:
+            seed = example_seed(job.sampling.seed, split, i)
+            items.append(WriteResponse(generation_prompt(job.tok, task, ex, max_length), seed, ex["id"]))
+        else:
+            items.append(ScoreResponse(*encode_generation(job.tok, task, [ex], max_length)[0]))
+    return items, None
+
+
+def _scored(engine, items: list[ScoreResponse], k: int) -> list[cache_mod.TopkExample]:
+    res = engine.topk([it.sequence for it in items], [it.positions for it in items], k)
+    return [cache_mod.TopkExample(it.sequence, it.positions, ids, vals, tail)
+            for it, (ids, vals, tail) in zip(items, res)]
+
+
+def _written(engine, items: list[WriteResponse], k: int, sampling: Sampling,
+             max_length: int) -> list[cache_mod.TopkExample]:
+    """Teacher-written responses: as many new tokens as the shortest prompt leaves room for; each
+    response is then cut to its own room (prompt + response <= max_length, as for data responses)."""
+    room = max_length - min(len(it.prompt) for it in items)
+    s = Sampling(**{**sampling.__dict__, "max_new_tokens": min(sampling.max_new_tokens, room)})
+    out = []
+    for it, g in zip(items, engine.generate_topk([it.prompt for it in items], k, s, [it.seed for it in items])):
+        n_resp = min(len(g.response), max_length - len(it.prompt))
+        if n_resp < 1:
+            raise UsageError(f"example {it.example_id}: the teacher wrote an empty response")
+        seq = list(it.prompt) + list(g.response[:n_resp])
+        out.append(cache_mod.TopkExample(seq, list(range(len(it.prompt), len(seq))), g.ids[:n_resp],
+                                         g.logprobs[:n_resp], g.tail[:n_resp]))
+    return out
+
+
+def _topk_batch(job: _Job, batch) -> list[cache_mod.TopkExample]:
+    """The cache rows of a batch of generation items, in batch order."""
+    score = [j for j, it in enumerate(batch) if isinstance(it, ScoreResponse)]
+    write = [j for j, it in enumerate(batch) if isinstance(it, WriteResponse)]
+    got = {}
+    if score:
+        got.update(zip(score, _scored(job.engine, [batch[j] for j in score], job.k)))
+    if write:
+        got.update(zip(write, _written(job.engine, [batch[j] for j in write], job.k, job.sampling,
+                                       job.recipe.task.max_length)))
+    return [got[j] for j in range(len(batch))]
+
+
+def _generate_split(job: _Job, split: str, examples, writes) -> None:
+    """Write the split's missing shards."""
+    items, label_ids = _work_items(job, split, examples, writes)
+    size, batch_size = job.shard_size, job.recipe.generate.batch_size
     n_shards = (len(items) + size - 1) // size
-    todo = [n for n in range(n_shards) if n not in cache_mod.done_shards(manifest, split)]
+    todo = [n for n in range(n_shards) if n not in cache_mod.done_shards(job.manifest, split)]
     if n_shards - len(todo):
         log.info("%s: %d of %d shards already done", split, n_shards - len(todo), n_shards)
-    if todo and engine is None:
-        log.info("loading teacher %s with the %s backend", spec.name, backend_name)
-        engine = make_backend(backend_name, spec, model_path, k, tok=tok, vocab_rows=vocab_rows)
-        manifest.backend = backend_name
+    if todo:
+        job.teacher()
     bar = tqdm(total=sum(min(size, len(items) - n * size) for n in todo), desc=f"teacher {split}", unit="ex")
     tokens, t0 = 0, time.time()
     for n in todo:
         start = n * size
         chunk = items[start:start + size]
         rows = []
-        for b in range(0, len(chunk), gen.batch_size):
-            batch = chunk[b:b + gen.batch_size]
-            first = start + b
-            if kind == "soft_labels":
-                rows.append(engine.label_logprobs(batch, label_ids))
+        for b in range(0, len(chunk), batch_size):
+            batch = chunk[b:b + batch_size]
+            if job.kind == "soft_labels":
+                rows.append(job.engine.label_logprobs(batch, label_ids))
                 tokens += sum(len(p) for p in batch) + len(batch) * sum(map(len, label_ids))
             else:
-                got = {}
-                score = [(j, it[1]) for j, it in enumerate(batch) if it[0] == "score"]
-                if score:
-                    res = engine.topk([s for _, (s, _) in score], [p for _, (_, p) in score], k)
-                    for (j, (seq, pos)), (ids, vals, tail) in zip(score, res):
-                        got[j] = (seq, pos, ids, vals, tail)
-                write = [(j, it[1]) for j, it in enumerate(batch) if it[0] == "write"]
-                if write:
-                    # as many new tokens as the shortest prompt leaves room for; each response is then
-                    # cut to its own room (prompt + response <= max_length, as for data responses)
-                    room = max_length - min(len(p) for _, p in write)
-                    s = Sampling(**{**sampling.__dict__, "max_new_tokens": min(sampling.max_new_tokens, room)})
-                    seeds = [example_seed(sampling.seed, split, first + j) for j, _ in write]
-                    for (j, p), g in zip(write, engine.generate_topk([p for _, p in write], k, s, seeds)):
-                        n_resp = min(len(g.response), max_length - len(p))
-                        if n_resp < 1:
-                            raise UsageError(f"example {examples[first + j]['id']}: the teacher wrote an empty response")
-                        seq = list(p) + list(g.response[:n_resp])
-                        got[j] = (seq, list(range(len(p), len(seq))), g.ids[:n_resp], g.logprobs[:n_resp], g.tail[:n_resp])
-                for j in range(len(batch)):
-                    seq, pos, ids, vals, tail = got[j]
-                    rows.append((first + j, seq, pos, ids, vals, tail))
-                    tokens += len(seq)
+                got = _topk_batch(job, batch)
+                rows += got
+                tokens += sum(len(e.sequence) for e in got)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
-        if kind == "soft_labels":
+        if job.kind == "soft_labels":
             tensors = {"index": torch.arange(start, start + len(chunk)), "label_logprobs": torch.cat(rows)}
         else:
-            tensors = cache_mod.pack_topk(rows)
-        cache_mod.write_shard(cache_dir, manifest, split, n, start, tensors,
+            tensors = cache_mod.pack_topk(rows, start)
+        cache_mod.write_shard(job.cache_dir, job.manifest, split, n, start, tensors,
                               on_written=lambda name: pause_point("before_record"))
         pause_point("after_shard")
     bar.close()
-    return engine

@@ -3,12 +3,15 @@
 Classification: the prompt is (system: instruction [+ label list], user: text) and each label is
 an assistant answer ending with the end-of-turn token, so a label's score is the log-probability
 of its full answer and labels that share a prefix stay distinct.
+Generation: the prompt is (system: instruction, user: prompt) and the response is the assistant
+turn; the response tokens are the targets.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .config import TaskConfig
+from .errors import UsageError
 
 
 def _has_template(tok) -> bool:
@@ -103,3 +106,24 @@ def _truncate_prompt(tok, task, labels, text, budget, shots=()):
     if len(ids) > budget:
         raise ValueError(f"the instruction and label list alone need {len(ids)} tokens; max_length is too small")
     return ids
+
+
+def generation_prompt(tok, task, example, max_length: int) -> list[int]:
+    """The prompt ids of a generation example, refused when they leave no room for a response."""
+    ids = prompt_ids(tok, task, None, example["prompt"])
+    if len(ids) >= max_length:
+        raise UsageError(f"example {example['id']}: the prompt alone fills max_length={max_length} tokens")
+    return ids
+
+
+def encode_generation(tok, task, examples, max_length):
+    """(token ids, target positions) per example: targets are the response tokens, cut at max_length."""
+    out = []
+    for ex in examples:
+        if ex.get("response") is None:
+            raise UsageError(f"example {ex['id']} ({task.data}): no '{task.response_field}'; its response is "
+                             "written by the teacher, so it exists only in the cache of `distill generate`")
+        p = generation_prompt(tok, task, ex, max_length)
+        seq = (p + answer_ids(tok, task, None, ex["response"]))[:max_length]
+        out.append((seq, list(range(len(p), len(seq)))))
+    return out

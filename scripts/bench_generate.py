@@ -134,10 +134,11 @@ def compression(ref, seqs, positions, vocab_rows, ks, bits=None):
             continue
         tail = (1 - vals[:, :k].double().exp().sum(-1)).clamp_min(0).float()
         rows, start = [], 0
-        for i, (s, p) in enumerate(zip(seqs, positions)):
-            rows.append((i, s, p, ids[start:start + len(p), :k], vals[start:start + len(p), :k], tail[start:start + len(p)]))
+        for s, p in zip(seqs, positions):
+            rows.append(cache_mod.TopkExample(s, p, ids[start:start + len(p), :k], vals[start:start + len(p), :k],
+                                              tail[start:start + len(p)]))
             start += len(p)
-        plain = cache_mod.pack_topk(rows)
+        plain = cache_mod.pack_topk(rows, 0)
         m = cache_mod.Manifest(kind="topk", teacher="", tokenizer_hash="", vocab_size=vocab_rows, k=k,
                                data_fingerprint="", labels=None, max_length=0,
                                codec={**cache_mod.DEFAULT_CODEC, **({"bits": bits} if bits else {})})

@@ -22,8 +22,9 @@ def recipe(tmp: Path, teacher: str, out_name: str) -> Path:
     data.write_text("".join(json.dumps({"prompt": p, "response": f"Fact {i}: the sea is large and salty, "
                                         "and many fish live in it."}) + "\n" for i, p in enumerate(PROMPTS)))
     r = {"workdir": str(tmp / f"work-{out_name}"), "teacher": teacher,
-         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.1}},
-         "generate": {"k": 20, "batch_size": 2, "shard_size": 2}, "train": {"max_length": 96}}
+         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.1},
+                  "max_length": 96},
+         "generate": {"k": 20, "batch_size": 2, "shard_size": 2}}
     p = tmp / f"{out_name}.yaml"
     p.write_text(yaml.safe_dump(r))
     return p

@@ -7,6 +7,7 @@ shard is recorded, or between writing a shard and recording it) so the kill land
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -38,9 +39,9 @@ def write_recipe(tmp: Path, teacher: str, k: int = 8) -> Path:
     data = tmp / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = {"workdir": str(tmp / "work"), "teacher": teacher,
-         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2}},
-         "generate": {"k": k, "batch_size": 2, "shard_size": 2, "max_new_tokens": 5, "temperature": 1.0},
-         "train": {"max_length": 64}}
+         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2},
+                  "max_length": 64},
+         "generate": {"k": k, "batch_size": 2, "shard_size": 2, "max_new_tokens": 5, "temperature": 1.0}}
     p = tmp / "gen.yaml"
     p.write_text(yaml.safe_dump(r))
     return p
@@ -83,8 +84,9 @@ def assert_same_cache(a: Path, b: Path):
         n = da["index"].numel()
         assert n == db["index"].numel() and da["index"].tolist() == list(range(n))  # none lost or duplicated
         for i in range(n):
-            for x, y in zip(cache_mod.example_topk(da, i), cache_mod.example_topk(db, i)):
-                assert torch.equal(x, y), (split, i)
+            x, y = cache_mod.example_topk(da, i), cache_mod.example_topk(db, i)
+            for f in dataclasses.fields(x):
+                assert torch.equal(getattr(x, f.name), getattr(y, f.name)), (split, i, f.name)
 
 
 @pytest.mark.slow

@@ -58,8 +58,9 @@ def gen_recipe(tmp: Path, teacher: str, rows=ROWS, k: int = 8, **generate) -> Pa
     data = tmp / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = {"workdir": str(tmp / "work"), "teacher": teacher,
-         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2}},
-         "generate": {"k": k, "batch_size": 3, "shard_size": 2, **generate}, "train": {"max_length": 64}}
+         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2},
+                  "max_length": 64},
+         "generate": {"k": k, "batch_size": 3, "shard_size": 2, **generate}}
     p = tmp / "gen.yaml"
     p.write_text(yaml.safe_dump(r))
     return p
@@ -206,9 +207,10 @@ def test_server_cache_equals_transformers_cache(served, hf_topk, tmp_path):
     out = tmp_path / "work" / "cache"
     m = cache_mod.read_manifest(out)
     assert m.backend == "server" and m.codec["name"] == "tkq2"
-    assert m.max_token_id < m.vocab_size - PAD_ROWS  # top-k ids are real tokens only
     for split in ("train", "validation"):
-        assert_topk_close(cache_mod.load_split(out, split), hf_topk[split], k=8)
+        data = cache_mod.load_split(out, split)
+        assert int(data["topk_ids"].max()) < m.vocab_size - PAD_ROWS  # top-k ids are real tokens only
+        assert_topk_close(data, hf_topk[split], k=8)
 
 
 @pytest.mark.slow
@@ -251,7 +253,8 @@ def test_teacher_written_responses_are_captured_in_the_same_pass(served, tmp_pat
     hf = HFTeacher(served.model, vocab_limit=len(tok))
     data = cache_mod.load_split(out, "train")
     for i in range(data["index"].numel()):
-        seq, pos, ids, lps, tail = cache_mod.example_topk(data, i)
+        ex = cache_mod.example_topk(data, i)
+        seq, pos, ids, lps, tail = ex.sequence, ex.positions, ex.topk_ids, ex.topk_logprobs, ex.tail_mass
         assert int(seq.max()) < len(tok)  # nothing sampled from the padded rows
         assert pos.tolist() == list(range(int(pos[0]), len(seq)))  # targets: the response, to the end
         ref_ids, ref_vals, ref_tail = hf.topk([seq.tolist()], [pos.tolist()], 8)[0]
