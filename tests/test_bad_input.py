@@ -54,8 +54,15 @@ def cases(env):
     (t / "not_yaml.yaml").write_text("train:\n  lr: [1, 2\n")
     (t / "no_source.yaml").write_text("name: x\nbackend: transformers\n")
     (t / "bad_backend.yaml").write_text(f"name: x\nsource: {model}\nbackend: tensorrt\n")
+    (t / "bad_gpu.yaml").write_text(f"name: x\nsource: {model}\ngpu_memory_utilization: 1.5\n")
     empty_dir = t / "empty_model_dir"
     empty_dir.mkdir(exist_ok=True)
+    labels = {name: t / f"labels-{name}" for name in ("dup.json", "dup.txt", "bad.json", "blank.json")}
+    for (name, path), text in zip(labels.items(), ('["billing", "login", "billing"]', "billing\nlogin\nbilling\n",
+                                                   '["billing", "login"', "")):
+        path.write_text(text)
+    a_file = t / "a_file.txt"  # an --out below a file: a path that cannot be written, even as root
+    a_file.write_text("x")
     return [
         # --- data files (generate) ---
         ("malformed JSON line", gen(recipe_with(env, "m1", data_text=GOOD + '{"text": "x", "label"\n')), 2, "m1.jsonl:2: not valid JSON"),
@@ -72,7 +79,7 @@ def cases(env):
         ("CSV missing a column", gen(recipe_with(env, "m12", data_text="text\nhi\n", data_suffix=".csv")), 2, "m12.csv:2: missing field 'label'"),
         ("nonexistent data path", gen(recipe_with(env, "m13", task={"data": str(t / "nope.jsonl")})), 2, "nope.jsonl: no such file"),
         ("unknown built-in dataset", gen(recipe_with(env, "m14", task={"data": "builtin:imdb"})), 2, "builtin:imdb: unknown built-in dataset"),
-        ("unknown task type", gen(recipe_with(env, "m15", task={"type": "regression"})), 2, "task.type: expected 'classification' or 'generation'"),
+        ("unknown task type", gen(recipe_with(env, "m15", task={"type": "regression"})), 2, "task.type: expected one of classification, generation, got 'regression'"),
         # --- recipes and teacher specs ---
         ("nonexistent recipe", gen(str(t / "missing.yaml")), 2, "missing.yaml: no such file"),
         ("invalid YAML", gen(str(t / "not_yaml.yaml")), 2, "not_yaml.yaml:"),
@@ -84,7 +91,32 @@ def cases(env):
         ("teacher directory without config.json", gen(good, "--teacher", str(empty_dir)), 2, "not a model directory (no config.json)"),
         ("nonexistent teacher directory", gen(good, "--teacher", str(t / "no_model_here")), 2, "no_model_here: no such model directory"),
         ("cache of another teacher", gen(good, "--teacher", str(bert)), 2, ""),
+        ("duplicate label in a labels file", gen(recipe_with(env, "l1", task={"labels": None, "labels_file": str(labels["dup.json"])})), 2, "labels-dup.json: label 'billing' appears more than once"),
+        ("duplicate label in a text labels file", gen(recipe_with(env, "l2", task={"labels": None, "labels_file": str(labels["dup.txt"])})), 2, "labels-dup.txt: label 'billing' appears more than once"),
+        ("malformed labels.json", gen(recipe_with(env, "l3", task={"labels": None, "labels_file": str(labels["bad.json"])})), 2, "labels-bad.json:1: not valid JSON"),
+        ("blank labels.json", gen(recipe_with(env, "l4", task={"labels": None, "labels_file": str(labels["blank.json"])})), 2, "labels-blank.json: the labels file is empty"),
+        ("duplicate label in task.labels", gen(good, "--set", "task.labels=[billing, login, billing]"), 2, "task.labels: expected distinct values"),
+        ("extends cycle", gen(recipe_with(env, "x1", top={"extends": "x1.yaml"})), 2, "extends: a cycle"),
+        ("max_length below 16", gen(recipe_with(env, "r4", task={"max_length": 8})), 2, "r4.yaml: task.max_length: expected at least 16, got 8"),
+        ("negative split fraction", gen(recipe_with(env, "r5", task={"split": {"holdout": -0.1}})), 2, "task.split.holdout: expected a number in [0, 1)"),
+        ("split fractions that leave no training data", gen(recipe_with(env, "r6", task={"split": {"validation": 0.6, "holdout": 0.4}})), 2, "validation + holdout must be below 1"),
+        ("generate k of 0", gen(good, "--k", "0"), 2, "--k"),
+        ("generate.top_p of 0 through --set", gen(good, "--set", "generate.top_p=0"), 2, "--set generate.top_p=0: generate.top_p: expected a number in (0, 1]"),
+        ("mistyped key through --set", gen(good, "--set", "generate.kk=3"), 2, "unknown key 'generate.kk' (did you mean 'generate.k'?)"),
+        ("wrong type through --set", gen(good, "--set", "generate.batch_size=many"), 2, "generate.batch_size: expected an integer, got 'many'"),
+        ("--set without a value", gen(good, "--set", "generate.k"), 2, "expected KEY=VALUE"),
+        ("teacher spec with gpu_memory_utilization above 1", gen(good, "--teacher", str(t / "bad_gpu.yaml")), 2, "bad_gpu.yaml: gpu_memory_utilization: expected a number in (0, 1]"),
         # --- train ---
+        ("negative learning rate", ["train", good, "--lr", "-1"], 2, "--lr: train.lr: expected a number > 0, got -1.0"),
+        ("negative seed", ["train", good, "--seed", "-1"], 2, "train.seed: expected at least 0"),
+        ("zero student layers", ["train", good, "--num-layers", "0"], 2, "train.student.num_layers: expected at least 1, got 0"),
+        ("negative train_examples", ["train", good, "--train-examples", "-3"], 2, "train.train_examples: expected at least 1, got -3"),
+        ("negative max_grad_norm", ["train", recipe_with(env, "t6", train={"max_grad_norm": -1})], 2, "t6.yaml: train.max_grad_norm: expected a number > 0"),
+        ("LoRA rank 0", ["train", good, "--set", "train.lora.r=0"], 2, "train.lora.r: expected at least 1, got 0"),
+        ("LoRA dropout of 1", ["train", good, "--set", "train.lora.dropout=1"], 2, "train.lora.dropout: expected a number in [0, 1)"),
+        ("repeated student layer", ["train", good, "--set", "train.student.from_teacher_layers=[0, 0]"], 2, "from_teacher_layers: expected distinct values"),
+        ("val_f1 for a generation task", ["train", recipe_with(env, "t7", task={"type": "generation"}, train={"early_stopping_metric": "val_f1"})], 2, "val_f1 exists for classification only"),
+        ("stop-after-steps of 0", ["train", good, "--stop-after-steps", "0"], 2, "--stop-after-steps"),
         ("alpha outside [0, 1]", ["train", good, "--alpha", "1.5"], 2, "train.alpha: expected a number in [0, 1]"),
         ("no cache for distillation", ["train", recipe_with(env, "t1", top={"workdir": str(t / "fresh")})], 2, "not a teacher cache (no manifest.json)"),
         ("cache made for other data", ["train", recipe_with(env, "t2", data_text=GOOD * 1 + '{"text": "other", "label": "login"}\n' + '{"text": "more", "label": "delivery"}\n' * 1 + "".join(json.dumps({"text": f"x{i}", "label": "login"}) + "\n" for i in range(9))), "--cache", str(t / "w" / "cache")], 2, "made for other data"),
@@ -98,7 +130,14 @@ def cases(env):
         ("eval of a missing GGUF file", ["eval", str(t / "model.gguf"), "--recipe", good], 2, "model.gguf"),
         ("eval of a generation recipe", ["eval", model, "--recipe", recipe_with(env, "e2", task={"type": "generation"})], 2, "distill eval scores classification tasks"),
         ("eval with an unknown split", ["eval", model, "--recipe", good, "--split", "test"], 2, "'test' is not one of"),
+        ("eval batch size 0", ["eval", model, "--recipe", good, "--batch-size", "0"], 2, "--batch-size"),
+        ("eval limit -1", ["eval", model, "--recipe", good, "--limit", "-1"], 2, "--limit"),
+        ("eval negative shots", ["eval", model, "--recipe", good, "--shots", "-1"], 2, "--shots"),
+        ("eval --out below a file", ["eval", model, "--recipe", good, "--limit", "3", "--out", str(a_file / "report")], 2, "a_file.txt"),
         # --- export and bench ---
+        ("export --set without --recipe", ["export", model, "--out", str(t / "x.gguf"), "--set", "task.max_length=64"], 2, "add --recipe"),
+        ("bench latency examples 0", ["bench", "--recipe", good, "--teacher", model, "--student", model, "--latency-examples", "0"], 2, "--latency-examples"),
+        ("serve-teacher port out of range", ["serve-teacher", model, "--port", "70000"], 2, "--port"),
         ("export of an unsupported architecture", ["export", str(bert), "--out", str(t / "b.gguf")], 2, "supported"),
         ("export of a nonexistent directory", ["export", str(t / "nope_dir"), "--out", str(t / "x.gguf")], 2, "nope_dir"),
         ("export with an unknown quant type", ["export", model, "--quant", "q3_k", "--out", str(t / "x.gguf")], 2, "'q3_k' is not one of"),
