@@ -14,8 +14,9 @@ memory while training (VmHWM, reset after the models are loaded) and its rise ov
 models, and the achieved FLOP rate (FLOPs of one step counted by torch's FlopCounterMode) as a
 fraction of this machine's measured matmul throughput (best of several 2048^3 fp32 matmuls).
 Each mode runs in its own process so one mode's memory cannot hide another's. The loss code is
-distill's own (GenerationTask.loss_sums, scoring.target_logits, losses.sparse_kd/dense_kd); the loop
-around it is the trainer's step without accelerate's bookkeeping. Both logits paths compute the
+distill's own (the trainer's set-up `distill.train.setup.build_parts`, GenerationTask.loss_sums,
+scoring.target_logits, losses.sparse_kd/dense_kd/total_loss); the loop around it is the trainer's step
+without accelerate's bookkeeping. Both logits paths compute the
 output layer only at target positions (logits_to_keep), the teacher's included. The online teacher
 runs in whichever of fp32 and bf16 multiplies faster on this machine (--teacher-dtype), so the
 baseline is the stronger one. Figures on a shared machine are noisy: the modes' steps are interleaved
@@ -84,9 +85,10 @@ def prepare(work: Path, teacher: str, layers: int, examples: int, batch: int, k:
     data = work / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[: int(examples / 0.7) + 8]))
     recipe = {"name": "bench-train", "workdir": str(work / "w"), "teacher": teacher,
-              "task": {"type": "generation", "data": str(data), "split": {"validation": 0.1, "holdout": 0.2}},
+              "task": {"type": "generation", "data": str(data), "split": {"validation": 0.1, "holdout": 0.2},
+                       "max_length": 160},
               "generate": {"k": k, "batch_size": 8, "shard_size": 256, "splits": ["train"]},
-              "train": {"alpha": 0.5, "temperature": 2.0, "batch_size": batch, "max_length": 160, "lr": 1e-4,
+              "train": {"alpha": 0.5, "temperature": 2.0, "batch_size": batch, "lr": 1e-4,
                         "train_examples": examples, "student": {"num_layers": layers}}}
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -115,26 +117,19 @@ class Setup:
     def __init__(self, mode: str, recipe_path: str, teacher_dtype: str):
         import torch
 
-        from distill.config import load_recipe, resolve_teacher
-        from distill.data import prepare_splits
-        from distill.models import load_causal_lm, load_tokenizer, resolve_model_path
-        from distill.student import build_student
-        from distill.trainer import GenerationTask, make_optimizer
+        from distill.config import load_recipe
+        from distill.models import load_causal_lm
+        from distill.train.setup import build_parts, make_optimizer
 
         recipe = load_recipe(recipe_path)
         cfg = recipe.train
         self.mode, self.alpha, self.T = mode, cfg.alpha, cfg.temperature
         if mode != "kd_cache":
             cfg.alpha = 0.0  # no cache read: CE targets from the data (the same token sequences)
-        spec = resolve_teacher(recipe.teacher)
-        teacher_path = resolve_model_path(spec.source)
-        self.tok = load_tokenizer(teacher_path)
-        torch.manual_seed(0)
-        self.model = build_student(cfg.student, teacher_path)
-        splits = prepare_splits(recipe.task, recipe.workdir, recipe_path)
-        self.task = GenerationTask(recipe, splits, self.tok, self.model, recipe.workdir_path / "cache")
-        self.teacher = load_causal_lm(teacher_path, teacher_dtype).eval() if mode == "kd_online" else None
-        self.seq_hash = hash(tuple(tuple(int(t) for t in s) for s, _, _ in self.task.train))
+        parts = build_parts(recipe)  # the trainer's own set-up: seed, splits, student, task data and cache
+        self.tok, self.model, self.task = parts.tok, parts.model, parts.task
+        self.teacher = load_causal_lm(parts.base_path, teacher_dtype).eval() if mode == "kd_online" else None
+        self.seq_hash = hash(tuple(tuple(int(t) for t in e.sequence) for e in self.task.train))
         self.opt = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)  # the trainer's
         n, B = len(self.task.train), cfg.batch_size
         self.batches = [list(range(i, min(n, i + B))) for i in range(0, n - B + 1, B)]
@@ -144,14 +139,14 @@ class Setup:
         import torch
         import torch.nn.functional as F
 
-        from distill.losses import dense_kd
+        from distill.losses import dense_kd, total_loss
         from distill.scoring import target_logits
 
         task, T = self.task, self.T
         ntok = task.count(idx)
         if self.mode == "kd_online":
             items = [task.train[i] for i in idx]
-            seqs, pos = [s for s, _, _ in items], [p for _, p, _ in items]
+            seqs, pos = [e.sequence for e in items], [e.positions for e in items]
             with torch.no_grad():
                 t_logits = target_logits(self.teacher, seqs, pos, self.tok.pad_token_id)
             logits = target_logits(self.model, seqs, pos, self.tok.pad_token_id)
@@ -162,7 +157,7 @@ class Setup:
         else:
             kd, ce = task.loss_sums(self.model, idx, {})
             a = self.alpha if self.mode == "kd_cache" else 0.0
-        loss = (a * T ** 2 * kd + (1 - a) * ce) / ntok
+        loss = total_loss(kd, ce, a, T) / ntok
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()

@@ -68,10 +68,10 @@ def write_recipe(path: Path, data: Path, workdir: Path, teacher: str, **train) -
     recipe = {
         "name": "tiny", "workdir": str(workdir), "teacher": teacher,
         "task": {"type": "classification", "data": str(data), "labels": ["billing", "delivery", "login"],
-                 "instruction": "Classify the message.", "split": {"validation": 0.2, "holdout": 0.2, "seed": 0}},
+                 "instruction": "Classify the message.", "split": {"validation": 0.2, "holdout": 0.2, "seed": 0},
+                 "max_length": 96},
         "generate": {"batch_size": 4, "shard_size": 5},
-        "train": {"alpha": 0.5, "temperature": 2.0, "epochs": 1, "lr": 1e-3, "batch_size": 4, "max_length": 96,
-                  **train},
+        "train": {"alpha": 0.5, "temperature": 2.0, "epochs": 1, "lr": 1e-3, "batch_size": 4, **train},
     }
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -72,7 +72,7 @@ def test_two_examples_can_be_overfit(tmp_path, smollm2_dir):
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "w", model, alpha=0.0, epochs=40, lr=3e-3,
                           batch_size=2, train_examples=2, eval_examples=4, warmup_ratio=0.0)
     from distill.config import load_recipe
-    from distill.trainer import run_train
+    from distill.train import run_train
 
     out = run_train(load_recipe(recipe))
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]

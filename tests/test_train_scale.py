@@ -23,7 +23,7 @@ from distill import cache as cache_mod
 from distill.config import load_recipe
 from distill.errors import UsageError
 from distill.generate import run_generate
-from distill.trainer import run_train
+from distill.train import run_train
 
 # Tolerance of the multi-process runs against the single-process run: the same global batch, the
 # same math; only the order of floating-point sums differs (gloo all-reduce, 1 vs 2 threads).
@@ -331,7 +331,7 @@ def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
     from distill.data import prepare_splits
     from distill.models import load_tokenizer, resolve_model_path
     from distill.student import build_student
-    from distill.trainer import ClassificationTask
+    from distill.train.tasks import ClassificationTask
 
     tmp, recipe = cls
     r = load_recipe(_recipe_variant(tmp, recipe, "subset", train_examples=7, eval_examples=3))
@@ -361,9 +361,9 @@ def gen(tmp_path_factory, smollm2_dir):
     data = tmp / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GEN_ROWS))
     r = {"workdir": str(tmp / "work"), "teacher": model,
-         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2}},
+         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2}, "max_length": 64},
          "generate": {"k": 8, "batch_size": 4, "shard_size": 4},
-         "train": {"alpha": 0.5, "temperature": 2.0, "epochs": 2, "lr": 2e-3, "batch_size": 4, "max_length": 64,
+         "train": {"alpha": 0.5, "temperature": 2.0, "epochs": 2, "lr": 2e-3, "batch_size": 4,
                    "loss": "jsd", "jsd_beta": 0.3, "student": {"model": student}}}
     p = tmp / "gen.yaml"
     p.write_text(yaml.safe_dump(r))
@@ -375,7 +375,7 @@ def test_token_level_loss_uses_the_cached_distribution_at_t_minus_1(gen):
     """The trainer's KD and CE sums for one example equal a dense reference from a plain forward pass."""
     from distill.losses import divergence, teacher_buckets
     from distill.models import load_tokenizer
-    from distill.trainer import GenerationTask
+    from distill.train.tasks import GenerationTask
     from distill.data import prepare_splits
 
     tmp, p = gen
@@ -392,7 +392,8 @@ def test_token_level_loss_uses_the_cached_distribution_at_t_minus_1(gen):
         ref_kd = ref_ce = 0.0
         data = cache_mod.load_split(tmp / "work" / "cache", "train")
         for i in (0, 2):
-            ids, pos, top_ids, top_lp, tail = cache_mod.example_topk(data, i)
+            e = cache_mod.example_topk(data, i)
+            ids, pos, top_ids, top_lp, tail = e.sequence, e.positions, e.topk_ids, e.topk_logprobs, e.tail_mass
             logits = model(ids[None].long()).logits[0].float()
             for r, t in enumerate(pos.tolist()):
                 logq_full = torch.log_softmax(logits[t - 1], -1)  # the logits at t-1 predict token t
@@ -484,7 +485,7 @@ def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
 
     subset = subset_indices(splits.train, 21, rec.task.split.seed)  # train.train_examples: 21, stratified
     enc, label_ids = encode_classification(tok, rec.task, splits.labels, [splits.train[i] for i in subset],
-                                           rec.train.max_length)
+                                           rec.task.max_length)
     idx = torch.randperm(21, generator=torch.Generator().manual_seed(rec.train.seed)).tolist()[:4]
     teacher = cache_mod.load_split(tmp / "work" / "cache", "train")["label_logprobs"][subset]
     with torch.no_grad():
@@ -511,11 +512,11 @@ def test_swamped_term_is_warned_and_early_stopping_stops(cls, caplog):
 
 
 def test_schedules():
-    from distill.trainer import _schedule
+    from distill.train.setup import make_schedule
 
     def lrs(kind):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        s = _schedule(opt, 2, 10, kind)
+        s = make_schedule(opt, 2, 10, kind)
         out = []
         for _ in range(10):
             out.append(s.get_last_lr()[0])
@@ -575,7 +576,7 @@ def test_refusals_name_the_key(cls):
 
 
 def test_accelerate_cpu_flag_single_process_is_flagged():
-    from distill.trainer import single_process_cpu_launch_note
+    from distill.train.distributed import single_process_cpu_launch_note
 
     env = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert "single process" in single_process_cpu_launch_note(env)

@@ -1,0 +1,212 @@
+"""The training loop: set up, restore or start, then micro-batches until the last step, then the summary.
+
+Multi-process (`accelerate launch`, DDP or DeepSpeed ZeRO-2/3): `train.batch_size` is the global
+batch. Every process draws the same shuffled order and takes its share of each batch
+(`batch[rank::world]`); the loss of a share is its sum divided by the size of the whole batch
+(examples, or target tokens for generation) times the world size, so the averaged gradient and the
+logged loss are those of the whole batch at any world size. Only rank 0 logs, writes files and
+saves the model; collective steps (DeepSpeed checkpoints, ZeRO-3 weight gathering, sharded
+evaluation) run on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Recipe
+from ..losses import total_loss
+from ..student import count_parameters, dense_lora_copy, save_model
+from .checkpoint import list_checkpoints, remove_partial, set_rng_state
+from .distributed import all_reduce_sum, barrier, zero_stage
+from .reporting import SwampWatch, better, log_evaluation, step_record, write_run_files
+from .setup import Run, setup
+from .state import LoopState
+
+log = logging.getLogger(__name__)
+
+
+def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, init_from: str | None = None,
+              resume: bool = False, stop_after_steps: int | None = None) -> Path:
+    """Train the student; returns its directory (the best evaluation's weights, a Hugging Face directory).
+
+    resume: continue from the newest checkpoint in OUT/checkpoints (a fresh start if there is none).
+    stop_after_steps: stop after that many optimizer steps with a checkpoint, as an interruption would
+    (the schedule stays that of the whole run), to be continued with resume=True.
+    """
+    run = setup(recipe, cache, out, init_from, stop_after_steps)
+    state = restore_or_start(run, resume)
+    bar = tqdm(total=run.total_batches, initial=state.micro_batch, desc="train", unit="batch", disable=not run.main)
+    run.acc.step = 0  # micro-batches since the last optimizer step: a resumed run starts at a step boundary
+    while not finished(run, state):
+        # one micro-batch: forward and backward; at the end of an accumulation window, the optimizer step
+        grad_norm = train_step(run, state)
+        bar.update(1)
+        if run.acc.sync_gradients:
+            log_step(run, state, grad_norm, bar)
+        # once an epoch, and at the end: evaluate, keep the best weights, stop early when it stopped improving
+        if run.order.epoch_ends(state.micro_batch) or state.micro_batch == run.total_batches:
+            evaluate(run, state)
+        # at optimizer-step boundaries: a checkpoint when one is due; --stop-after-steps returns here
+        if state.micro_batch % run.cfg.grad_accum == 0 and checkpoint_if_due(run, state):
+            bar.close()
+            return run.out_dir
+    bar.close()
+    finish(run, state)
+    return run.out_dir
+
+
+def restore_or_start(run: Run, resume: bool) -> LoopState:
+    """The newest checkpoint's state with resume (weights, optimizer, schedule and RNG restored), else a
+    fresh state, old checkpoints removed."""
+    state = LoopState(swamp=SwampWatch(run.cfg))
+    root = run.ckpt.root
+    existing = list_checkpoints(root)
+    if run.main:
+        remove_partial(root)
+    if resume and existing:
+        loop, rng = run.ckpt.load(existing[-1], run.settings)
+        state.restore(loop, str(existing[-1]))
+        if rng is not None:
+            set_rng_state(rng)
+        if run.main:
+            log.info("resuming from %s (optimizer step %d of %d)", existing[-1], state.step(run.cfg.grad_accum),
+                     run.total_steps)
+        return state
+    if resume and run.main:
+        log.warning("--resume: no checkpoint in %s; starting from the beginning", root)
+    if existing and run.main:
+        log.info("removing %d checkpoint(s) of an earlier run in %s (use --resume to continue one)", len(existing), root)
+    if run.main:
+        shutil.rmtree(root, ignore_errors=True)
+    barrier(run.world)
+    return state
+
+
+def finished(run: Run, state: LoopState) -> bool:
+    """The last micro-batch is done, or early stopping ended the run (at the end of its step)."""
+    at_boundary = state.micro_batch % run.cfg.grad_accum == 0
+    return state.micro_batch >= run.total_batches or (state.stopped is not None and at_boundary)
+
+
+def train_step(run: Run, state: LoopState):
+    """One micro-batch: this rank's share of the global batch, forward, backward, and the optimizer step
+    when the accumulation window ends. Returns the gradient norm clipped at that step (else None)."""
+    cfg, rank, world = run.cfg, run.rank, run.world
+    batch = run.order.batch(state.micro_batch)
+    local, weight = batch[rank::world], world / run.task.count(batch)
+    if not local:  # a short last batch leaves this rank nothing: take part with a zero-weight example
+        local, weight = batch[:1], 0.0
+    grad_norm = None
+    run.model.train()
+    with run.acc.accumulate(run.model):
+        kd, ce = run.task.loss_sums(run.model, local, run.kw)
+        run.acc.backward(total_loss(kd, ce, cfg.alpha, cfg.temperature) * weight)
+        if run.acc.sync_gradients and not run.ds:
+            grad_norm = run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+    terms = torch.tensor([kd.item(), ce.item()], dtype=torch.float64) * (weight / world)
+    terms = all_reduce_sum(terms, world)  # the whole batch's mean KD and CE
+    state.window[0] += terms[0].item() / cfg.grad_accum
+    state.window[1] += terms[1].item() / cfg.grad_accum
+    state.micro_batch += 1
+    return grad_norm
+
+
+def log_step(run: Run, state: LoopState, grad_norm, bar) -> None:
+    """After an optimizer step: the schedule steps, the step's mean loss terms are logged and watched."""
+    step = state.step(run.cfg.grad_accum)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    if run.ds:
+        grad_norm = run.model.get_global_grad_norm()
+    (kd, ce), state.window = state.window, [0.0, 0.0]
+    rec = step_record(step, kd, ce, lr, grad_norm, run.cfg)
+    state.history.append(rec)
+    state.swamp.update(step, kd, ce, run.main)
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
+    run.acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
+
+
+def evaluate(run: Run, state: LoopState) -> None:
+    """Score the validation split; save the weights when they are the best so far; early stopping."""
+    step = state.step(run.cfg.grad_accum)
+    ev = run.task.evaluate(run.acc.unwrap_model(run.model), run.rank, run.world, run.kw)
+    ev.update(epoch=round(run.order.epochs_done(state.micro_batch), 3), step=step, elapsed_s=round(state.elapsed(), 1))
+    state.history.append(ev)
+    if run.main:
+        log_evaluation(ev, run.cfg)
+    run.acc.log({f"eval/{k}": v for k, v in ev.items() if k not in ("step", "elapsed_s")}, step=step)
+    if better(ev, state.best, run.metric):
+        state.best, state.bad_evals = ev, 0
+        save_best(run)
+    else:
+        state.bad_evals += 1
+        patience = run.cfg.early_stopping_patience
+        if patience and state.bad_evals >= patience:
+            state.stopped = (f"early stopping at epoch {ev['epoch']}: no better {run.metric} for "
+                             f"{state.bad_evals} evaluation(s)")
+            if run.main:
+                log.info(state.stopped)
+    state.eval_unsaved = True
+    run.acc.wait_for_everyone()
+
+
+def checkpoint_if_due(run: Run, state: LoopState) -> bool:
+    """Checkpoint every train.checkpoint_every steps, after an evaluation, at the end, and where
+    --stop-after-steps stops the run; returns True for that stop."""
+    step = state.step(run.cfg.grad_accum)
+    done = state.micro_batch >= run.total_batches or state.stopped is not None
+    stop_here = run.stop_after_steps is not None and step >= run.stop_after_steps and not done
+    periodic = run.cfg.checkpoint_every and step % run.cfg.checkpoint_every == 0
+    if periodic or state.eval_unsaved or done or stop_here:
+        state.eval_unsaved = False
+        run.ckpt.save(step, state.record(), run.settings)
+    if stop_here:
+        if run.main:
+            log.info("stopped after optimizer step %d of %d as asked; continue with --resume", step, run.total_steps)
+        run.acc.wait_for_everyone()
+    return stop_here
+
+
+def save_best(run: Run) -> None:
+    """The best evaluation's weights as a Hugging Face directory (rank 0 writes; ZeRO-3 gathers on every rank)."""
+    cfg = run.cfg
+    state = run.acc.get_state_dict(run.model) if zero_stage(run.acc) == 3 else None
+    if run.main:
+        m = run.acc.unwrap_model(run.model)
+        if cfg.student.quantization and cfg.lora and cfg.lora.merge:  # QLoRA: merge into full-precision weights
+            m = dense_lora_copy(m, cfg.student, cfg.lora, run.base_path)
+        save_model(m, run.tok, run.out_dir, merge=cfg.lora.merge if cfg.lora else True, state_dict=state)
+
+
+def finish(run: Run, state: LoopState) -> None:
+    """training.json, train_log.jsonl, training.png and the model card (rank 0); trackers closed."""
+    if run.main:
+        summary = summary_record(run, state)
+        write_run_files(run.out_dir, summary, state.history)
+        from ..model_card import write_model_card
+
+        write_model_card(run.out_dir, summary, run.recipe)
+    for tracker in run.acc.trackers:  # not acc.end_training(): that also ends the process group
+        tracker.finish()
+    run.acc.wait_for_everyone()
+
+
+def summary_record(run: Run, state: LoopState) -> dict:
+    cfg, task = run.cfg, run.recipe.task
+    return {"recipe": run.recipe.path, "task_type": task.type, "alpha": cfg.alpha, "temperature": cfg.temperature,
+            "loss": cfg.loss, "loss_params": run.kw, "base": run.base_path,
+            "layers": run.acc.unwrap_model(run.model).config.num_hidden_layers, "parameters": run.n_params,
+            "trainable_parameters": count_parameters(run.params),
+            "train_examples": len(run.task.train), "validation_examples": len(run.task.val), "best": state.best,
+            "best_metric": run.metric, "overfit_gap": cfg.overfit_gap, "steps": state.step(cfg.grad_accum),
+            "total_steps": run.total_steps, "stopped_early": state.stopped, "resumed_from": state.resumed_from,
+            "warnings": state.swamp.messages, "seconds": round(state.elapsed(), 1), "world_size": run.world,
+            "distributed": str(run.acc.distributed_type).split(".")[-1], "zero_stage": zero_stage(run.acc) or None,
+            "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.alpha > 0 else None,
+            "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": run.recipe.teacher}

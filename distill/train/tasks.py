@@ -1,0 +1,202 @@
+"""Tasks: what a batch's loss terms are, and how validation is scored.
+
+Each task holds its encoded train and validation examples and, with a cache, the teacher's numbers
+for exactly those examples. `loss_sums(model, idx)` returns the differentiable KD and CE sums over
+training examples idx; `count(idx)` their loss units (examples, or target tokens); `evaluate` the
+validation figures, sharded over the processes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import cache as cache_mod
+from ..cache import TopkExample
+from ..config import Recipe
+from ..data import subset_indices
+from ..errors import DistillError, UsageError
+from ..losses import soft_label_kd, sparse_kd, total_loss
+from ..metrics import classification_metrics
+from ..models import tokenizer_hash
+from ..prompts import encode_classification, encode_generation
+from ..scoring import label_logprobs, target_logits
+from .distributed import sharded
+
+
+def make_task(recipe: Recipe, splits, tok, model, cache_dir: Path):
+    kind = ClassificationTask if recipe.task.type == "classification" else GenerationTask
+    return kind(recipe, splits, tok, model, cache_dir)
+
+
+def embedding_rows(model) -> int:
+    """Rows of the input embedding (its full shape even when DeepSpeed ZeRO-3 has partitioned it)."""
+    w = model.get_input_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
+
+
+def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, model) -> cache_mod.Manifest:
+    """The cache's manifest, refused when it was made for other data, another tokenizer or label set,
+    or the other task type."""
+    manifest = cache_mod.read_manifest(cache_dir)
+    if manifest.kind != kind:
+        raise UsageError(f"{cache_dir}: a {manifest.kind} cache, but task.type {recipe.task.type!r} in "
+                         f"{recipe.path} trains on a {kind} cache; run `distill generate` for this recipe")
+    if manifest.data_fingerprint != splits.fingerprint:
+        raise UsageError(f"{cache_dir}: made for other data (fingerprint {manifest.data_fingerprint}, "
+                         f"this recipe's data is {splits.fingerprint}); run `distill generate` again")
+    if manifest.tokenizer_hash != tokenizer_hash(tok):
+        raise UsageError(f"{cache_dir}: made with a different tokenizer (hash {manifest.tokenizer_hash}, the "
+                         f"student's is {tokenizer_hash(tok)}); teacher and student must share a tokenizer")
+    if manifest.labels != splits.labels:
+        raise UsageError(f"{cache_dir}: made for another label set")
+    rows = embedding_rows(model)
+    if kind == "topk" and rows < len(tok):
+        raise UsageError(f"{cache_dir}: the student has {rows} embedding rows, fewer than the {len(tok)} tokens of the tokenizer")
+    return manifest
+
+
+class ClassificationTask:
+    """Soft labels over the label set; one loss unit per example."""
+
+    kind = "soft_labels"
+
+    def __init__(self, recipe: Recipe, splits, tok, model, cache_dir: Path):
+        cfg, task = recipe.train, recipe.task
+        self.cfg, self.labels, self.pad = cfg, splits.labels, tok.pad_token_id
+        # labelled subsets are stratified samples (every class kept), the cache rows picked to match
+        train_idx = subset_indices(splits.train, cfg.train_examples, task.split.seed)
+        val_idx = subset_indices(splits.validation, cfg.eval_examples, task.split.seed)
+        train_ex = [splits.train[i] for i in train_idx]
+        val_ex = [splits.validation[i] for i in val_idx]
+        self.train, self.label_ids = encode_classification(tok, task, self.labels, train_ex, task.max_length)
+        self.train_probe = subset_indices(train_ex, len(val_ex), task.split.seed)  # train F1: as many, stratified
+        self.val, _ = encode_classification(tok, task, self.labels, val_ex, task.max_length)
+        self.gold = torch.tensor([e.label_index for e in self.train])
+        self.val_gold = torch.tensor([e.label_index for e in self.val])
+        self.teacher = self.teacher_val = None
+        if cfg.alpha > 0:
+            manifest = read_checked_cache(cache_dir, "soft_labels", recipe, splits, tok, model)
+            self.teacher = cache_mod.load_split(cache_dir, "train", len(splits.train))["label_logprobs"][train_idx]
+            if manifest.complete.get("validation"):
+                self.teacher_val = cache_mod.load_split(cache_dir, "validation", len(splits.validation))["label_logprobs"][val_idx]
+
+    def count(self, idx) -> int:
+        return len(idx)
+
+    def loss_sums(self, model, idx, kw):
+        """(KD sum, CE sum) over the examples idx, differentiable."""
+        scores = label_logprobs(model, [self.train[i].prompt for i in idx], self.label_ids, self.pad)
+        ce = F.cross_entropy(scores.float(), self.gold[idx].to(scores.device), reduction="sum")
+        if self.teacher is None:
+            return torch.zeros((), device=scores.device), ce
+        kd = soft_label_kd(scores, self.teacher[idx].to(scores.device), self.cfg.temperature, self.cfg.loss,
+                           reduction="sum", **kw)
+        return kd, ce
+
+    @torch.no_grad()
+    def evaluate(self, model, rank, world, kw) -> dict:
+        def score(items):
+            return label_logprobs(model, [e.prompt for e in items], self.label_ids, self.pad).float().cpu()
+
+        cfg = self.cfg
+        val = sharded(score, self.val, cfg.batch_size, rank, world)
+        tr_items = [self.train[i] for i in self.train_probe]
+        tr = sharded(score, tr_items, cfg.batch_size, rank, world)
+        val_f1 = classification_metrics(self.val_gold.tolist(), val.argmax(1).tolist(), self.labels)["macro_f1"]
+        tr_f1 = classification_metrics([e.label_index for e in tr_items], tr.argmax(1).tolist(), self.labels)["macro_f1"]
+        ev = {"val_f1": val_f1, "train_f1": tr_f1, "train_val_gap": tr_f1 - val_f1,
+              "val_ce": F.cross_entropy(val, self.val_gold).item()}
+        ev["val_loss"] = ev["val_ce"]
+        if self.teacher_val is not None:
+            ev["val_kd"] = soft_label_kd(val, self.teacher_val, cfg.temperature, cfg.loss, **kw).item()
+            ev["val_loss"] = total_loss(ev["val_kd"], ev["val_ce"], cfg.alpha, cfg.temperature)
+        return ev
+
+
+class GenerationTask:
+    """Token-level: the response tokens are the targets; one loss unit per target token.
+
+    With a top-k cache the sequences and target positions are the cache's own (so they match the
+    teacher's numbers exactly); the cached entry for target t is the distribution that predicted
+    token t, compared with the student's logits at t-1. Without one (alpha = 0, or a validation
+    split that was not cached) an example's top-k fields are None.
+    """
+
+    kind = "topk"
+
+    def __init__(self, recipe: Recipe, splits, tok, model, cache_dir: Path):
+        cfg, task = recipe.train, recipe.task
+        self.cfg, self.pad = cfg, tok.pad_token_id
+        train_ex = splits.train[: cfg.train_examples] if cfg.train_examples else splits.train
+        val_ex = splits.validation[: cfg.eval_examples] if cfg.eval_examples else splits.validation
+
+        def encoded(examples):
+            return [TopkExample(torch.as_tensor(s, dtype=torch.long), torch.as_tensor(p, dtype=torch.long), None, None, None)
+                    for s, p in encode_generation(tok, task, examples, task.max_length)]
+
+        self.teacher_val_available = False
+        if cfg.alpha > 0:
+            manifest = read_checked_cache(cache_dir, "topk", recipe, splits, tok, model)
+            rows = embedding_rows(model)
+            self.train = _topk_examples(cache_dir, "train", len(splits.train), len(train_ex), rows)
+            self.teacher_val_available = bool(manifest.complete.get("validation"))
+        else:
+            self.train = encoded(train_ex)
+        self.val = (_topk_examples(cache_dir, "validation", len(splits.validation), len(val_ex), rows)
+                    if self.teacher_val_available else encoded(val_ex))
+
+    def count(self, idx) -> int:
+        return sum(len(self.train[i].positions) for i in idx)
+
+    def _sums(self, model, items: list[TopkExample], kw, with_teacher: bool):
+        """Per-target-token KD and CE over items (KD zero without the teacher)."""
+        logits = target_logits(model, [e.sequence for e in items], [e.positions for e in items], self.pad)
+        targets = torch.cat([e.sequence[e.positions] for e in items]).to(logits.device)
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        if not with_teacher or items[0].topk_ids is None:
+            return torch.zeros_like(ce), ce
+        ids, lps, tail = (torch.cat([getattr(e, f) for e in items]).to(logits.device)
+                          for f in ("topk_ids", "topk_logprobs", "tail_mass"))
+        kd = sparse_kd(logits, ids, lps, tail, self.cfg.temperature, self.cfg.loss, reduction="none", **kw)
+        return kd, ce
+
+    def loss_sums(self, model, idx, kw):
+        kd, ce = self._sums(model, [self.train[i] for i in idx], kw, self.cfg.alpha > 0)
+        return kd.sum(), ce.sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, rank, world, kw) -> dict:
+        def score(items):  # per-example sums and token counts
+            kd, ce = self._sums(model, items, kw, self.teacher_val_available)
+            ends = torch.tensor([len(e.positions) for e in items]).cumsum(0).tolist()
+            return torch.tensor([[kd[a:b].sum().item(), ce[a:b].sum().item(), b - a]
+                                 for a, b in zip([0] + ends[:-1], ends)], dtype=torch.float64)
+
+        sums = sharded(score, self.val, self.cfg.batch_size, rank, world).sum(0)
+        n, cfg = max(1.0, sums[2].item()), self.cfg
+        ev = {"val_ce": sums[1].item() / n, "val_tokens": int(sums[2].item())}
+        ev["val_loss"] = ev["val_ce"]
+        if self.teacher_val_available:
+            ev["val_kd"] = sums[0].item() / n
+            ev["val_loss"] = total_loss(ev["val_kd"], ev["val_ce"], cfg.alpha, cfg.temperature)
+        return ev
+
+
+def _topk_examples(cache_dir, split, split_len, n, vocab_rows) -> list[TopkExample]:
+    """The first n examples of a cached split, decoded, ids checked against the student's rows."""
+    data = cache_mod.load_split(cache_dir, split, split_len)
+    bad = int(data["topk_ids"].max()) if data["topk_ids"].numel() else -1
+    if bad >= vocab_rows:
+        raise UsageError(f"{cache_dir}: the teacher's top-k holds token id {bad}, beyond the student's "
+                         f"{vocab_rows} output rows; the student cannot be trained on this cache")
+    where = {int(ix): r for r, ix in enumerate(data["index"].tolist())}
+    items = []
+    for i in range(n):
+        if i not in where:
+            raise DistillError(f"{cache_dir}: split '{split}' has no entry for example {i}")
+        e = cache_mod.example_topk(data, where[i])
+        items.append(TopkExample(e.sequence.long(), e.positions.long(), e.topk_ids.long(), e.topk_logprobs.float(),
+                                 e.tail_mass.float()))
+    return items
