@@ -137,7 +137,8 @@ def serve_teacher(teacher_spec, port, host):
 @click.option("--train-examples", type=int,
               help="Train on a stratified, seeded sample of N training examples (generation tasks: the first N).")
 @click.option("--seed", type=int, help="Random seed.")
-@click.option("--loss", type=click.Choice(typing.get_args(Loss)), help="Divergence of the distillation term (train.loss).")
+@click.option("--loss", type=click.Choice(typing.get_args(Loss)),
+              help="Divergence of the distillation term (train.loss).")
 @click.option("--max-steps", type=int, help="Cap on optimizer steps (the schedule is fitted to it).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints.")
 @click.option("--stop-after-steps", type=POSITIVE,
@@ -231,7 +232,8 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, 
 @click.option("--teacher", required=True, help="Teacher: model directory, hub id, teacher spec or .gguf.")
 @click.option("--student", "students", multiple=True, required=True, help="Student (repeatable): directory or .gguf.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
-@click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Batch size for the throughput figure.")
+@click.option("--batch-size", default=16, show_default=True, type=POSITIVE,
+              help="Batch size for the throughput figure.")
 @click.option("--latency-examples", default=32, show_default=True, type=POSITIVE,
               help="Examples timed one by one for latency.")
 @click.option("--limit", type=POSITIVE, help="Use a stratified sample of N holdout examples (seeded).")

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -51,7 +52,8 @@ class Range:
     def __str__(self) -> str:
         lo, hi = self.ge if self.gt is None else self.gt, self.le if self.lt is None else self.lt
         if lo is not None and hi is not None:
-            return f"a number in {'(' if self.gt is not None else '['}{lo:g}, {hi:g}{')' if self.lt is not None else ']'}"
+            left, right = "(" if self.gt is not None else "[", ")" if self.lt is not None else "]"
+            return f"a number in {left}{lo:g}, {hi:g}{right}"
         if self.gt is not None:
             return f"a number > {self.gt:g}"
         return f"at least {lo:g}" if lo is not None else f"a number {'<' if self.lt is not None else '<='} {hi:g}"
@@ -113,7 +115,8 @@ class TaskConfig:
     list_labels_in_prompt: bool = True
     prompt_field: str = "prompt"
     response_field: str = "response"
-    max_examples: int | None = num(None, ge=1)  # a stratified sample of N rows (classification; the first N for generation)
+    # read a stratified sample of N rows (classification; the first N for generation)
+    max_examples: int | None = num(None, ge=1)
     # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
     max_length: int = num(256, ge=16)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -168,7 +171,8 @@ class TrainConfig:
     grad_accum: int = num(1, ge=1)
     seed: int = num(0, ge=0)
     mixed_precision: Precision = "no"
-    train_examples: int | None = num(None, ge=1)  # a labelled subset: a stratified sample of N training examples (classification; the first N for generation)
+    # a labelled subset: a stratified sample of N training examples (classification; the first N for generation)
+    train_examples: int | None = num(None, ge=1)
     eval_examples: int | None = num(None, ge=1)  # cap on validation examples scored each epoch
     overfit_gap: float = num(0.10, ge=0)  # warn when train F1 exceeds validation F1 by this much
     # the divergence in the distillation term (see distill/losses.py); jsd_beta and skew_lambda
@@ -268,7 +272,7 @@ def _check_value(value, tp, src, key):
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # (a tuple only from code)
             raise UsageError(f"{src}: {key}: expected a list, got {value!r}")
         return [_check_value(v, item_tp, src, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp in (float, int):
@@ -278,6 +282,8 @@ def _check_value(value, tp, src, key):
             raise UsageError(f"{src}: {key}: expected true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, os.PathLike):  # a recipe edited in code
+            return os.fspath(value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UsageError(f"{src}: {key}: expected a string, got {value!r}")
         return str(value)
@@ -313,8 +319,8 @@ def _check_fields(obj, src: str, prefix: str = "") -> None:
             _check_fields(value, src, key + ".")
             continue
         _check_value(value, hints[f.name], src, key)
-        if isinstance(value, list):
-            _check_list(value, f.metadata, src, key)
+        if isinstance(value, (list, tuple)):
+            _check_list(list(value), f.metadata, src, key)
         elif value is not None and "range" in f.metadata and not f.metadata["range"].holds(value):
             raise UsageError(f"{src}: {key}: expected {f.metadata['range']}, got {value!r}")
 

@@ -64,6 +64,14 @@ def test_set_creates_a_null_section_and_reaches_the_recipe(recipe, captured):
     assert r.train.lr == 1e-4 and r.train.alpha == 0.25  # YAML 1.1's string "1e-4" read as a number
 
 
+def test_set_over_an_explicit_null_and_back_to_null(tmp_path):
+    path = write(tmp_path / "n.yaml", {"train": {"lora": None, "student": {"num_layers": 2}}})
+    r = load_recipe(path, ["train.lora.r=8"])
+    assert r.train.lora.r == 8 and r.train.lora.dropout == 0.05 and r.train.student.num_layers == 2
+    assert load_recipe(path, ["train.lora.r=8", "train.lora=null"]).train.lora is None
+    assert load_recipe(path, ["train.student.num_layers=null"]).train.student.num_layers is None
+
+
 def test_mistyped_key_gives_the_same_line_through_set_and_yaml(tmp_path, recipe, captured):
     code_set, out_set = run("train", recipe, "--set", "train.lroa.r=16")
     bad = write(tmp_path / "bad.yaml", {**yaml.safe_load(open(recipe)), "train": {"lroa": {"r": 16}}})
@@ -168,11 +176,13 @@ def test_combinations(recipe):
         load_recipe(recipe, ["task.type=generation", "train.early_stopping_metric=val_f1"])
 
 
-def test_validate_recipe_is_idempotent_and_sees_code_edits(recipe):
+def test_validate_recipe_is_idempotent_and_sees_code_edits(tmp_path, recipe):
     r = load_recipe(recipe)
     validate_recipe(r)
     validate_recipe(r)
     validate_recipe(Recipe())
+    r.workdir = tmp_path / "w2"  # a Path set in code is a path, not a type error
+    validate_recipe(r)
     r.train.max_grad_norm = -1.0
     with pytest.raises(UsageError, match=r"r\.yaml: train\.max_grad_norm: expected a number > 0, got -1\.0"):
         validate_recipe(r)
