@@ -1,11 +1,15 @@
 """Running llama.cpp (llama-cpp-python): a GGUF loaded in this process to score labels (eval, bench),
 or jobs in a child process (export: quantizing, and logits to verify a written file).
 
-llama.cpp's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here before llama_cpp is
-first imported; the library reads it when it loads). Its threads otherwise spin while waiting for each
-other, and on a machine where other work (or torch's own thread pool, in this process) holds the
-cores, a 40-token eval of SmolLM2-135M took 9-18 s instead of 0.6 s (measured on 2 cores). Export's
-jobs run in a fresh interpreter, which also keeps llama.cpp's native state out of the caller's process.
+llama.cpp's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, `passive_openmp`). Its threads
+otherwise spin while waiting for each other, and on a machine where other work (or torch's own thread
+pool, in this process) holds the cores, a 40-token eval of SmolLM2-135M took 9-18 s instead of 0.6 s
+(measured on 2 cores). libgomp reads the setting once, when it loads, and llama.cpp shares the one
+torch loads (both link libgomp.so.1): so a process that imports torch must have it before that import
+(with OMP_DISPLAY_ENV=VERBOSE, setting it after `import torch` leaves GOMP_SPINCOUNT at 300000; before,
+0). The CLI applies it first thing for the commands that run llama.cpp (eval of a .gguf, bench); export's
+jobs run in a fresh interpreter that gets it in its environment, which also keeps llama.cpp's native
+state out of the caller's process.
 """
 from __future__ import annotations
 
@@ -35,9 +39,15 @@ def require_llama_cpp(why: str) -> None:
                            f"(or pip install 'distill[llama]'); it builds from source in several minutes")
 
 
+def passive_openmp(env=None) -> None:
+    """Passive OpenMP waits in this process (effective only before torch or llama_cpp is imported) or,
+    given a child's `env`, in that child. An explicit OMP_WAIT_POLICY is left alone."""
+    (os.environ if env is None else env).setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def import_llama_cpp():
-    """The llama_cpp module, loaded with passive OpenMP waits."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """The llama_cpp module, with passive OpenMP waits when nothing has loaded libgomp yet."""
+    passive_openmp()
     import llama_cpp
 
     return llama_cpp
@@ -141,6 +151,7 @@ def run_job(request: dict) -> dict:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps({**request, "result": str(Path(tmp) / "result.npz")}))
         env = dict(os.environ)
+        passive_openmp(env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            env.get("PYTHONPATH")]))
         code = f"from distill.llamacpp import _job; _job({str(req)!r})"
