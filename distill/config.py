@@ -34,6 +34,7 @@ Loss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 StoppingMetric = Literal["auto", "val_loss", "val_f1"]
 Quantization = Literal["4bit"]
 GenerateSplit = Literal["train", "validation"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's trackers that train.report_to may name
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class TrainConfig:
     early_stopping_metric: StoppingMetric = "auto"  # auto: val_f1 for classification, val_loss for generation
     swamp_fraction: float = num(0.01, gt=0, lt=1)  # warn when one loss term stays below this share of the total ...
     swamp_steps: int = num(20, ge=1)  # ... for this many optimizer steps in a row
+    report_to: list[Tracker] = field(default_factory=list)  # accelerate trackers for the training metrics (none: files only)
     lora: LoraConfig | None = None
     student: StudentConfig = field(default_factory=StudentConfig)
 

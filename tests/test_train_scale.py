@@ -498,8 +498,9 @@ def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
 
 def test_swamped_term_is_warned_and_early_stopping_stops(cls, caplog):
     tmp, recipe = cls
-    # lr 0: nothing improves, so patience 1 stops after the second evaluation; alpha 0.001 makes the KD term tiny
-    r = _recipe_variant(tmp, recipe, "swamp", alpha=0.001, lr=0.0, epochs=5, grad_accum=1, swamp_steps=3,
+    # lr 1e-30 (0 is refused): updates below float32's resolution leave the weights exactly as they are, so
+    # nothing improves and patience 1 stops after the second evaluation; alpha 0.001 makes the KD term tiny
+    r = _recipe_variant(tmp, recipe, "swamp", alpha=0.001, lr=1e-30, epochs=5, grad_accum=1, swamp_steps=3,
                         swamp_fraction=0.05, early_stopping_patience=1, early_stopping_metric="val_loss",
                         schedule="linear", checkpoint_every=0)
     with caplog.at_level("WARNING", logger="distill"):

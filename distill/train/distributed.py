@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -79,7 +80,7 @@ def single_process_cpu_launch_note(env=os.environ) -> str | None:
 
 
 def make_accelerator(cfg: TrainConfig, project_dir=None):
-    """The run's Accelerator; `train.report_to` trackers log into project_dir (the model directory)."""
+    """The run's Accelerator; `train.report_to` trackers log under project_dir/logs (project_dir: the model directory)."""
     from accelerate import Accelerator
 
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -95,9 +96,9 @@ def make_accelerator(cfg: TrainConfig, project_dir=None):
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    trackers = list(getattr(cfg, "report_to", None) or [])
     return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with=trackers or None, project_dir=str(project_dir) if trackers else None)
+                       log_with=cfg.report_to or None,
+                       project_dir=str(Path(project_dir) / "logs") if cfg.report_to else None)
 
 
 def is_deepspeed(acc) -> bool:

@@ -52,13 +52,6 @@ class SwampWatch:
         self.runs, self.warned, self.messages = dict(st["runs"]), set(st["warned"]), list(st["messages"])
 
 
-def best_metric(cfg: TrainConfig, task_type: str) -> str:
-    """The metric that picks the best evaluation (and early stopping): auto is val_f1 for classification."""
-    if cfg.early_stopping_metric != "auto":
-        return cfg.early_stopping_metric
-    return "val_f1" if task_type == "classification" else "val_loss"
-
-
 def better(ev: dict, best: dict | None, metric: str) -> bool:
     if best is None:
         return True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Recipe, TrainConfig, resolve_teacher, validate_recipe
+from ..config import Recipe, TrainConfig, resolve_teacher, stopping_metric, validate_recipe
 from ..data import prepare_splits
 from ..errors import UsageError
 from ..losses import loss_kwargs
@@ -22,7 +22,7 @@ from ..student import add_lora, build_student, check_quantization, count_paramet
 from .checkpoint import Checkpointer, config_for_resume
 from .distributed import (configure_deepspeed, dist_info, is_deepspeed, make_accelerator,
                           single_process_cpu_launch_note, zero_stage)
-from .reporting import best_metric, tracker_config
+from .reporting import tracker_config
 from .state import DataOrder
 from .tasks import make_task
 
@@ -89,6 +89,13 @@ def check_run(recipe: Recipe, stop_after_steps: int | None) -> None:
         raise UsageError(f"--stop-after-steps {stop_after_steps}: expected a positive number of steps and "
                          f"train.keep_checkpoints > 0 in {src} (the stop leaves a checkpoint to --resume from)")
     check_quantization(cfg.student, cfg.lora, src)
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    missing = [t for t in cfg.report_to if not available[t]()]
+    if missing:
+        raise UsageError(f"{src}: train.report_to: {', '.join(missing)} not installed in this environment "
+                         f"(pip install {' '.join(missing)}), or remove it from train.report_to")
 
 
 def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None = None) -> Parts:
@@ -112,6 +119,22 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
     if not task.train:
         raise UsageError(f"{src}: no training examples")
     return Parts(splits, base_path, tok, model, n_params, task, cache_dir)
+
+
+def check_out_dir(out_dir: Path, recipe: Recipe, parts: Parts) -> None:
+    """Refuse an output directory that is, or lies inside, something this run reads: the run would
+    write a student over its own teacher, starting model or cache."""
+    cfg = recipe.train
+    reads = {"the teacher (the student's base)": parts.base_path, "the teacher cache": parts.cache_dir if cfg.alpha > 0 else None,
+             "the student's starting model (train.student.model)": cfg.student.model}
+    out = out_dir.resolve()
+    for what, path in reads.items():
+        if path is None or not Path(path).exists():
+            continue  # a hub id, or nothing read
+        src = Path(path).resolve()
+        if out == src or src in out.parents:
+            raise UsageError(f"--out {out_dir}: is {'inside ' if out != src else ''}{what} ({path}); "
+                             "training would write over what it reads. Choose another --out")
 
 
 def make_optimizer(params, cfg: TrainConfig):
@@ -171,6 +194,7 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
     out_dir = Path(out or recipe.workdir_path / "student")
     acc, rank, world = _start_processes(cfg, src, out_dir)
     p = build_parts(recipe, cache, init_from)
+    check_out_dir(out_dir, recipe, p)
     params = [q for q in p.model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, cfg)
     total_steps, total_batches = step_counts(len(p.task.train), cfg)
@@ -180,11 +204,11 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
     # the scheduler is stepped by the loop, once per optimizer step (accelerate would step it once per process)
     model, optimizer = acc.prepare(p.model, optimizer)
     if acc.trackers:
-        acc.init_trackers(out_dir.name, config=tracker_config(cfg))
+        acc.init_trackers(recipe.name, config=tracker_config(cfg))  # tensorboard: OUT/logs/NAME/
     ckpt = Checkpointer(out_dir / "checkpoints", acc, model, optimizer, scheduler, rank, world, cfg.keep_checkpoints)
     identity = {"data_fingerprint": p.splits.fingerprint, "base": str(p.base_path), "task_type": recipe.task.type,
                 "cache": str(p.cache_dir) if cfg.alpha > 0 else None}
     return Run(recipe, cfg, acc, rank, world, model, params, optimizer, scheduler, p.task, p.tok,
                DataOrder(len(p.task.train), cfg.batch_size, cfg.seed), total_steps, total_batches,
-               best_metric(cfg, recipe.task.type), kw, p.base_path, p.n_params, p.cache_dir, out_dir, ckpt,
+               stopping_metric(recipe), kw, p.base_path, p.n_params, p.cache_dir, out_dir, ckpt,
                {"train": config_for_resume(cfg), "identity": identity}, stop_after_steps)
