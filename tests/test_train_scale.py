@@ -605,3 +605,67 @@ def test_qlora_save_path_rebuilds_a_dense_merged_student(cls):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
     assert merged.config.num_hidden_layers == 1 and not hasattr(merged, "peft_config")
+
+
+def _other_family_student(out: Path, texts: list[str]) -> str:
+    """A tiny Mistral with its own BPE tokenizer (no chat template): nothing shared with SmolLM2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                        sliding_window=None, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_a_student_of_another_tokenizer_trains_from_a_soft_label_cache(cls):
+    """Soft labels are a distribution over label names: a student of another family and tokenizer learns
+    from the SmolLM2-tokenizer cache (the data fingerprint and label set still must match)."""
+    from conftest import CLASS_ROWS
+
+    from distill.models import load_tokenizer, tokenizer_hash
+
+    tmp, recipe = cls
+    texts = [t for t, _ in CLASS_ROWS] + ["billing delivery login Classify the message. Answer with one of:"]
+    student = _other_family_student(tmp / "mistral-student", texts * 4)
+    manifest = cache_mod.read_manifest(tmp / "work" / "cache")
+    assert manifest.kind == "soft_labels" and manifest.tokenizer_hash != tokenizer_hash(load_tokenizer(student))
+    r = _recipe_variant(tmp, recipe, "other-tok", alpha=1.0, max_steps=3, grad_accum=1, student={"model": student})
+    out = run_train(load_recipe(r), out=str(tmp / "other-tok"))
+    steps = steps_of(out)
+    assert len(steps) == 3 and all(s["kd"] > 0 for s in steps)
+    assert json.loads((out / "training.json").read_text())["best"]["val_kd"] > 0
+
+
+def test_tensorboard_events_hold_the_loss_terms_and_the_model_card_gets_the_holdout_f1(cls):
+    """train.report_to: [tensorboard] logs KD and CE per step through accelerate's tracker; the model
+    directory's README.md names the teacher, and `distill eval` adds its holdout macro-F1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distill.evaluation import run_eval
+
+    tmp, recipe = cls
+    r = _recipe_variant(tmp, recipe, "tb", report_to=["tensorboard"], max_steps=3, grad_accum=1)
+    out = run_train(load_recipe(r), out=str(tmp / "tb"))
+    events = sorted(out.glob("logs/**/events.out.tfevents.*"))
+    assert events, sorted(p.name for p in out.rglob("*"))
+    ea = EventAccumulator(str(events[0].parent))
+    ea.Reload()
+    assert {"train/kd", "train/ce", "train/loss", "eval/val_f1"} <= set(ea.Tags()["scalars"])
+    logged = steps_of(out)
+    assert [e.value for e in ea.Scalars("train/kd")] == pytest.approx([s["kd"] for s in logged], rel=1e-6)
+    assert [e.value for e in ea.Scalars("train/ce")] == pytest.approx([s["ce"] for s in logged], rel=1e-6)
+    card = (out / "README.md").read_text()
+    assert f"| teacher | {load_recipe(r).teacher} |" in card and "base_model:" in card
+    report = run_eval(str(out), load_recipe(r), split="holdout", out=str(tmp / "tb-eval"))
+    card = (out / "README.md").read_text()
+    assert f"| holdout | {report['n']} | {report['accuracy']:.4f} | {report['macro_f1']:.4f} |" in card

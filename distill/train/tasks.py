@@ -37,8 +37,8 @@ def embedding_rows(model) -> int:
 
 
 def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, model) -> cache_mod.Manifest:
-    """The cache's manifest, refused when it was made for other data, another tokenizer or label set,
-    or the other task type."""
+    """The cache's manifest, refused when it was made for other data or label set, for the other task
+    type, or (top-k caches) with another tokenizer."""
     manifest = cache_mod.read_manifest(cache_dir)
     if manifest.kind != kind:
         raise UsageError(f"{cache_dir}: a {manifest.kind} cache, but task.type {recipe.task.type!r} in "
@@ -46,7 +46,8 @@ def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, 
     if manifest.data_fingerprint != splits.fingerprint:
         raise UsageError(f"{cache_dir}: made for other data (fingerprint {manifest.data_fingerprint}, "
                          f"this recipe's data is {splits.fingerprint}); run `distill generate` again")
-    if manifest.tokenizer_hash != tokenizer_hash(tok):
+    # soft labels are a distribution over label names, so any student can learn them; top-k rows are token ids
+    if kind == "topk" and manifest.tokenizer_hash != tokenizer_hash(tok):
         raise UsageError(f"{cache_dir}: made with a different tokenizer (hash {manifest.tokenizer_hash}, the "
                          f"student's is {tokenizer_hash(tok)}); teacher and student must share a tokenizer")
     if manifest.labels != splits.labels:
