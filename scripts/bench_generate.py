@@ -180,7 +180,7 @@ def time_backend(label, teacher, start_s, seqs, positions, prompts, sampling, ar
     return r
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default=str(ROOT / "teachers" / "smollm2-135m-instruct.yaml"))
     ap.add_argument("--examples", type=int, default=48)
@@ -195,12 +195,66 @@ def main():
                     help="torch threads for the transformers backend (0: torch's default). On a busy machine 1 can be "
                          "much faster than 2: OpenMP threads spin-wait for each other")
     ap.add_argument("--out", default="bench_generate.json")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def time_engines(backends, spec, model_path, tok, rows, kmax, seqs, positions, prompts, sampling, args, ref) -> dict:
+    """Rates of the vLLM engine and of a vLLM server started for the run, each against `ref`."""
+    results = {}
+    if "vllm" in backends:
+        from distill.teacher.vllm_engine import VLLMTeacher
+
+        t0 = time.perf_counter()
+        eng = VLLMTeacher(model_path, spec, args.k, vocab_limit=len(tok), vocab_rows=rows)
+        results["vllm"] = time_backend("vllm engine", eng, time.perf_counter() - t0, seqs, positions, prompts,
+                                       sampling, args, ref)
+        eng.close()
+        del eng
+        gc.collect()
+
+    if "server" in backends:
+        from distill.teacher.serve import ServedTeacher
+        from distill.teacher.server import ServerTeacher
+
+        t0 = time.perf_counter()
+        with ServedTeacher(spec, model_path=model_path, max_logprobs=kmax,
+                           log_file=Path(args.out).with_suffix(".server.log")) as srv:
+            cli = ServerTeacher(spec, tok, args.k, vocab_rows=rows, urls=[srv.url], model_path=model_path)
+            results["server"] = time_backend("vllm server", cli, time.perf_counter() - t0, seqs, positions, prompts,
+                                             sampling, args, ref)
+            cli.close()
+    return results
+
+
+def print_default_ratio(results: dict, spec) -> None:
+    """What `auto` picks here, against the fastest backend measured in this run."""
+    from distill.teacher import pick_backend
+
+    default = pick_backend("auto", spec)
+    for what in ("score_tok_s", "generate_tok_s"):
+        best = max(results, key=lambda b: results[b][what])
+        if default in results:
+            ratio = results[default][what] / results[best][what]
+            print(f"default backend here: {default}; {what}: {ratio:.2f} of the fastest ({best})"
+                  f"{'' if ratio >= 0.9 else ' -- more than 10% slower'}", flush=True)
+
+
+def print_cache_table(report: dict) -> None:
+    print(f"\ncache (codec {report['codec']}): bytes per target token and reconstruction error")
+    print(f"{'k':>4} {'top-k B/tok':>11} {'shard B/tok':>11} {'plain B/tok':>11} {'KL mean':>9} {'KL max':>9} {'KL T=2':>9}")
+    for k, r in report["cache"].items():
+        print(f"{k:>4} {r['bytes_per_token_topk']:>11.1f} {r['bytes_per_token_shard']:>11.1f} "
+              f"{r['plain_bytes_per_token_shard']:>11.1f} {r['kl_mean']:>9.1e} {r['kl_max']:>9.1e} {r['kl_mean_T2']:>9.1e}")
+
+
+def main():
+    args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
 
+    from distill import cache as cache_mod
     from distill.config import resolve_teacher
     from distill.generate import model_vocab_rows, stop_ids
     from distill.models import load_tokenizer, resolve_model_path
@@ -243,50 +297,15 @@ def main():
     del hf
     gc.collect()
 
-    if "vllm" in backends:
-        from distill.teacher.vllm_engine import VLLMTeacher
-
-        t0 = time.perf_counter()
-        eng = VLLMTeacher(model_path, spec, args.k, vocab_limit=len(tok), vocab_rows=rows)
-        results["vllm"] = time_backend("vllm engine", eng, time.perf_counter() - t0, seqs, positions, prompts,
-                                       sampling, args, ref)
-        eng.close()
-        del eng
-        gc.collect()
-
-    if "server" in backends:
-        from distill.teacher.serve import ServedTeacher
-        from distill.teacher.server import ServerTeacher
-
-        t0 = time.perf_counter()
-        with ServedTeacher(spec, model_path=model_path, max_logprobs=kmax,
-                           log_file=Path(args.out).with_suffix(".server.log")) as srv:
-            cli = ServerTeacher(spec, tok, args.k, vocab_rows=rows, urls=[srv.url], model_path=model_path)
-            results["server"] = time_backend("vllm server", cli, time.perf_counter() - t0, seqs, positions, prompts,
-                                             sampling, args, ref)
-            cli.close()
+    results.update(time_engines(backends, spec, model_path, tok, rows, kmax, seqs, positions, prompts, sampling, args,
+                                ref))
     report["backends"] = results
-    if results:  # what `auto` picks here, against the fastest backend measured in this run
-        from distill.teacher import pick_backend
-
-        default = pick_backend("auto", spec)
-        for what in ("score_tok_s", "generate_tok_s"):
-            best = max(results, key=lambda b: results[b][what])
-            if default in results:
-                ratio = results[default][what] / results[best][what]
-                print(f"default backend here: {default}; {what}: {ratio:.2f} of the fastest ({best})"
-                      f"{'' if ratio >= 0.9 else ' -- more than 10% slower'}", flush=True)
+    if results:
+        print_default_ratio(results, spec)
 
     report["cache"] = compression(ref_full, seqs, positions, rows, ks, args.bits)
-    from distill import cache as cache_mod
-
-    codec = {**cache_mod.DEFAULT_CODEC, **({"bits": args.bits} if args.bits else {})}
-    report["codec"] = codec
-    print(f"\ncache (codec {codec}): bytes per target token and reconstruction error")
-    print(f"{'k':>4} {'top-k B/tok':>11} {'shard B/tok':>11} {'plain B/tok':>11} {'KL mean':>9} {'KL max':>9} {'KL T=2':>9}")
-    for k, r in report["cache"].items():
-        print(f"{k:>4} {r['bytes_per_token_topk']:>11.1f} {r['bytes_per_token_shard']:>11.1f} "
-              f"{r['plain_bytes_per_token_shard']:>11.1f} {r['kl_mean']:>9.1e} {r['kl_max']:>9.1e} {r['kl_mean_T2']:>9.1e}")
+    report["codec"] = {**cache_mod.DEFAULT_CODEC, **({"bits": args.bits} if args.bits else {})}
+    print_cache_table(report)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\nwritten: {args.out}")
 
