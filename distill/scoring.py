@@ -1,73 +1,138 @@
-"""Scoring every label of a classification example in one forward pass.
+"""Scoring every label of a classification example in one forward pass over a prefix tree.
 
-The prompt is followed by all label answers packed into one sequence; a 4-D attention mask lets each
-answer token see the prompt and the earlier tokens of its own answer only, and position ids restart
-after the prompt for each answer. The cost is prompt + the sum of answer lengths, not the product of
-prompt length and label count, and the result equals scoring each answer separately.
-Only the positions that predict answer tokens go through the (vocabulary-sized) output layer.
+The label answers' token ids form a prefix tree (trie); its nodes are laid out once after the
+prompt, so an answer prefix that several labels share (the chat template's tokens, a common first
+word) is fed once. A 4-D attention mask lets each node see the prompt and its own ancestors only,
+and a node's position id is the prompt length plus its depth, so every answer token sees exactly
+what it would see in a plain pass over prompt + answer: the result equals scoring each answer
+separately. A token's log-probability is read at its parent node's position (the first token's at
+the last prompt position), so a leaf (an answer's last token, unless another answer goes on from
+it) is never fed, and only the fed positions go through the vocabulary-sized output layer.
+Cost: prompt + inner trie nodes, not prompt x labels nor prompt + all answer tokens.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 
-def pack_batch(prompts: list[list[int]], label_ids: list[list[int]], pad_id: int):
-    """Left-pad prompts so every row shares one layout: [pad | prompt | answer 1 | answer 2 | ...].
+@dataclass(frozen=True)
+class TrieLayout:
+    """The label answers' prefix tree, as fed after a (left-padded) prompt of width P.
 
-    Returns input ids, a boolean [B, S, S] "may attend" matrix, position ids, the positions whose
-    logits predict answer tokens (one list for all rows), the answer tokens, and which label each
-    answer token belongs to.
+    Only inner nodes (those with children) are fed: inner node r sits at position P + r, parents
+    before children. A leaf's token predicts nothing, so it is only read, never fed. Every fed
+    position, and the last prompt token, predicts some node: logits are kept at the last F + 1
+    positions, and `col[i]` is the one that predicts node i (0: the last prompt token, 1 + r: inner node r).
+    The `pair_*` tensors list every answer token as (label, node), for summing a label's path.
     """
-    P = max(len(p) for p in prompts)
-    lab_total = sum(len(x) for x in label_ids)
-    S = P + lab_total
-    B = len(prompts)
+
+    tokens: torch.Tensor      # [N] every node's token id
+    col: torch.Tensor         # [N]
+    fed_tokens: torch.Tensor  # [F] the inner nodes' token ids, in feeding order
+    fed_depth: torch.Tensor   # [F] 0 for an answer's first token
+    ancestors: torch.Tensor   # [F, F] bool: inner node r may attend inner node q (q is r or one of its ancestors)
+    pair_label: torch.Tensor  # [T]
+    pair_node: torch.Tensor   # [T]
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_fed(self) -> int:
+        return len(self.fed_tokens)
+
+
+def trie_layout(label_ids) -> TrieLayout:
+    """The prefix tree of `label_ids` (one token id list per label); cached, as callers pass the same labels every batch."""
+    return _trie_layout(tuple(tuple(int(t) for t in lab) for lab in label_ids))
+
+
+def _build_trie(label_ids):
+    """Nodes in creation order (each parent before its children) and each label's path through them."""
+    children: dict[tuple[int, int], int] = {}  # (parent node or -1, token) -> node
+    tokens, parent, depth, paths = [], [], [], []
+    for j, lab in enumerate(label_ids):
+        if not lab:
+            raise ValueError(f"label {j} has an empty answer (no token ids); cannot score it")
+        node, path = -1, []
+        for d, t in enumerate(lab):
+            if (node, t) not in children:
+                children[(node, t)] = len(tokens)
+                tokens.append(t)
+                parent.append(node)
+                depth.append(d)
+            node = children[(node, t)]
+            path.append(node)
+        paths.append(path)
+    return tokens, parent, depth, paths
+
+
+@lru_cache(maxsize=16)
+def _trie_layout(label_ids: tuple[tuple[int, ...], ...]) -> TrieLayout:
+    tokens, parent, depth, paths = _build_trie(label_ids)
+    fed = sorted({p for p in parent if p >= 0})
+    rank = {node: r for r, node in enumerate(fed)}
+    ancestors = torch.zeros((len(fed), len(fed)), dtype=torch.bool)
+    for r, node in enumerate(fed):
+        if parent[node] >= 0:
+            ancestors[r] = ancestors[rank[parent[node]]]
+        ancestors[r, r] = True
+    pairs = [(j, node) for j, path in enumerate(paths) for node in path]
+    return TrieLayout(_long(tokens), _long([0 if p < 0 else 1 + rank[p] for p in parent]),
+                      _long([tokens[n] for n in fed]), _long([depth[n] for n in fed]), ancestors,
+                      _long([j for j, _ in pairs]), _long([n for _, n in pairs]))
+
+
+def _long(xs) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.long)
+
+
+def trie_batch(prompts: list[list[int]], layout: TrieLayout, pad_id: int):
+    """Left-pad prompts so every row shares one layout: [pad | prompt | inner trie nodes].
+
+    Returns input ids [B, S] (S = P + F), a boolean [B, S, S] "may attend" matrix and position ids [B, S].
+    """
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = P + layout.n_fed
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    start = P - lens
     input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-    positions = torch.zeros((B, S), dtype=torch.long)
-    allowed = torch.zeros((B, S, S), dtype=torch.bool)
-    causal = torch.ones((S, S), dtype=torch.bool).tril()
-    answers = torch.tensor([t for lab in label_ids for t in lab], dtype=torch.long)
-    owner = torch.tensor([j for j, lab in enumerate(label_ids) for _ in lab], dtype=torch.long)
-    pred_pos, cur = [], P
-    for lab in label_ids:
-        pred_pos += [P - 1] + list(range(cur, cur + len(lab) - 1))
-        cur += len(lab)
-    input_ids[:, P:] = answers
     for b, p in enumerate(prompts):
-        start = P - len(p)
-        input_ids[b, start:P] = torch.tensor(p)
-        positions[b, start:P] = torch.arange(len(p))
-        allowed[b, start:P, start:P] = causal[: len(p), : len(p)]
-        for i in range(start):  # padding attends to itself only (keeps softmax finite)
-            allowed[b, i, i] = True
-        cur = P
-        for lab in label_ids:
-            L = len(lab)
-            positions[b, cur:cur + L] = torch.arange(len(p), len(p) + L)
-            allowed[b, cur:cur + L, start:P] = True
-            allowed[b, cur:cur + L, cur:cur + L] = causal[:L, :L]
-            cur += L
-    return input_ids, allowed, positions, torch.tensor(pred_pos), answers, owner
+        input_ids[b, P - len(p):P] = torch.as_tensor(p, dtype=torch.long)
+    input_ids[:, P:] = layout.fed_tokens
+    idx = torch.arange(S)
+    positions = (idx[None, :P] - start[:, None]).clamp(min=0)  # padding at position 0
+    positions = torch.cat([positions, lens[:, None] + layout.fed_depth[None]], dim=1)
+    in_prompt = (idx[None] >= start[:, None]) & (idx[None] < P)
+    allowed = in_prompt[:, None, :] & torch.ones((S, S), dtype=torch.bool).tril()[None]
+    allowed[:, P:, P:] = layout.ancestors
+    allowed[:, idx, idx] = True  # padding attends to itself only (keeps softmax finite)
+    return input_ids, allowed, positions
 
 
 def label_logprobs(model, prompts, label_ids, pad_id: int) -> torch.Tensor:
     """[B, n_labels] log-probabilities of each full label answer given each prompt (differentiable).
 
     Goes through the model's own forward (so DDP, DeepSpeed and PEFT wrappers see the call), asking
-    for logits only at the answer-predicting positions via `logits_to_keep`.
+    for logits via `logits_to_keep` only at the positions that predict answer tokens, each once.
     """
-    input_ids, allowed, positions, pred_pos, answers, owner = pack_batch(prompts, label_ids, pad_id)
+    layout = trie_layout(label_ids)
+    input_ids, allowed, positions = trie_batch(prompts, layout, pad_id)
     param = next(model.parameters())
     device = param.device
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
-                   position_ids=positions.to(device), logits_to_keep=pred_pos.to(device), use_cache=False).logits
+                   position_ids=positions.to(device), logits_to_keep=layout.n_fed + 1, use_cache=False).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
-    tok_lp = logp.gather(-1, answers.to(device).expand(len(prompts), -1)[..., None]).squeeze(-1)
-    out = torch.zeros((len(prompts), len(label_ids)), dtype=tok_lp.dtype, device=device)
-    return out.index_add(1, owner.to(device), tok_lp)
+    node_lp = logp[:, layout.col.to(device), layout.tokens.to(device)]  # [B, N]
+    out = torch.zeros((len(prompts), len(label_ids)), dtype=node_lp.dtype, device=device)
+    return out.index_add(1, layout.pair_label.to(device), node_lp[:, layout.pair_node.to(device)])
 
 
 @torch.no_grad()

@@ -1,0 +1,118 @@
+"""Prefix-tree label scoring: the same numbers and gradients as one plain forward per label, fewer tokens."""
+import pytest
+import torch
+
+from distill.scoring import label_logprobs, trie_batch, trie_layout
+
+VOCAB = 64
+PROMPTS = [[1, 5, 9, 30, 44], [7, 8], [3, 3, 3, 3, 3, 3, 3, 12]]  # different lengths: left padding
+LABEL_SETS = {
+    "shared_prefixes": [[10, 11, 12, 2], [10, 11, 13, 2], [10, 14, 2], [15, 16, 2]],
+    "prefix_of_another": [[10, 11], [10, 11, 12, 2], [10, 11, 12], [20]],
+    "identical_first_tokens": [[10, 2], [10, 3], [10, 4], [10, 5, 6]],
+    "no_sharing": [[21, 2], [22], [23, 24, 25]],
+}
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation=request.param)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # larger logits than the default init, so distributions are not flat
+        m.model.embed_tokens.weight.normal_(0, 1.0)
+        m.lm_head.weight.normal_(0, 0.5)
+    return m
+
+
+def per_label_scores(model, prompts, labels) -> torch.Tensor:
+    """The plain computation: one causal forward over prompt + answer per (prompt, label); differentiable."""
+    rows = []
+    for p in prompts:
+        row = []
+        for lab in labels:
+            logp = torch.log_softmax(model(torch.tensor([p + lab])).logits[0].float(), -1)
+            pred = torch.arange(len(p) - 1, len(p) + len(lab) - 1)
+            row.append(logp[pred, torch.tensor(lab)].sum())
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+def test_trie_scores_equal_one_forward_per_label(model, name):
+    labels = LABEL_SETS[name]
+    with torch.no_grad():
+        got = label_logprobs(model, PROMPTS, labels, pad_id=0)
+        ref = per_label_scores(model, PROMPTS, labels)
+    assert got.shape == (len(PROMPTS), len(labels)) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert (got[:, None] - got[:, :, None]).abs().max() > 1e-3  # labels are told apart, not all equal
+
+
+def test_gradients_equal_the_per_label_computation(model):
+    labels = LABEL_SETS["prefix_of_another"]
+    weights = torch.randn(len(PROMPTS), len(labels), generator=torch.Generator().manual_seed(1))
+    param = model.model.layers[0].self_attn.q_proj.weight
+    grads = []
+    for fn in (label_logprobs, lambda m, p, lab, pad_id: per_label_scores(m, p, lab)):
+        model.zero_grad()
+        (fn(model, PROMPTS, labels, pad_id=0) * weights).sum().backward()
+        grads.append(param.grad.clone())
+    model.zero_grad()
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+def test_layout_feeds_each_answer_prefix_that_goes_on_once(name):
+    labels = LABEL_SETS[name]
+    layout = trie_layout(labels)
+    goes_on = {tuple(lab[:k]) for lab in labels for k in range(1, len(lab))}  # prefixes some answer extends
+    assert layout.n_fed == len(goes_on)
+    assert layout.n_nodes == len({tuple(lab[:k]) for lab in labels for k in range(1, len(lab) + 1)})
+    assert sorted(set(layout.col.tolist())) == list(range(layout.n_fed + 1))  # every kept logits row is read
+    ids, allowed, positions = trie_batch(PROMPTS, layout, pad_id=0)
+    P = max(map(len, PROMPTS))
+    S = P + layout.n_fed
+    assert ids.shape == positions.shape == (3, S) and allowed.shape == (3, S, S)
+
+
+def test_inner_node_sees_its_prompt_and_ancestors_at_its_depth():
+    labels = LABEL_SETS["shared_prefixes"]  # inner nodes fed: 10, 11, 12, 13, 14, 15, 16; the four 2s are leaves
+    layout = trie_layout(labels)
+    assert layout.fed_tokens.tolist() == [10, 11, 12, 13, 14, 15, 16]
+    ids, allowed, positions = trie_batch(PROMPTS, layout, pad_id=0)
+    P = max(map(len, PROMPTS))
+    r = 3  # the node for [10, 11, 13]
+    assert ids[0, P + r] == 13 and positions[:, P + r].tolist() == [len(p) + 2 for p in PROMPTS]
+    assert allowed[0, P + r, P:].nonzero().flatten().tolist() == [0, 1, r]
+    assert allowed[1, P + r, :P].tolist() == [False] * (P - 2) + [True, True]  # row 1's prompt, not its padding
+
+
+def test_logits_kept_once_per_predicting_position(model):
+    seen = {}
+
+    class Spy(torch.nn.Module):  # a wrapper in the way DDP or PEFT would be: the call must go through it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            seen.update(kw)
+            return self.inner(**kw)
+
+    labels = LABEL_SETS["prefix_of_another"]  # nodes 10, 11, 12, 2, 20: 10, 11 and 12 have children
+    with torch.no_grad():
+        label_logprobs(Spy(model), PROMPTS, labels, pad_id=0)
+    P = max(map(len, PROMPTS))
+    assert seen["input_ids"].shape[1] == P + 3  # 10, 11, 12 fed; the leaves 2 and 20 only read
+    assert seen["logits_to_keep"] == 4  # the last prompt token and the three fed nodes
+
+
+def test_empty_answer_is_refused():
+    with pytest.raises(ValueError, match="label 1 has an empty answer"):
+        trie_layout([[1, 2], []])
