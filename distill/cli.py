@@ -118,7 +118,7 @@ def serve_teacher(teacher_spec, port, host):
     spec; prints the URL once GET /health answers; Ctrl-C or SIGTERM stops the server and its workers.
     """
     from .config import resolve_teacher
-    from .serve import serve_forever
+    from .teacher.serve import serve_forever
 
     serve_forever(resolve_teacher(teacher_spec), port, host, echo=click.echo)
 
@@ -186,7 +186,9 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
     matrix as PNG and CSV, and predictions.jsonl.
     """
     if model.endswith(".gguf"):  # llama.cpp's OpenMP threads must sleep, not spin, beside torch
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from .llamacpp import passive_openmp
+
+        passive_openmp()
     from .evaluation import format_report, run_eval
 
     r = _load(recipe_path, sets)
@@ -246,7 +248,9 @@ def bench(recipe_path, teacher, students, data, batch_size, latency_examples, li
 
     Writes bench.md (table), bench.json and bench.png (quality vs latency).
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the per-model processes
+    from .llamacpp import passive_openmp
+
+    passive_openmp()  # inherited by the per-model processes
     from .bench import run_bench
 
     report = run_bench(_load(recipe_path, sets), teacher, list(students), data=data, batch_size=batch_size,

@@ -195,11 +195,6 @@ class TrainConfig:
     lora: LoraConfig | None = None
     student: StudentConfig = field(default_factory=StudentConfig)
 
-    @property
-    def max_length(self) -> int:
-        """Deprecated: moved to `task.max_length`. Kept only while modules still read it here."""
-        return self._task.max_length
-
 
 @dataclass
 class Recipe:
@@ -210,9 +205,6 @@ class Recipe:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     path: str | None = None  # where it was read from (set by the loader)
-
-    def __post_init__(self):
-        self.train._task = self.task  # for the deprecated `train.max_length` (remove with it)
 
     def __str__(self) -> str:  # messages name a recipe by its file
         return self.path or "recipe"

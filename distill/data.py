@@ -11,7 +11,7 @@ from pathlib import Path
 from . import default_task
 from .config import TaskConfig
 from .errors import UsageError
-from .io import atomic_write_text
+from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 

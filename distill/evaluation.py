@@ -185,7 +185,16 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
                     "probs": torch.softmax(s, -1).round(decimals=4).tolist()}) + "\n"
         for ex, p, s in zip(examples, y_pred, scores)))
     report["out_dir"] = str(out_dir)
+    if Path(model_ref).is_dir():  # the model card of a model distill trained shows its measured figures
+        from .model_card import add_evaluation
+
+        add_evaluation(Path(model_ref), _data_name(split, data, shots, limit), report)
     return report
+
+
+def _data_name(split: str, data: str | None, shots: int, limit: int | None) -> str:
+    name = Path(data).name if data else split
+    return name + (f", {shots}-shot" if shots else "") + (f", sample of {limit}" if limit else "")
 
 
 def format_report(report: dict, labels: list[str]) -> str:

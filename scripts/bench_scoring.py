@@ -91,7 +91,7 @@ def task_prompts(recipe_path: str, tok, n: int):
     task = recipe.task
     examples = validate_rows(read_rows(task.data), task, label_set(task, recipe_path), task.data)
     labels = label_set(task, recipe_path) or sorted({ex["label"] for ex in examples})
-    enc, label_ids = encode_classification(tok, task, labels, examples[:n], max_length=recipe.train.max_length)
+    enc, label_ids = encode_classification(tok, task, labels, examples[:n], max_length=recipe.task.max_length)
     return [e.prompt for e in enc], label_ids
 
 

@@ -656,9 +656,9 @@ def test_tensorboard_events_hold_the_loss_terms_and_the_model_card_gets_the_hold
     tmp, recipe = cls
     r = _recipe_variant(tmp, recipe, "tb", report_to=["tensorboard"], max_steps=3, grad_accum=1)
     out = run_train(load_recipe(r), out=str(tmp / "tb"))
-    events = sorted(out.glob("logs/**/events.out.tfevents.*"))
-    assert events, sorted(p.name for p in out.rglob("*"))
-    ea = EventAccumulator(str(events[0].parent))
+    run_dir = out / "logs" / load_recipe(r).name  # accelerate's tensorboard tracker: one directory per run name
+    assert list(run_dir.glob("events.out.tfevents.*")), sorted(str(p) for p in out.rglob("*"))
+    ea = EventAccumulator(str(run_dir))
     ea.Reload()
     assert {"train/kd", "train/ce", "train/loss", "eval/val_f1"} <= set(ea.Tags()["scalars"])
     logged = steps_of(out)

@@ -203,7 +203,7 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
         configure_deepspeed(acc, cfg, world)
     # the scheduler is stepped by the loop, once per optimizer step (accelerate would step it once per process)
     model, optimizer = acc.prepare(p.model, optimizer)
-    if acc.trackers:
+    if cfg.report_to:
         acc.init_trackers(recipe.name, config=tracker_config(cfg))  # tensorboard: OUT/logs/NAME/
     ckpt = Checkpointer(out_dir / "checkpoints", acc, model, optimizer, scheduler, rank, world, cfg.keep_checkpoints)
     identity = {"data_fingerprint": p.splits.fingerprint, "base": str(p.base_path), "task_type": recipe.task.type,
