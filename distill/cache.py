@@ -27,7 +27,6 @@ cover its examples once each, in order.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -40,7 +39,7 @@ from safetensors.torch import load_file, save
 
 from . import topk_codec
 from .errors import DistillError, UsageError
-from .fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from .fileio import atomic_write_bytes, atomic_write_text, directory_lock, sha256_file
 
 FORMAT_VERSION = 2
 IDENTITY_KEYS = ("kind", "teacher", "tokenizer_hash", "k", "data_fingerprint", "labels", "max_length", "responses")
@@ -121,30 +120,9 @@ def open_for_writing(cache_dir: str | Path, wanted: Manifest) -> Manifest:
     return wanted
 
 
-@contextlib.contextmanager
 def writer_lock(cache_dir: str | Path):
     """Hold `cache_dir/.lock` while writing; a second writer is refused (the OS frees it on any exit)."""
-    import fcntl
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / ".lock"
-    f = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UsageError(f"{cache_dir}: another `distill generate` ({holder}) is writing this cache; "
-                             "wait for it or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        yield
-    finally:
-        f.close()
+    return directory_lock(cache_dir, "another `distill generate` ({holder}) is writing this cache; wait for it or stop it")
 
 
 def _shard_ok(cache_dir: Path, s: dict) -> bool:

@@ -1,6 +1,7 @@
 """Atomic file writes: a file the tool writes appears complete or not at all."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -9,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import DistillError
+from .errors import DistillError, UsageError
 
 
 def disk_full(path, e: OSError) -> DistillError:
@@ -127,3 +128,28 @@ def pause_point(name: str) -> None:
     _pause_hits[name] = _pause_hits.get(name, 0) + 1
     if not nth or _pause_hits[name] == int(nth):
         time.sleep(float(secs))
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path, refusal: str):
+    """Hold DIRECTORY/.lock while writing there; a second writer is refused with `refusal` (which may
+    name the holder as {holder}). The OS frees the lock on any exit, a SIGKILL included."""
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UsageError(f"{directory}: " + refusal.format(holder=holder)) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()

@@ -38,6 +38,11 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
     (the schedule stays that of the whole run), to be continued with resume=True.
     """
     run = setup(recipe, cache, out, init_from, stop_after_steps)
+    with run.out_lock:
+        return _train(run, resume)
+
+
+def _train(run: Run, resume: bool) -> Path:
     state = restore_or_start(run, resume)
     bar = tqdm(total=run.total_batches, initial=state.micro_batch, desc="train", unit="batch", disable=not run.main)
     run.acc.step = 0  # micro-batches since the last optimizer step: a resumed run starts at a step boundary
