@@ -147,6 +147,8 @@ class StudentConfig:
     num_layers: int | None = num(None, ge=1)  # or keep this many, evenly spaced, first and last included
     # "4bit": QLoRA (the frozen base in 4-bit NF4 via bitsandbytes; needs train.lora and a CUDA GPU)
     quantization: Quantization | None = None
+    # classification: one added token per label, P(label | prompt) read at one position (distill/label_tokens.py)
+    label_tokens: bool = True
 
 
 @dataclass

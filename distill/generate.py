@@ -27,7 +27,7 @@ from .data import prepare_splits
 from .errors import UsageError
 from .fileio import pause_point
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
-from .prompts import _end_of_turn_id, encode_classification, encode_generation, generation_prompt
+from .prompts import end_of_turn_id, encode_classification, encode_generation, generation_prompt
 from .teacher import make_backend, pick_backend
 from .teacher.common import Sampling
 
@@ -61,7 +61,7 @@ def versions() -> dict:
 def stop_ids(tok) -> list[int]:
     """Tokens that end a teacher-written response: end of turn and end of sequence."""
     out = []
-    for t in (_end_of_turn_id(tok), tok.eos_token_id):
+    for t in (end_of_turn_id(tok), tok.eos_token_id):
         if isinstance(t, int) and t >= 0 and t not in out:
             out.append(t)
     return out

@@ -25,6 +25,8 @@ def write_model_card(model_dir: Path, summary: dict, recipe) -> None:
             ("teacher cache", summary["cache"] or "none"),
             ("loss", f"alpha {summary['alpha']} * T^2 * {summary['loss']} {summary['loss_params'] or ''}".rstrip()
              + f" + (1 - alpha) * CE, T = {summary['temperature']}"),
+            ("answers", "one label token per label, read at one position" if summary.get("label_tokens")
+             else "the model's own text"),
             ("layers / parameters", f"{summary['layers']} / {summary['parameters']:,}"),
             ("training", f"{summary['steps']} optimizer steps on {summary['train_examples']} examples, "
                          f"{summary['seconds']} s, {summary['world_size']} process(es)"),

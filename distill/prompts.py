@@ -8,14 +8,49 @@ turn; the response tokens are the targets.
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 
 from .config import TaskConfig
 from .errors import UsageError
+from .label_tokens import label_token_ids
+
+log = logging.getLogger(__name__)
+
+
+# A rendered template's content slots: private-use characters around the message index.
+_SLOT = "\ue000{}\ue001"
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 def _has_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
+
+
+def text_ids(tok, text) -> list[int]:
+    """User text as tokens of plain text: a control token or label token written in the data stays
+    text (`split_special_tokens`). Already tokenized text (a list of ids) is returned as is."""
+    if isinstance(text, list):
+        return text
+    return tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """A chat through the model's template: the template's own text tokenized as the template says,
+    each message's content as plain text (`text_ids`), so no row of data can forge a turn."""
+    marked = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
+    rendered = tok.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    parts = _SLOT_RE.split(rendered)
+    if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
+        raise UsageError("the tokenizer's chat template rewrites message contents; distill cannot place the text")
+    ids = []
+    for j, part in enumerate(parts):
+        if j % 2:
+            ids += text_ids(tok, messages[int(part)]["content"])
+        elif part:
+            ids += tok(part, add_special_tokens=False).input_ids
+    return ids
 
 
 def system_text(task: TaskConfig, labels: list[str] | None) -> str:
@@ -25,19 +60,19 @@ def system_text(task: TaskConfig, labels: list[str] | None) -> str:
     return text
 
 
-def prompt_ids(tok, task: TaskConfig, labels, user_text: str, shots=()) -> list[int]:
-    """The prompt for one example; `shots` are earlier (text, answer) turns for few-shot prompting."""
+def prompt_ids(tok, task: TaskConfig, labels, user_text, shots=()) -> list[int]:
+    """The prompt for one example; `shots` are earlier (text, answer) turns for few-shot prompting.
+    user_text may be given as token ids (a text cut by tokens)."""
     system = system_text(task, labels)
     if _has_template(tok):
         msgs = [{"role": "system", "content": system}] if system else []
         for text, answer in shots:
             msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         msgs.append({"role": "user", "content": user_text})
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False).input_ids
-    text = (system + "\n\n" if system else "")
-    text += "".join(f"{t}\nAnswer: {a}\n\n" for t, a in shots)
-    return tok(text + user_text + "\nAnswer:").input_ids
+        return chat_ids(tok, msgs, add_generation_prompt=True)
+    head = (system + "\n\n" if system else "") + "".join(f"{t}\nAnswer: {a}\n\n" for t, a in shots)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("").input_ids[:1] == [tok.bos_token_id] else []
+    return bos + text_ids(tok, head) + text_ids(tok, user_text) + text_ids(tok, "\nAnswer:")
 
 
 def answer_ids(tok, task: TaskConfig, labels, answer: str) -> list[int]:
@@ -48,19 +83,28 @@ def answer_ids(tok, task: TaskConfig, labels, answer: str) -> list[int]:
         system = system_text(task, labels)
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": probe}, {"role": "assistant", "content": answer}]
-        full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False).input_ids
+        full = chat_ids(tok, msgs, add_generation_prompt=False)
         if full[: len(p)] != p:
             raise ValueError("the chat template does not extend the prompt with the answer; cannot score labels")
         ids = full[len(p):]
-        end = _end_of_turn_id(tok)
+        end = end_of_turn_id(tok)
         if end is not None and end in ids:
             ids = ids[: ids.index(end) + 1]
         return ids
-    ids = tok(" " + answer, add_special_tokens=False).input_ids
+    ids = text_ids(tok, " " + answer)
     return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
 
 
-def _end_of_turn_id(tok):
+def label_answers(tok, task: TaskConfig, labels: list[str]) -> list[list[int]]:
+    """What is scored for each label: its label token alone when the model has label tokens (one
+    position after the prompt), else its full assistant answer (scored over a prefix tree)."""
+    tokens = label_token_ids(tok, labels)
+    if tokens is not None:
+        return [[t] for t in tokens]
+    return [answer_ids(tok, task, labels, lab) for lab in labels]
+
+
+def end_of_turn_id(tok):
     for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
         i = tok.convert_tokens_to_ids(t)
         if isinstance(i, int) and i != tok.unk_token_id and i is not None and i >= 0:
@@ -81,31 +125,44 @@ def encode_classification(tok, task, labels, examples, max_length: int | None = 
 
     `max_length` bounds the prompt plus its longest answer, the tokens a causal model sees at once.
     """
-    label_ids = [answer_ids(tok, task, labels, lab) for lab in labels]
+    label_ids = label_answers(tok, task, labels)
     shot_pairs = [(s["text"], s["label"]) for s in shots]
-    out = []
+    out, cut_by_tokens = [], []
     budget = None if max_length is None else max_length - max(len(x) for x in label_ids)
     for ex in examples:
         ids = prompt_ids(tok, task, labels, ex["text"], shot_pairs)
         if budget is not None and len(ids) > budget:
-            ids = _truncate_prompt(tok, task, labels, ex["text"], budget, shot_pairs)
+            ids, by_tokens = _truncate_prompt(tok, task, labels, ex["text"], budget, shot_pairs)
+            if by_tokens:
+                cut_by_tokens.append(ex.get("id"))
         out.append(Encoded(ids, labels.index(ex["label"]) if ex.get("label") in labels else None))
+    if cut_by_tokens:
+        log.warning("%d text(s) (e.g. example %s) have no word boundary within task.max_length=%s tokens (text "
+                    "without spaces, such as Chinese or Japanese): cut by tokens instead of by words",
+                    len(cut_by_tokens), cut_by_tokens[0], max_length)
     return out, label_ids
 
 
-def _truncate_prompt(tok, task, labels, text, budget, shots=()):
+def _truncate_prompt(tok, task, labels, text, budget, shots=()) -> tuple[list[int], bool]:
+    """The prompt with the longest head of the text that fits `budget`: whole words when at least one
+    fits, else the text's first tokens. Returns (ids, whether it was cut by tokens)."""
     words = text.split()
     lo, hi = 0, len(words)
-    while lo < hi:  # the longest head of the text that fits
+    while lo < hi:  # the longest head of whole words that fits
         mid = (lo + hi + 1) // 2
         if len(prompt_ids(tok, task, labels, " ".join(words[:mid]), shots)) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    ids = prompt_ids(tok, task, labels, " ".join(words[:lo]), shots)
+    by_tokens = lo == 0
+    if by_tokens:  # the first word alone is too long (no spaces): keep as many of its tokens as fit
+        room = budget - len(prompt_ids(tok, task, labels, [], shots))
+        ids = prompt_ids(tok, task, labels, text_ids(tok, text)[:max(room, 0)], shots)
+    else:
+        ids = prompt_ids(tok, task, labels, " ".join(words[:lo]), shots)
     if len(ids) > budget:
         raise ValueError(f"the instruction and label list alone need {len(ids)} tokens; max_length is too small")
-    return ids
+    return ids, by_tokens
 
 
 def generation_prompt(tok, task, example, max_length: int) -> list[int]:

@@ -105,7 +105,9 @@ def _cut_layers(model, cfg: StudentConfig):
         keep_layers(model, layers)
 
 
-def add_lora(model, cfg: LoraConfig):
+def add_lora(model, cfg: LoraConfig, trainable_tokens: list[int] | None = None):
+    """LoRA adapters on cfg.target_modules; `trainable_tokens` (label token ids) train their embedding
+    and output rows through PEFT's trainable tokens."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -115,11 +117,13 @@ def add_lora(model, cfg: LoraConfig):
         raise UsageError(f"train.lora.target_modules: {missing} not found in the model "
                          f"(it has e.g. {', '.join(sorted(x for x in names if 'proj' in x)[:8])})")
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                          trainable_token_indices=list(trainable_tokens) if trainable_tokens else None)
     return get_peft_model(model, pcfg)
 
 
-def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig, base_path: str):
+def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig, base_path: str,
+                    tok=None, labels: list[str] | None = None):
     """A full-precision copy of a (Q)LoRA student for saving: the base loaded again without
     quantization, cut to the same layers, with the trained adapter weights loaded into it (merging an
     adapter into 4-bit weights would round them, and an adapter alone cannot be reloaded on a layer
@@ -128,7 +132,13 @@ def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig
 
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    dense = add_lora(build_student(dataclasses.replace(student_cfg, quantization=None), base_path), lora_cfg)
+    dense = build_student(dataclasses.replace(student_cfg, quantization=None), base_path)
+    tokens = None
+    if labels:  # the label token rows: resized here, their trained values come with the adapter
+        from .label_tokens import add_label_tokens
+
+        tokens = add_label_tokens(dense, tok, labels)
+    dense = add_lora(dense, lora_cfg, tokens)
     adapter = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
     result = set_peft_model_state_dict(dense, adapter)
     unexpected = getattr(result, "unexpected_keys", None)

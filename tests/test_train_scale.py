@@ -481,6 +481,9 @@ def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
 
     model = build_student(rec.train.student, rec.teacher).eval()
     splits = prepare_splits(rec.task, rec.workdir)
+    from distill.label_tokens import add_label_tokens
+
+    add_label_tokens(model, tok, splits.labels)  # as the trainer does: the student answers with label tokens
     from distill.data import subset_indices
 
     subset = subset_indices(splits.train, 21, rec.task.split.seed)  # train.train_examples: 21, stratified

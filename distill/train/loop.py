@@ -185,7 +185,7 @@ def save_best(run: Run) -> None:
     if run.main:
         m = run.acc.unwrap_model(run.model)
         if cfg.student.quantization and cfg.lora and cfg.lora.merge:  # QLoRA: merge into full-precision weights
-            m = dense_lora_copy(m, cfg.student, cfg.lora, run.base_path)
+            m = dense_lora_copy(m, cfg.student, cfg.lora, run.base_path, run.tok, run.labels)
         save_model(m, run.tok, run.out_dir, merge=cfg.lora.merge if cfg.lora else True, state_dict=state)
 
 
@@ -214,4 +214,5 @@ def summary_record(run: Run, state: LoopState) -> dict:
             "warnings": state.swamp.messages, "seconds": round(state.elapsed(), 1), "world_size": run.world,
             "distributed": str(run.acc.distributed_type).split(".")[-1], "zero_stage": zero_stage(run.acc) or None,
             "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.alpha > 0 else None,
-            "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": run.recipe.teacher}
+            "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": run.recipe.teacher,
+            "label_tokens": run.labels is not None}

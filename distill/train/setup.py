@@ -18,6 +18,7 @@ from ..config import Recipe, TrainConfig, resolve_teacher, stopping_metric, vali
 from ..data import prepare_splits
 from ..errors import UsageError
 from ..fileio import directory_lock
+from ..label_tokens import add_label_tokens
 from ..losses import loss_kwargs
 from ..models import load_tokenizer, resolve_model_path
 from ..student import add_lora, build_student, check_quantization, count_parameters
@@ -59,6 +60,7 @@ class Run:
     settings: dict  # what a checkpoint must match to be resumed
     stop_after_steps: int | None
     out_lock: contextlib.ExitStack  # held for the whole run: a second `distill train` to the same --out is refused
+    labels: list[str] | None  # the label set when the student answers with label tokens
 
     @property
     def main(self) -> bool:
@@ -80,6 +82,7 @@ class Parts:
     n_params: int
     task: object
     cache_dir: Path
+    label_tokens: list[int] | None  # ids of the label tokens (classification students), else None
 
 
 def check_run(recipe: Recipe, stop_after_steps: int | None) -> None:
@@ -102,7 +105,8 @@ def check_run(recipe: Recipe, stop_after_steps: int | None) -> None:
 
 
 def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None = None) -> Parts:
-    """Seed, splits, tokenizer, student (layers cut, LoRA added) and the task's encoded data and cache."""
+    """Seed, splits, tokenizer, student (layers cut, label tokens and LoRA added) and the task's encoded
+    data and cache."""
     from accelerate.utils import set_seed
 
     cfg, src = recipe.train, recipe.path or "recipe"
@@ -114,14 +118,17 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
     base_path = resolve_model_path(resolve_teacher(init_from or recipe.teacher).source)
     tok = load_tokenizer(cfg.student.model and resolve_model_path(cfg.student.model) or base_path)
     model = build_student(cfg.student, base_path, gradient_checkpointing=cfg.gradient_checkpointing)
+    label_tokens = None
+    if recipe.task.type == "classification" and cfg.student.label_tokens:
+        label_tokens = add_label_tokens(model, tok, splits.labels)
     n_params = count_parameters(model)
     if cfg.lora:
-        model = add_lora(model, cfg.lora)
+        model = add_lora(model, cfg.lora, label_tokens)
     cache_dir = Path(cache or recipe.workdir_path / "cache")
     task = make_task(recipe, splits, tok, model, cache_dir)
     if not task.train:
         raise UsageError(f"{src}: no training examples")
-    return Parts(splits, base_path, tok, model, n_params, task, cache_dir)
+    return Parts(splits, base_path, tok, model, n_params, task, cache_dir, label_tokens)
 
 
 def check_out_dir(out_dir: Path, recipe: Recipe, parts: Parts) -> None:
@@ -231,4 +238,5 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
     return Run(recipe, cfg, acc, rank, world, model, params, optimizer, scheduler, p.task, p.tok,
                DataOrder(len(p.task.train), cfg.batch_size, cfg.seed), total_steps, total_batches,
                stopping_metric(recipe), kw, p.base_path, p.n_params, p.cache_dir, out_dir, ckpt,
-               {"train": config_for_resume(cfg), "identity": identity}, stop_after_steps, out_lock)
+               {"train": config_for_resume(cfg), "identity": identity}, stop_after_steps, out_lock,
+               p.splits.labels if p.label_tokens else None)

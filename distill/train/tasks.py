@@ -20,7 +20,8 @@ from ..errors import DistillError, UsageError
 from ..losses import soft_label_kd, sparse_kd, total_loss
 from ..metrics import classification_metrics
 from ..models import tokenizer_hash
-from ..prompts import encode_classification, encode_generation
+from ..label_tokens import label_token_ids
+from ..prompts import encode_classification, encode_generation, end_of_turn_id
 from ..scoring import label_logprobs, target_logits
 from .distributed import sharded
 
@@ -59,13 +60,21 @@ def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, 
 
 
 class ClassificationTask:
-    """Soft labels over the label set; one loss unit per example."""
+    """Soft labels over the label set; one loss unit per example.
+
+    A label-token student (distill/label_tokens.py) is scored at one position: its label distribution
+    is the softmax over the label tokens' logits after the prompt, and its CE is the negative
+    log-likelihood of its whole answer, the gold label token then end of turn, over the vocabulary
+    (so greedy decoding answers with the label). Other models score every label's full answer over a
+    prefix tree, and their CE is over the label set.
+    """
 
     kind = "soft_labels"
 
     def __init__(self, recipe: Recipe, splits, tok, model, cache_dir: Path):
         cfg, task = recipe.train, recipe.task
         self.cfg, self.labels, self.pad = cfg, splits.labels, tok.pad_token_id
+        self.label_tokens, self.end_of_turn = label_token_ids(tok, self.labels), end_of_turn_id(tok)
         # labelled subsets are stratified samples (every class kept), the cache rows picked to match
         train_idx = subset_indices(splits.train, cfg.train_examples, task.split.seed)
         val_idx = subset_indices(splits.validation, cfg.eval_examples, task.split.seed)
@@ -86,10 +95,23 @@ class ClassificationTask:
     def count(self, idx) -> int:
         return len(idx)
 
+    def scores_and_ce(self, model, items, gold: torch.Tensor):
+        """([B, labels] label scores, [B] CE) of encoded examples with gold label indices."""
+        if self.label_tokens is None:
+            scores = label_logprobs(model, [e.prompt for e in items], self.label_ids, self.pad)
+            return scores, F.cross_entropy(scores.float(), gold.to(scores.device), reduction="none")
+        answers = [self.label_tokens[int(g)] for g in gold]
+        seqs = [e.prompt + [a, self.end_of_turn] for e, a in zip(items, answers)]
+        targets = [[len(e.prompt), len(e.prompt) + 1] for e in items]  # the label token, then end of turn
+        logp = torch.log_softmax(target_logits(model, seqs, targets, self.pad).float(), -1)
+        wanted = torch.tensor([t for a in answers for t in (a, self.end_of_turn)], device=logp.device)
+        nll = -logp.gather(1, wanted[:, None])[:, 0]
+        return logp[0::2, self.label_tokens], nll[0::2] + nll[1::2]
+
     def loss_sums(self, model, idx, kw):
         """(KD sum, CE sum) over the examples idx, differentiable."""
-        scores = label_logprobs(model, [self.train[i].prompt for i in idx], self.label_ids, self.pad)
-        ce = F.cross_entropy(scores.float(), self.gold[idx].to(scores.device), reduction="sum")
+        scores, ce = self.scores_and_ce(model, [self.train[i] for i in idx], self.gold[idx])
+        ce = ce.sum()
         if self.teacher is None:
             return torch.zeros((), device=scores.device), ce
         kd = soft_label_kd(scores, self.teacher[idx].to(scores.device), self.cfg.temperature, self.cfg.loss,
@@ -98,17 +120,18 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model, rank, world, kw) -> dict:
-        def score(items):
-            return label_logprobs(model, [e.prompt for e in items], self.label_ids, self.pad).float().cpu()
+        def score(items):  # label scores and each example's CE in one tensor [B, labels + 1]
+            scores, ce = self.scores_and_ce(model, items, torch.tensor([e.label_index for e in items]))
+            return torch.cat([scores.float(), ce.float()[:, None]], 1).cpu()
 
         cfg = self.cfg
         val = sharded(score, self.val, cfg.batch_size, rank, world)
         tr_items = [self.train[i] for i in self.train_probe]
-        tr = sharded(score, tr_items, cfg.batch_size, rank, world)
+        tr = sharded(score, tr_items, cfg.batch_size, rank, world)[:, :-1]
+        val, val_ce = val[:, :-1], val[:, -1]
         val_f1 = classification_metrics(self.val_gold.tolist(), val.argmax(1).tolist(), self.labels)["macro_f1"]
         tr_f1 = classification_metrics([e.label_index for e in tr_items], tr.argmax(1).tolist(), self.labels)["macro_f1"]
-        ev = {"val_f1": val_f1, "train_f1": tr_f1, "train_val_gap": tr_f1 - val_f1,
-              "val_ce": F.cross_entropy(val, self.val_gold).item()}
+        ev = {"val_f1": val_f1, "train_f1": tr_f1, "train_val_gap": tr_f1 - val_f1, "val_ce": val_ce.mean().item()}
         ev["val_loss"] = ev["val_ce"]
         if self.teacher_val is not None:
             ev["val_kd"] = soft_label_kd(val, self.teacher_val, cfg.temperature, cfg.loss, **kw).item()
