@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Label scoring cost: the old packed layout (every label answer after the prompt) against the prefix
-tree (shared answer prefixes fed once), on the default task and on Banking77, in one run.
+tree (shared answer prefixes fed once) and against a label-token student (one token per label, read at
+one position), on the default task and on Banking77, in one run.
 
     python scripts/bench_scoring.py [--teacher teachers/smollm2-135m-instruct.yaml] [--batch-size 8]
         [--batches 2] [--dtypes float32,bfloat16] [--tasks default,banking77]
@@ -10,7 +11,12 @@ For each task: prompt tokens per text, answer tokens fed per text and logits row
 each layout and dtype (one warm-up batch each, then --batches timed batches of the same texts,
 the two layouts interleaved), the ratio, and the largest score difference between the layouts. Banking77's own teacher is a
 fine-tune of the same 135M model (same tokenizer and shape), so the base model stands in for it.
-Figures on a shared CPU machine are noisy.
+The label-token rows use the same model with distill's label tokens added (distill/label_tokens.py)
+and time, against a forward over the prompt alone (logits at its last position): eval (label_logprobs,
+no_grad) and a training step (forward + backward of the trainer's own ClassificationTask.scores_and_ce:
+the prompt, the gold label token, end of turn), beside a training step of the packed and trie layouts.
+Targets (issue 13): label-token eval and training step at most 1.3x the prompt-only forward / step; the
+trie at least 1.4x faster than packed on Banking77. Figures on a shared CPU machine are noisy.
 """
 from __future__ import annotations
 
@@ -128,6 +134,110 @@ def bench_task(name, tok, models, args):
               f"same argmax {same:.0%}")
 
 
+def _rounds(modes: dict, batches, rounds: int) -> dict:
+    """Seconds per batch of each mode, the modes interleaved batch by batch (the order rotating) after one
+    warm-up call each, so load from other processes hits them alike; returns {mode: [seconds per round]}."""
+    names = list(modes)
+    for name in names:
+        modes[name](batches[0])
+    out = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            modes[name](batches[r % len(batches)])
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def _ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b): each round's modes ran back to back."""
+    import statistics
+
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def bench_label_tokens(name, tok_path, model, args):
+    """The label-token student against a forward (and a training step) over the prompt alone."""
+    import copy
+    import types
+
+    from distill.label_tokens import add_label_tokens
+    from distill.models import load_tokenizer
+    from distill.prompts import end_of_turn_id
+    from distill.train.tasks import ClassificationTask
+
+    base_tok = load_tokenizer(tok_path)
+    prompts_full, answers_full = task_prompts(TASKS[name], base_tok, args.batch_size * args.batches)
+    tok, student = load_tokenizer(tok_path), copy.deepcopy(model)
+    labels = _labels(name)
+    add_label_tokens(student, tok, labels)
+    prompts, answers = task_prompts(TASKS[name], tok, args.batch_size * args.batches)
+    assert all(len(a) == 1 for a in answers) and prompts == prompts_full
+    pad, B = tok.pad_token_id, args.batch_size
+    batches = [list(range(i, min(len(prompts), i + B))) for i in range(0, len(prompts), B)]
+    golds = torch.arange(len(prompts)) % len(labels)
+    task = types.SimpleNamespace(label_tokens=[a[0] for a in answers], end_of_turn=end_of_turn_id(tok), pad=pad,
+                                 label_ids=answers)
+
+    def prompt_only(idx, grad=False):
+        ps = [prompts[i] for i in idx]
+        W = max(map(len, ps))
+        ids = torch.tensor([[pad] * (W - len(p)) + p for p in ps])
+        att = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in ps])
+        out = student(input_ids=ids, attention_mask=att, logits_to_keep=1, use_cache=False).logits
+        if grad:
+            torch.log_softmax(out[:, -1].float(), -1)[:, 0].sum().backward()
+
+    def train_step(fn):
+        def step(idx):
+            fn(idx).sum().backward()
+            student.zero_grad(set_to_none=True)
+        return step
+
+    def label_token_step(idx):
+        scores, ce = ClassificationTask.scores_and_ce(task, student, [types.SimpleNamespace(prompt=prompts[i]) for i in idx],
+                                                      golds[idx])
+        return ce + scores.sum() * 0
+
+    def no_grad(fn):
+        def call(idx):
+            with torch.no_grad():
+                fn(idx)
+        return call
+
+    times = _rounds({
+        "prompt": no_grad(prompt_only),
+        "eval": no_grad(lambda idx: label_logprobs(student, [prompts[i] for i in idx], answers, pad)),
+        "prompt_step": lambda idx: (prompt_only(idx, grad=True), student.zero_grad(set_to_none=True)),
+        "label_token_step": train_step(label_token_step),
+        "trie_step": train_step(lambda idx: label_logprobs(student, [prompts[i] for i in idx], answers_full, pad)),
+        "packed_step": train_step(lambda idx: old_label_logprobs(student, [prompts[i] for i in idx], answers_full, pad)),
+    }, batches, args.rounds)
+    n_prompt = sum(map(len, prompts)) / len(prompts)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"  label tokens (one per label): prompt {n_prompt:.1f} tokens + 0 fed for eval, + 2 for a training step; "
+          f"{args.rounds} interleaved rounds, median ratios per round")
+    print(f"  float32 eval     texts/s: prompt-only forward {B / med['prompt']:7.2f}   label-token eval "
+          f"{B / med['eval']:7.2f}   cost {_ratio(times, 'eval', 'prompt'):.2f}x the prompt alone (target <= 1.3)")
+    print(f"  float32 training texts/s: prompt-only step {B / med['prompt_step']:7.2f}   label-token step "
+          f"{B / med['label_token_step']:7.2f}   cost {_ratio(times, 'label_token_step', 'prompt_step'):.2f}x (target <= 1.3)")
+    print(f"  float32 training texts/s: trie step {B / med['trie_step']:.2f}, packed step {B / med['packed_step']:.2f}: "
+          f"packed / label-token {_ratio(times, 'packed_step', 'label_token_step'):.1f}x, "
+          f"packed / trie {_ratio(times, 'packed_step', 'trie_step'):.2f}x")
+
+
+def _labels(name):
+    from distill.config import load_recipe
+    from distill.data import label_set, read_rows, validate_rows
+
+    recipe = load_recipe(ROOT / TASKS[name])
+    labels = label_set(recipe.task, TASKS[name])
+    if labels:
+        return labels
+    return sorted({ex["label"] for ex in validate_rows(read_rows(recipe.task.data), recipe.task, None, recipe.task.data)})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default="teachers/smollm2-135m-instruct.yaml")
@@ -135,6 +245,7 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=2, help="timed batches per task, layout and dtype")
     ap.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
     ap.add_argument("--tasks", default="default,banking77")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the label-token comparison")
     args = ap.parse_args(argv)
     os.chdir(ROOT)  # recipes name their data relative to the repository root
     from distill.config import load_teacher_spec
@@ -146,6 +257,7 @@ def main(argv=None):
     print(f"teacher {path}; torch threads {torch.get_num_threads()}; batch size {args.batch_size}")
     for name in args.tasks.split(","):
         bench_task(name, tok, models, args)
+        bench_label_tokens(name, path, models[args.dtypes.split(",")[0]], args)
 
 
 if __name__ == "__main__":
