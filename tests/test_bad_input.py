@@ -79,7 +79,9 @@ def _truncated_model(t: Path, model: str) -> Path:
 def fixtures(env) -> dict:
     """The broken files the cases point at (made once per module)."""
     t, model = env["tmp"], env["model"]
-    f = {"bert": _bert(t), "truncated": _truncated_model(t, model)}
+    f = {"bert": _bert(t), "truncated": _truncated_model(t, model), "export_src": t / "export_src"}
+    if not f["export_src"].exists():  # its own copy: an export that wrongly writes into its source spoils no other case
+        shutil.copytree(model, f["export_src"])
     for name in ("empty_model_dir", "empty_cache"):
         f[name] = t / name
         f[name].mkdir(exist_ok=True)
@@ -265,7 +267,7 @@ def export_cases(env, f):
         ("export of a directory that is not a model", ["export", str(f["empty_model_dir"]), "--quant", "f16", "--out", str(t / "e.gguf")], 2, "empty_model_dir"),
         ("export --out read-only (below /sys)", ["export", model, "--quant", "f16", "--no-verify", "--out", str(READ_ONLY / "m.gguf")], 2, str(READ_ONLY)),
         ("export --out below a file", ["export", model, "--quant", "f16", "--no-verify", "--out", str(f["a_file"] / "m.gguf")], 2, "a_file.txt"),
-        ("export --out over the source weights", ["export", model, "--quant", "f16", "--no-verify", "--out", str(Path(model) / "model.safetensors")], 2, "model.safetensors"),
+        ("export --out over the source weights", ["export", str(f["export_src"]), "--quant", "f16", "--no-verify", "--out", str(f["export_src"] / "model.safetensors")], 2, "lies inside the source model"),
         ("export with a missing --recipe", ["export", model, "--quant", "f16", "--out", str(t / "r.gguf"), "--recipe", str(t / "no_recipe.yaml")], 2, "no_recipe.yaml: no such file"),
     ]
 
