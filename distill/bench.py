@@ -7,25 +7,29 @@ table, a JSON file and a PNG chart of quality against latency.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing as mp
+import queue
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .config import Recipe
-from .errors import UsageError
+from .errors import DistillError, UsageError
 from .evaluation import eval_examples
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, pause_point
 from .metrics import agreement, classification_metrics
 from .models import size_on_disk
 
 
-def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, queue):
-    """Child process: score the holdout and time it; report through `queue`."""
+def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q):
+    """Child process: score the holdout and time it; report through the queue `q`."""
     import torch
 
     from .evaluation import make_scorer
@@ -42,12 +46,13 @@ def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, queu
         t0 = time.perf_counter()
         scores = scorer.scores(enc, label_ids, batch_size, desc=f"bench {Path(str(model_ref)).name}")
         batch_s = time.perf_counter() - t0
+        pause_point("bench_scored")
         lat = []
         for e in enc[:latency_n]:
             t = time.perf_counter()
             scorer.scores([e], label_ids, 1)
             lat.append(time.perf_counter() - t)
-        queue.put({
+        q.put({
             "predictions": scores.argmax(1).tolist(), "load_s": load_s,
             "throughput_batch": len(enc) / batch_s, "throughput_1": len(lat) / sum(lat),
             "latency_p50_ms": 1000 * float(np.percentile(lat, 50)), "latency_p95_ms": 1000 * float(np.percentile(lat, 95)),
@@ -55,19 +60,62 @@ def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, queu
             "parameters": scorer.parameters, "layers": scorer.layers, "runtime": scorer.kind,
         })
     except Exception as e:  # noqa: BLE001 - reported to the parent, which names the model
-        queue.put({"error": f"{type(e).__name__}: {e}"})
+        q.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer=None) -> dict:
+def measure(model_ref, recipe, examples, batch_size, latency_examples, tokenizer=None) -> dict:
+    """Measure one model in a fresh process. The child ignores SIGINT (a terminal's Ctrl-C reaches the
+    whole process group): the parent alone handles it, and SIGTERM, and stops the child before it exits."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q))
-    proc.start()
-    result = q.get()
+    proc = ctx.Process(target=_measure, args=(model_ref, recipe, examples, batch_size, latency_examples, tokenizer, q))
+    with _sigint_ignored():  # inherited through exec: Python then never raises KeyboardInterrupt in the child
+        proc.start()
+    try:
+        result = _result(q, proc, model_ref)
+    except BaseException:  # an interruption (KeyboardInterrupt) or a failure: the child must not outlive it
+        stop_child(proc)
+        raise
     proc.join()
     if "error" in result:
         raise UsageError(f"{model_ref}: could not be benchmarked ({result['error']})")
     return result
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _result(q, proc, model_ref) -> dict:
+    """The child's report; DistillError if it dies without one (killed, out of memory, a crash in native code)."""
+    while True:
+        try:
+            return q.get(timeout=0.5)
+        except queue.Empty:
+            if not proc.is_alive():
+                try:
+                    return q.get(timeout=1.0)  # written just before it exited
+                except queue.Empty:
+                    raise DistillError(f"{model_ref}: the benchmark process died (exit status {proc.exitcode}) "
+                                       "without a result") from None
+
+
+def stop_child(proc, grace: float = 10.0) -> None:
+    """SIGTERM the measuring process (it dies at once: it has no handler), SIGKILL it after `grace` s."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(grace)
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
 
 
 def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | None = None, split: str = "holdout",

@@ -104,6 +104,24 @@ def load_source(model_dir: Path):
 
 # ---------------------------------------------------------------- writing
 
+def check_out_outside_source(out: Path, model_dir: Path) -> None:
+    """Refuse an --out that is, or lies inside, the model directory being exported (or, for a LoRA
+    adapter, its base model's): the export would write over, or into, what it reads."""
+    sources = [model_dir]
+    if is_adapter(model_dir):
+        base = Path(adapter_base(model_dir))
+        if base.is_dir():  # a hub id is not a directory this export could write into
+            sources.append(base)
+    target = out.resolve()
+    for src in sources:
+        root = src.resolve()
+        if target == root or root in target.parents:
+            what = "the source model" if src == model_dir else "the adapter's base model"
+            where = "is" if target == root else "lies inside"
+            raise UsageError(f"--out {out}: {where} {what} ({src}); the export would write over what it reads. "
+                             "Choose a path outside it")
+
+
 def _temp_prefix(out: Path, pid: int | None = None) -> str:
     return f".{out.stem}.{os.getpid() if pid is None else pid}."
 
@@ -364,6 +382,7 @@ def export_gguf(model_dir, out, quant: str = "q4_k_m", verify=True, recipe=None)
         raise UsageError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if not model_dir.is_dir():
         raise UsageError(f"{model_dir}: no such model directory")
+    check_out_outside_source(out, model_dir)
     if out.is_dir():
         raise UsageError(f"{out}: is a directory; give the .gguf file to write")
     if quant == "q4_k_m":

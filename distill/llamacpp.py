@@ -143,7 +143,12 @@ def logits(path: Path, ids_list) -> list[np.ndarray]:
 
 
 def run_job(request: dict) -> dict:
-    """Run one llama.cpp job (see _job) in a child process; its result dict, or DistillError."""
+    """Run one llama.cpp job (see _job) in a child process; its result dict, or DistillError.
+
+    The child stops with this process: on any exception here, KeyboardInterrupt included (Ctrl-C, or
+    SIGTERM through the CLI), subprocess.run kills it and waits for it; its stderr is captured, so the
+    traceback the same Ctrl-C gives the child is never shown.
+    """
     import subprocess
     import sys
 
@@ -165,7 +170,10 @@ def run_job(request: dict) -> dict:
 
 def _job(request_path: str) -> None:
     """Child-process side of run_job: quantize a file or compute logits, results into an .npz."""
+    from .fileio import pause_point
+
     request = json.loads(Path(request_path).read_text())
+    pause_point("llama_job")
     if request["job"] == "quantize":
         _quantize_here(Path(request["src"]), Path(request["dst"]), request["ftype"], request.get("embedding_type"),
                        request.get("keep_iq4_nl", []))

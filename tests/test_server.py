@@ -429,3 +429,29 @@ def test_backend_entries_become_top_k_rows():
     assert ids[0].tolist()[:2] == [7, 9] and vals[0, 2] == float("-inf") and ids[0, 2] not in (7, 9)
     assert ids[1].tolist() == [4, 8, 2] and vals[1, 2] == float("-inf")
     torch.testing.assert_close(tail, 1 - vals.double().exp().sum(-1).float())
+
+
+def test_serve_teacher_refuses_a_port_in_use_without_starting_vllm(tmp_path, monkeypatch):
+    """Another server holds the port (and might answer /health): refused at once, exit 2, naming the
+    port; vLLM is never started."""
+    from click.testing import CliRunner
+
+    import distill.teacher.serve as serve_mod
+    from distill.cli import cli
+
+    def no_server(*a, **kw):
+        raise AssertionError("vLLM was started on a port in use")
+
+    monkeypatch.setattr(serve_mod.subprocess, "Popen", no_server)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        t0 = time.monotonic()
+        r = CliRunner().invoke(cli, ["serve-teacher", str(tmp_path), "--port", str(port)])
+        assert time.monotonic() - t0 < 5
+        assert r.exit_code == 2, r.output
+        assert r.output.strip() == (f"error: --port {port}: 127.0.0.1:{port} is already in use (Address already in "
+                                    "use); stop what listens there or choose another --port")
+        with pytest.raises(UsageError, match=f"--port {port}: 0.0.0.0:{port} is already in use"):
+            ServedTeacher(TeacherSpec(name="x", source=str(tmp_path)), port=port, host="0.0.0.0").start()

