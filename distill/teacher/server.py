@@ -4,8 +4,11 @@ Everything goes through `POST /v1/completions` with token-id prompts, so no text
 - top-k over a sequence: `echo`, `max_tokens: 1`, `prompt_logprobs: K`; `choices[i].prompt_logprobs[t]`
   is null (t = 0) or {"<token id>": {"logprob", "rank", ...}}, the distribution that predicted
   token t, with the actual token added when it is outside the top K (filtered by rank);
-- soft labels: the prompt followed by each label answer with `prompt_logprobs: 1`, reading the actual
-  token's entry at each answer position;
+- soft labels of a label-token teacher (every label answer one token): the prompt alone, `max_tokens: 1`,
+  `logprob_token_ids` = the label tokens; `choices[i].logprobs.top_logprobs[0]` holds their
+  log-probabilities at the position after the prompt: one prefill per text, whatever the label count;
+- soft labels from full answers: the prompt followed by each label answer with `prompt_logprobs: 1`,
+  reading the actual token's entry at each answer position;
 - teacher-written responses: sampling settings and `logprobs: K` with `return_tokens_as_token_ids`, so
   the response tokens and the top K at each are captured in the same pass.
 
@@ -29,7 +32,7 @@ import torch
 
 from ..config import TeacherSpec
 from ..errors import DistillError, UsageError
-from .common import Generated, Sampling, rows_from_entries, score_labels
+from .common import Generated, Sampling, one_token_labels, rows_from_entries, score_label_tokens, score_labels
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +303,25 @@ class ServerTeacher:
             res.append(rows_from_entries(entries, k, self.vocab_limit, self.k_request))
         return res
 
+    def _next_logprobs(self, prompts, ids):
+        """One sequence per prompt: the log-probabilities of exactly `ids` at the position after it."""
+        self._check_len(prompts)
+        ids = list(map(int, ids))
+        payloads = [{"model": self.model, "prompt": [list(map(int, p)) for p in prompts[i:i + self.per_request]],
+                     "max_tokens": 1, "temperature": 0.0, "logprobs": len(ids), "logprob_token_ids": ids,
+                     "return_tokens_as_token_ids": True}
+                    for i in range(0, len(prompts), self.per_request)]
+        out = []
+        for choices in self._completions(payloads):
+            for c in choices:
+                top = ((c.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+                out.append({_token_id(t): v for t, v in top.items()})
+        return out
+
     def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
+        tokens = one_token_labels(label_ids)
+        if tokens is not None:
+            return score_label_tokens(prompts, tokens, self._next_logprobs)
         return score_labels(prompts, label_ids, self._prompt_logprobs, _actual_logprob)
 
     def generate_topk(self, prompts, k, sampling: Sampling, seeds) -> list[Generated]:

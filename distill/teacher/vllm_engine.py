@@ -7,6 +7,11 @@ entries are filtered by rank. Sampled responses are captured with `logprobs=k`, 
 from the raw logits too (its default `logprobs_mode`), so they match the prompt log-probabilities of
 the same sequence.
 
+Soft labels of a label-token teacher (every label answer one token) take one request per text:
+`max_tokens=1` with `logprob_token_ids` = the label tokens returns their log-probabilities under the
+full softmax at the position after the prompt (vLLM computes them from the raw logits, before any
+sampling setting). Full label answers are sent one sequence per label, read from prompt logprobs.
+
 Tensor parallelism goes to the engine as `tensor_parallel_size`. vLLM's offline engine refuses data
 parallelism inside one process, so `data_parallel_size > 1` starts a local vLLM server with
 `--data-parallel-size` instead (`distill/teacher/serve.py`) and talks to it like the server backend.
@@ -19,7 +24,7 @@ import os
 import torch
 
 from ..config import TeacherSpec
-from .common import Generated, Sampling, rows_from_entries, score_labels
+from .common import Generated, Sampling, one_token_labels, rows_from_entries, score_label_tokens, score_labels
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,18 @@ class VLLMTeacher:
         outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs], params, use_tqdm=False)
         return [o.prompt_logprobs for o in outs]
 
+    def _next_logprobs(self, prompts, ids):
+        """One request per prompt: the log-probabilities of exactly `ids` at the position after it."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [{tok: e.logprob for tok, e in (o.outputs[0].logprobs or [{}])[0].items()} for o in outs]
+
     def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
+        tokens = one_token_labels(label_ids)
+        if tokens is not None:
+            return score_label_tokens(prompts, tokens, self._next_logprobs)
         return score_labels(prompts, label_ids, self._prompt_logprobs, lambda entry, tok: entry[tok].logprob)
 
     def topk(self, seqs, positions, k):
