@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Recipe
-from .data import prepare_splits, subset_indices
+from .data import overlap, prepare_splits, read_rows, same_file, subset_indices, validate_rows, warn_overlaps
 from .errors import UsageError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .metrics import classification_metrics
@@ -138,18 +138,49 @@ def overfit_note(model_ref: str) -> str | None:
 
 
 def eval_examples(recipe: Recipe, split: str = "holdout", data: str | None = None, limit: int | None = None):
-    """The examples to score, the label set and the splits (for few-shot examples)."""
-    task = recipe.task
+    """The examples to score, the label set and the splits (for few-shot examples). The training data
+    itself is refused as --data; texts the training split also has are reported with a warning."""
+    task, src = recipe.task, recipe.path or "recipe"
     if task.type != "classification":
-        raise UsageError(f"{recipe.path}: task.type: distill eval scores classification tasks; got {task.type!r}")
-    splits = prepare_splits(task, recipe.workdir, recipe.path or "recipe", with_holdout=split == "holdout" and not data)
+        raise UsageError(f"{src}: task.type: distill eval scores classification tasks; got {task.type!r}")
     if data:
-        from .data import read_rows, validate_rows
-
+        _refuse_training_file(data, recipe)
+    splits = prepare_splits(task, recipe.workdir, src, with_holdout=split == "holdout" and not data)
+    if data:
         examples = validate_rows(read_rows(data), task, splits.labels, data)
     else:
         examples = splits.get(split)
-    return [examples[i] for i in subset_indices(examples, limit, task.split.seed)], splits
+    if not examples:
+        raise UsageError(f"{src}: the {split} split is empty: set {_SPLIT_KEYS.get(split, 'task.split')}")
+    examples = [examples[i] for i in subset_indices(examples, limit, task.split.seed)]
+    if data or split != "train":
+        name = f"--data {data}" if data else (f"task.holdout_data {task.holdout_data}"
+                                              if split == "holdout" and task.holdout_data else f"the {split} split")
+        warn_overlaps([overlap(splits.train, examples, train_name=f"the training split of {task.data}",
+                               other_name=name)])
+    return examples, splits
+
+
+def _refuse_training_file(data: str, recipe: Recipe) -> None:
+    """Scores on the texts a model was trained on measure memory: refuse the training file as --data."""
+    split_file = recipe.workdir_path / "data" / "train.jsonl"
+    for f, what in ((recipe.task.data, f"task.data in {recipe.path or 'recipe'}"),
+                    (split_file, f"the training split written to {split_file}")):
+        if same_file(data, f):
+            raise UsageError(f"--data {data}: this is the recipe's training data ({what}); "
+                             "evaluate on the holdout split or on a file the model was not trained on")
+
+
+_SPLIT_KEYS = {"holdout": "task.split.holdout or task.holdout_data", "validation": "task.split.validation"}
+
+
+def report_dir_name(name: str, split: str = "holdout", data: str | None = None, shots: int = 0,
+                    limit: int | None = None) -> str:
+    """WORKDIR/eval/<this>: NAME for the full holdout, zero-shot; another split, --data file, few-shot
+    prompt or sample adds its own suffix (NAME-train, NAME-test, NAME-3shot, NAME-limit100), so no
+    run replaces the holdout report of the same model."""
+    parts = [name] + ([Path(data).stem] if data else [split] if split != "holdout" else [])
+    return "-".join(parts + ([f"{shots}shot"] if shots else []) + ([f"limit{limit}"] if limit else []))
 
 
 def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,
@@ -175,7 +206,7 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
     note = overfit_note(model_ref)
     if note:
         report["overfitting"] = note
-    out_dir = Path(out or recipe.workdir_path / "eval" / name)
+    out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name, split, data, shots, limit))
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out_dir / "confusion.csv", confusion_csv(report["confusion"], labels))
     atomic_write_bytes(out_dir / "confusion.png",

@@ -12,6 +12,7 @@ the finished cache equals an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -22,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from . import cache as cache_mod
-from .config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher
-from .data import prepare_splits
+from .config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher, validate_recipe
+from .data import prepare_splits, split_overlaps, warn_overlaps
 from .errors import UsageError
 from .fileio import pause_point
 from .models import load_tokenizer, resolve_model_path, tokenizer_hash
@@ -32,8 +33,6 @@ from .teacher import make_backend, pick_backend
 from .teacher.common import Sampling
 
 log = logging.getLogger(__name__)
-
-RESPONSE_MODES = ("auto", "data", "teacher")
 
 
 def model_vocab_rows(model_path: str) -> int:
@@ -73,15 +72,8 @@ def example_seed(base: int, split: str, index: int) -> int:
     return (int(base) * 1_000_003 + salt * 100_000_007 + index) % (2 ** 31 - 1)
 
 
-def sampling_settings(gen: GenerateConfig, src: str) -> Sampling:
-    if gen.responses not in RESPONSE_MODES:
-        raise UsageError(f"{src}: generate.responses: expected one of {', '.join(RESPONSE_MODES)}, got {gen.responses!r}")
-    if gen.max_new_tokens < 1:
-        raise UsageError(f"{src}: generate.max_new_tokens: expected at least 1, got {gen.max_new_tokens}")
-    if gen.temperature < 0:
-        raise UsageError(f"{src}: generate.temperature: expected >= 0 (0 = greedy), got {gen.temperature}")
-    if not 0 < gen.top_p <= 1:
-        raise UsageError(f"{src}: generate.top_p: expected a number in (0, 1], got {gen.top_p}")
+def sampling_settings(gen: GenerateConfig) -> Sampling:
+    """Teacher-written responses' sampling (ranges checked by config.validate_recipe)."""
     return Sampling(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed)
 
 
@@ -96,17 +88,41 @@ def _teacher_for_run(spec: TeacherSpec, backend: str | None, urls) -> tuple[Teac
     return spec, backend
 
 
+def _teacher_writes(task, gen: GenerateConfig, kind: str, todo_splits: dict) -> dict[str, list[bool]]:
+    """For each split, which examples get a teacher-written response (generation rows without one,
+    or every row with generate.responses: teacher)."""
+    out = {}
+    for name, examples in todo_splits.items():
+        if kind != "topk":
+            out[name] = [False] * len(examples)
+            continue
+        flags = [gen.responses == "teacher" or ex.get("response") is None for ex in examples]
+        if gen.responses == "data" and any(flags):
+            i = flags.index(True)
+            raise UsageError(f"{task.data}: example {examples[i]['id']} has no '{task.response_field}' and "
+                             "generate.responses is 'data'; give every row a response or set responses: auto")
+        out[name] = flags
+    return out
+
+
+def _vocab_rows(model_path: str, tok) -> int:
+    try:
+        return model_vocab_rows(model_path)
+    except Exception:  # noqa: BLE001 - a tokenizer-only directory: the tokenizer's size is all we know
+        return len(tok)
+
+
 def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None = None,
                  out: str | None = None, k: int | None = None, urls: list[str] | None = None) -> Path:
-    task, gen = recipe.task, recipe.generate
-    src = recipe.path or "recipe"
-    k = k or gen.k
-    if k < 1:
-        raise UsageError(f"k: expected at least 1, got {k}")
-    if gen.batch_size < 1 or gen.shard_size < 1:
-        raise UsageError(f"{src}: generate.batch_size and generate.shard_size must be at least 1")
+    """Fill the cache (default WORKDIR/cache) for the splits in generate.splits; resumes a partial one.
+    `k` replaces generate.k; the recipe is validated first (it may come from code)."""
+    if k is not None:
+        recipe = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, k=k))
+    validate_recipe(recipe)
+    task, gen, src = recipe.task, recipe.generate, recipe.path or "recipe"
     spec, backend = _teacher_for_run(resolve_teacher(teacher or recipe.teacher), backend, urls)
     splits = prepare_splits(task, recipe.workdir, src)
+    warn_overlaps(split_overlaps(task, splits))
     backend_name = pick_backend(backend or gen.backend, spec)
     tok_source = spec.tokenizer or spec.source
     if not tok_source:
@@ -114,41 +130,25 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
                          "`source` (or `tokenizer`) naming the same model the server runs")
     model_path = resolve_model_path(tok_source)
     tok = load_tokenizer(model_path)
-    try:
-        vocab_rows = model_vocab_rows(model_path)
-    except Exception:  # noqa: BLE001 - a tokenizer-only directory: the tokenizer's size is all we know
-        vocab_rows = len(tok)
+    vocab_rows = _vocab_rows(model_path, tok)
     kind = "soft_labels" if task.type == "classification" else "topk"
-    if kind == "topk" and k > spec.max_logprobs and backend_name != "server":
-        raise UsageError(f"k={k} is above the teacher's max_logprobs={spec.max_logprobs}; "
+    if kind == "topk" and gen.k > spec.max_logprobs and backend_name != "server":
+        raise UsageError(f"k={gen.k} is above the teacher's max_logprobs={spec.max_logprobs}; "
                          "raise max_logprobs in the teacher spec")
-    sampling = sampling_settings(gen, src) if kind == "topk" else None
+    sampling = sampling_settings(gen) if kind == "topk" else None
     if sampling is not None:
         sampling.stop_ids = stop_ids(tok)
-
-    # which examples get a teacher-written response
     todo_splits = {name: splits.get(name) for name in gen.splits}
-    teacher_writes = {}
-    for name, examples in todo_splits.items():
-        if kind != "topk":
-            teacher_writes[name] = [False] * len(examples)
-            continue
-        flags = [gen.responses == "teacher" or ex.get("response") is None for ex in examples]
-        if gen.responses == "data" and any(flags):
-            i = flags.index(True)
-            raise UsageError(f"{task.data}: example {examples[i]['id']} has no '{task.response_field}' and "
-                             "generate.responses is 'data'; give every row a response or set responses: auto")
-        teacher_writes[name] = flags
-    any_teacher = any(any(f) for f in teacher_writes.values())
+    teacher_writes = _teacher_writes(task, gen, kind, todo_splits)
     responses = None
-    if any_teacher:
+    if any(any(f) for f in teacher_writes.values()):
         responses = {"mode": gen.responses, "max_new_tokens": sampling.max_new_tokens,
                      "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
 
     cache_dir = Path(out or recipe.workdir_path / "cache")
     wanted = cache_mod.Manifest(
         kind=kind, teacher=str(spec.source or spec.url or ",".join(spec.urls or [])),
-        tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab_rows, k=k if kind == "topk" else None,
+        tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab_rows, k=gen.k if kind == "topk" else None,
         data_fingerprint=splits.fingerprint, labels=splits.labels, max_length=task.max_length,
         backend=backend_name, versions=versions(), responses=responses,
         codec=dict(cache_mod.DEFAULT_CODEC) if kind == "topk" and gen.compact else {},
@@ -158,7 +158,7 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
         size = manifest.shard_size or gen.shard_size
         if size != gen.shard_size:
             log.info("%s: keeping the cache's shard size %d (the recipe says %d)", cache_dir, size, gen.shard_size)
-        job = _Job(recipe, spec, backend_name, model_path, tok, vocab_rows, k, kind, splits.labels, sampling,
+        job = _Job(recipe, spec, backend_name, model_path, tok, vocab_rows, gen.k, kind, splits.labels, sampling,
                    cache_dir, manifest, size)
         try:
             for split, examples in todo_splits.items():
