@@ -192,7 +192,7 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 @click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Few-shot examples from the training split (baseline mode).")
 @click.option("--name", help="Name for the report directory (default: the model's directory name).")
-@click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME).")
+@click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME for the holdout; NAME-train, NAME-validation, NAME-<data file stem>, with -Nshot and -limitN added, for the others).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Examples scored per batch.")
 @click.option("--limit", type=POSITIVE, help="Score a stratified sample of N examples (seeded: the same N every time).")
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for a .gguf MODEL "

@@ -32,7 +32,7 @@ d = json.load(open(p)); d[name] = s; open(p, "w").write(json.dumps(d, indent=1))
 PY
 }
 
-stage "1 zero-shot baseline (77 test examples)" $W/eval/teacher-zero-shot/report.json \
+stage "1 zero-shot baseline (77 test examples)" $W/eval/teacher-zero-shot-limit77/report.json \
   distill eval teachers/smollm2-135m-instruct.yaml --recipe recipes/banking77-zero-shot.yaml --name teacher-zero-shot --limit 77
 stage "2 fine-tune the teacher (LoRA, 385 labelled)" $W/teacher/training.json \
   distill train recipes/banking77-teacher.yaml --out $W/teacher

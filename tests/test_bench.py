@@ -1,7 +1,6 @@
 """distill bench on tiny models (HF and GGUF through llama.cpp), and the guard that only evaluation
 ever reads the test split."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -30,7 +29,7 @@ def test_test_split_is_read_only_by_evaluation(tmp_path, tiny_model):
         assert p.returncode == 0, p.stderr[-2000:]  # the test file does not exist: nothing read it
     p = distill("eval", tmp_path / "w" / "student", "--recipe", recipe)
     assert p.returncode == 2 and "official_test.jsonl: no such file" in p.stderr
-    shutil.copy(data, test_file)
+    write_class_data(test_file, copies=1)  # a file of its own: the training file itself is refused
     p = distill("eval", tmp_path / "w" / "student", "--recipe", recipe)
     assert p.returncode == 0, p.stderr[-2000:]
     assert not (tmp_path / "w" / "data" / "holdout.jsonl").exists()
