@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe, TrainConfig, resolve_teacher, stopping_metric, validate_recipe
-from ..data import prepare_splits
+from ..data import prepare_splits, split_overlaps, warn_overlaps
 from ..errors import UsageError
 from ..fileio import directory_lock
 from ..label_tokens import add_label_tokens
@@ -112,6 +112,7 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
     cfg, src = recipe.train, recipe.path or "recipe"
     set_seed(cfg.seed)
     splits = prepare_splits(recipe.task, recipe.workdir, src)
+    warn_overlaps(split_overlaps(recipe.task, splits))  # validation or holdout texts that are also training texts
     if not splits.validation:
         raise UsageError(f"{src}: task.split.validation: the validation split is empty; training selects its "
                          "best epoch on it")
