@@ -48,7 +48,7 @@ def check_environment() -> list[tuple[str, str, str]]:
 def check_recipe(recipe_path: str):
     """Load the recipe, read and split the data; returns (rows, recipe, splits)."""
     from .config import load_recipe
-    from .data import prepare_splits
+    from .data import prepare_splits, split_overlaps
 
     r = load_recipe(recipe_path)
     rows = [("recipe", OK, f"{recipe_path}: keys valid")]
@@ -58,6 +58,9 @@ def check_recipe(recipe_path: str):
     rows.append(("data", OK, f"{r.task.data}: {sizes}; fingerprint {splits.fingerprint}"))
     if splits.labels:
         rows.append(("labels", OK, f"{len(splits.labels)} labels"))
+    for rep in split_overlaps(r.task, splits):  # texts to be tested on that are also training texts
+        rows.append(("overlap", WARN if rep else OK,
+                     rep.message() if rep else f"{rep.other_name}: no text also in {rep.train_name}"))
     return rows, r, splits
 
 

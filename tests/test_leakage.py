@@ -156,3 +156,29 @@ def test_an_empty_split_to_evaluate_is_one_line(env):
     no_val = variant(env, "noval", split={"validation": 0.0, "holdout": 0.2, "seed": 0})
     res = invoke("eval", env["model"], "--recipe", no_val, "--split", "validation")
     assert_one_line(res, 2, f"{no_val}: the validation split is empty: set task.split.validation")
+
+
+def test_doctor_reports_overlaps_as_warnings(tmp_path, tiny_model):
+    """distill doctor shows one overlap row per pair of splits; a holdout text that is a training text
+    after normalising case and whitespace is a warning, not a failure."""
+    from distill.doctor import WARN, check_recipe
+
+    rows = [{"text": t, "label": lab} for t, lab in CLASS_ROWS] * 1
+    rows += [{"text": f"message number {i}", "label": CLASS_ROWS[i % len(CLASS_ROWS)][1]} for i in range(40)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    holdout = tmp_path / "official.jsonl"
+    holdout.write_text(json.dumps({"text": "  MY CARD was charged   twice ", "label": "billing"}) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "w", tiny_model)
+    import yaml
+
+    r = yaml.safe_load(recipe.read_text())
+    r["task"]["holdout_data"] = str(holdout)
+    recipe.write_text(yaml.safe_dump(r))
+    out, _, splits = check_recipe(str(recipe))
+    rows = [(status, msg) for name, status, msg in out if name == "overlap"]
+    assert len(rows) == 3, rows  # validation vs train, holdout vs train, holdout vs validation
+    in_train = normalize_text("my card was charged twice") in {normalize_text(e["text"]) for e in splits.train}
+    official = rows[1]
+    assert "official.jsonl" in official[1]
+    assert (official[0] == WARN and "1 of 1" in official[1]) if in_train else official[0] != WARN, official
