@@ -145,7 +145,8 @@ def _add_hparams(writer, config, n_vocab: int) -> None:
 
 # ---------------------------------------------------------------- tokenizer
 
-# Tokenizer families recognised by a token at a fixed id -> llama.cpp pre-tokenizer name.
+# Tokenizer families recognised by a token at a fixed id (and the size of the BPE model's own
+# vocabulary, which tokens added later, such as label tokens, do not change) -> llama.cpp pre-tokenizer name.
 _KNOWN_PRE = (
     ({1: "<|im_start|>", 0: "<|endoftext|>"}, 49152, "smollm"),  # SmolLM / SmolLM2
     ({151643: "<|endoftext|>"}, None, "qwen2"),  # Qwen2 / Qwen2.5
@@ -153,11 +154,12 @@ _KNOWN_PRE = (
 )
 
 
-def pre_tokenizer_name(tokenizer, config) -> str:
-    """A pre-tokenizer name llama.cpp knows (it refuses unknown ones): by tokenizer family, then architecture."""
+def pre_tokenizer_name(tokenizer, config, n_base: int) -> str:
+    """A pre-tokenizer name llama.cpp knows (it refuses unknown ones): by tokenizer family, then architecture.
+    n_base: the number of tokens in the BPE model's vocabulary (tokenizer.json's model.vocab)."""
     vocab = tokenizer.get_vocab()
     for marks, size, name in _KNOWN_PRE:
-        if all(vocab.get(tok) == i for i, tok in marks.items()) and (size is None or len(vocab) == size):
+        if all(vocab.get(tok) == i for i, tok in marks.items()) and (size is None or n_base == size):
             return name
     if getattr(config, "model_type", "") == "qwen2":
         return "qwen2"
@@ -187,6 +189,21 @@ def _adds_bos_eos(tokenizer) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
+def control_token_ids(tokenizer) -> set[int]:
+    """The added tokens llama.cpp gets as CONTROL, which its detokenizer does not print: the ones the
+    tokenizer names (bos, eos, unk, pad, its extra special tokens) and the special ones marked up as
+    control tokens are (<|im_start|>, <repo_name>, [PAD]). Every other added token is USER_DEFINED,
+    which llama.cpp prints as its text: a classifier's label tokens (special in transformers, so data
+    text cannot produce them; see distill.label_tokens) must print, so greedy decoding shows the label."""
+    named = set(tokenizer.all_special_ids)
+    marked = {i for i, a in tokenizer.added_tokens_decoder.items() if a.special and _marked_up(a.content)}
+    return named | marked
+
+
+def _marked_up(text: str) -> bool:
+    return len(text) > 2 and (text[0], text[-1]) in (("<", ">"), ("[", "]"))
+
+
 def _token_table(tokenizer, n_rows: int, spm: bool) -> tuple[list[str], list[int], list[float]]:
     """Tokens, types and scores for every embedding row; rows without a token become UNUSED padding."""
     from gguf import TokenType
@@ -195,6 +212,7 @@ def _token_table(tokenizer, n_rows: int, spm: bool) -> tuple[list[str], list[int
     if id_to_token and max(id_to_token) >= n_rows:
         raise UsageError(f"tokenizer has token id {max(id_to_token)} but the embedding only {n_rows} rows")
     added = {i: a for i, a in tokenizer.added_tokens_decoder.items()}
+    control = control_token_ids(tokenizer)
     tokens, types, scores = [], [], []
     for i in range(n_rows):
         tok = id_to_token.get(i)
@@ -203,7 +221,7 @@ def _token_table(tokenizer, n_rows: int, spm: bool) -> tuple[list[str], list[int
             types.append(TokenType.UNUSED)
         elif i in added:
             tokens.append(added[i].content)
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+            types.append(TokenType.CONTROL if i in control else TokenType.USER_DEFINED)
         elif spm and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
             tokens.append(tok)
             types.append(TokenType.BYTE)
@@ -235,7 +253,7 @@ def add_vocab(writer, tokenizer, config, n_rows: int) -> dict:
         writer.add_add_space_prefix(_add_space_prefix(spec))
         pre = "default"
     else:
-        pre = pre_tokenizer_name(tokenizer, config)
+        pre = pre_tokenizer_name(tokenizer, config, len(model.get("vocab", ())))
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

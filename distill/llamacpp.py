@@ -60,14 +60,79 @@ def load_gguf(path, n_ctx: int, **kwargs):
 
 # ---------------------------------------------------------------- in this process: label scoring
 
-def _log_softmax_at(row: np.ndarray, tok: int) -> float:
-    m = row.max()
-    return row[tok] - (m + np.log(np.exp(row - m).sum()))
+def _shared(a, b) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def feed_order(label_ids) -> list[int]:
+    """Label indices in depth-first order of the prefix tree of their fed tokens (all but the last,
+    which is only read), so every shared prefix is fed once for all the labels under it. A path comes
+    before its own prefixes (the sort key ends in infinity): a branch is fed in one batch, as far as it
+    goes, and a label whose path is a prefix of it is read without feeding anything."""
+    return sorted(range(len(label_ids)), key=lambda j: (*label_ids[j][:-1], float("inf")))
+
+
+class KVSequence:
+    """One llama.cpp sequence whose KV cache is cut and extended by hand, with logits computed only
+    where they are read. (llama-cpp-python's Llama.eval with logits_all runs the output layer at every
+    position; for a small model's prompt that is most of the work.)"""
+
+    def __init__(self, llm):
+        import weakref
+
+        lc = import_llama_cpp()
+        self.lc, self.ctx, self.n_batch, self.n_vocab = lc, llm.ctx, llm.n_batch, llm.n_vocab()
+        self.memory = lc.llama_get_memory(llm.ctx)
+        self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        weakref.finalize(self, lc.llama_batch_free, self.batch)
+        self.tokens: list[int] = []  # what the cache holds, position by position
+
+    def cut(self, n: int) -> None:
+        """Forget every position from `n` on."""
+        self.lc.llama_memory_seq_rm(self.memory, 0, n, -1)
+        del self.tokens[n:]
+
+    def feed(self, tokens, every: bool) -> list[np.ndarray]:
+        """Append `tokens`; the float32 logits after each of them (every) or after the last one only."""
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[start: start + self.n_batch])
+            last = start + len(chunk) == len(tokens)
+            wanted = list(range(len(chunk))) if every else [len(chunk) - 1] if last else []
+            self._decode(chunk, set(wanted))
+            rows += [np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,)).copy()
+                     for i in wanted]
+        return rows
+
+    def _decode(self, chunk: list[int], wanted: set[int]) -> None:
+        b, n_past = self.batch, len(self.tokens)
+        b.n_tokens = len(chunk)
+        for i, tok in enumerate(chunk):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, n_past + i, 1, i in wanted
+            b.seq_id[i][0] = 0
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise DistillError(f"llama.cpp: llama_decode returned {rc} at position {n_past}")
+        self.tokens += chunk
+
+
+def _row_logsumexp(row: np.ndarray) -> tuple[np.ndarray, float]:
+    m = float(row.max())
+    return row, m + float(np.log(np.exp(row.astype(np.float64) - m).sum()))
 
 
 class GGUFScorer:
-    """Scores labels with llama.cpp on a GGUF file: the prompt is evaluated once, then each label's
-    answer is evaluated after it (the KV cache is cut back to the prompt between labels)."""
+    """Scores labels with llama.cpp on a GGUF file. Each prompt is fed after the longest prefix it shares
+    with what the KV cache holds (the system prompt, left by the text before); the labels' answers then
+    follow as a prefix tree walked depth-first, the cache cut back to where the next branch leaves the
+    path fed so far, so a shared answer prefix is fed once. Logits are computed only where read: a
+    label-token model's answers are single tokens, so it gets one row per text, after the prompt."""
 
     kind = "llama.cpp"
 
@@ -79,38 +144,34 @@ class GGUFScorer:
         if not gguf.is_file():
             raise UsageError(f"{gguf}: no such file")
         self.path = str(gguf)
-        self.llm = load_gguf(gguf, n_ctx, seed=0, n_threads=n_threads)
+        self.llm = import_llama_cpp().Llama(model_path=str(gguf), n_ctx=n_ctx, seed=0, n_threads=n_threads,
+                                            verbose=False)
+        self.seq = KVSequence(self.llm)
         tdir = tokenizer_dir or (str(gguf.parent) if (gguf.parent / "tokenizer_config.json").is_file() else None)
-        if tdir:
-            self.tokenizer = load_tokenizer(tdir)
-        else:  # the tokenizer embedded in the GGUF, through transformers
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        self.tokenizer = load_tokenizer(tdir) if tdir else embedded_tokenizer(gguf)
         meta = self.llm.metadata
         arch = meta.get("general.architecture", "llama")
         self.layers = int(meta.get(f"{arch}.block_count", 0))
         self.parameters = None
         self.n_ctx = n_ctx
 
-    def _score_one(self, prompt, label_ids):
-        llm = self.llm
-        if len(prompt) + max(map(len, label_ids)) > self.n_ctx:
+    def _score_one(self, prompt, label_ids, order):
+        """Each label's log-probability after `prompt`; labels walked in `order` (feed_order)."""
+        seq, P = self.seq, len(prompt)
+        if P + max(map(len, label_ids)) > self.n_ctx:
             raise UsageError(f"{self.path}: a prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
-        llm.reset()
-        llm.eval(prompt)
-        P = len(prompt)
-        last = np.array(llm.scores[P - 1], dtype=np.float64)
-        out = []
-        for lab in label_ids:
-            llm.n_tokens = P
-            if len(lab) > 1:
-                llm.eval(lab[:-1])
-            rows = [last] + [np.array(llm.scores[P + t], dtype=np.float64) for t in range(len(lab) - 1)]
-            total = 0.0
-            for row, tok in zip(rows, lab):
-                total += _log_softmax_at(row, tok)
-            out.append(total)
+        keep = min(_shared(seq.tokens, prompt), P - 1)
+        seq.cut(keep)
+        # rows[t]: (logits, logsumexp) after the prompt and the first t answer tokens of the path fed
+        rows = [_row_logsumexp(seq.feed(prompt[keep:], every=False)[-1])]
+        out = [0.0] * len(label_ids)
+        for j in order:
+            lab = label_ids[j]
+            keep = _shared(seq.tokens[P:], lab[:-1])
+            if keep < len(lab) - 1:  # this branch leaves the path fed so far after `keep` answer tokens
+                seq.cut(P + keep)
+                rows = rows[: keep + 1] + [_row_logsumexp(r) for r in seq.feed(lab[keep:-1], every=True)]
+            out[j] = sum(float(rows[t][0][tok]) - rows[t][1] for t, tok in enumerate(lab))
         return out
 
     def scores(self, encoded, label_ids, batch_size=16, desc=None):
@@ -119,11 +180,26 @@ class GGUFScorer:
 
         bar = tqdm(total=len(encoded), desc=desc, unit="ex", disable=desc is None)
         rows = []
+        order = feed_order(label_ids)
         for e in encoded:
-            rows.append(self._score_one(e.prompt, label_ids))
+            rows.append(self._score_one(e.prompt, label_ids, order))
             bar.update(1)
         bar.close()
         return torch.tensor(rows, dtype=torch.float32).reshape(len(encoded), len(label_ids))
+
+
+def embedded_tokenizer(gguf: Path):
+    """The tokenizer a GGUF holds, through transformers. Its USER_DEFINED tokens come back as plain added
+    tokens; they are made special again, as distill's label tokens were before export (gguf_writer types
+    them USER_DEFINED so llama.cpp prints them), so data text stays text (prompts.text_ids) and prompts
+    are those of the model directory's tokenizer."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    plain = [a.content for a in tok.added_tokens_decoder.values() if not a.special]
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in plain], special_tokens=True)
+    return tok
 
 
 # ---------------------------------------------------------------- in a child process: export's jobs
