@@ -7,7 +7,9 @@ of labels, instead of scoring every label's full answer after it.
 
 The tokens are added as special tokens, so a label name (or a control token) inside a data row is
 tokenized as plain text (prompts.py tokenizes user content with `split_special_tokens`) and a row
-cannot produce one. Greedy decoding still prints the label name: `tok.decode(ids)` shows it, and the
+cannot produce a new label token. A label whose text is already one token of the vocabulary (SmolLM2
+has `delivery` and `login`, for example) keeps that token, since a tokenizer gives one text one id:
+its row is shared with the word, which a data row can still contain. Greedy decoding still prints the label name: `tok.decode(ids)` shows it, and the
 GGUF exporter types the tokens as user-defined so llama.cpp prints them too. Their embedding (and,
 when untied, output) rows start as the mean of the rows of the label text's own tokens, so the
 student starts out knowing what each label says.

@@ -147,6 +147,25 @@ def label_logprobs_reference(model, prompt, label_ids) -> torch.Tensor:
     return torch.tensor(scores)
 
 
+def last_logits(model, seqs, n_last: int, pad_id: int) -> torch.Tensor:
+    """[B, n_last, V] logits at the last `n_last` positions of each sequence (differentiable).
+
+    Sequences are left-padded (position ids counted from each sequence's first token), so their ends
+    share columns and the vocabulary-sized output layer runs B * n_last times, whatever the lengths.
+    Through the model's own forward, as target_logits.
+    """
+    B, W = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, W), pad_id, dtype=torch.long)
+    att = torch.zeros((B, W), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, W - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        att[b, W - len(s):] = 1
+    positions = (att.cumsum(1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=positions.to(device),
+                 logits_to_keep=n_last, use_cache=False).logits
+
+
 def target_logits(model, seqs, positions, pad_id: int) -> torch.Tensor:
     """Logits that predict each target token: row r is the output at position t-1 for target t.
 

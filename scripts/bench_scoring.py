@@ -4,7 +4,7 @@ tree (shared answer prefixes fed once) and against a label-token student (one to
 one position), on the default task and on Banking77, in one run.
 
     python scripts/bench_scoring.py [--teacher teachers/smollm2-135m-instruct.yaml] [--batch-size 8]
-        [--batches 2] [--dtypes float32,bfloat16] [--tasks default,banking77]
+        [--batches 2] [--dtypes float32,bfloat16] [--tasks default,banking77] [--gguf-texts 8]
 
 For each task: prompt tokens per text, answer tokens fed per text and logits rows computed per text
 (packed vs trie), then texts/s of label_logprobs under torch.no_grad on the real 135M teacher for
@@ -15,13 +15,19 @@ The label-token rows use the same model with distill's label tokens added (disti
 and time, against a forward over the prompt alone (logits at its last position): eval (label_logprobs,
 no_grad) and a training step (forward + backward of the trainer's own ClassificationTask.scores_and_ce:
 the prompt, the gold label token, end of turn), beside a training step of the packed and trie layouts.
+GGUF rows (--gguf-texts per task, 0 for none): the model and its label-token copy written by distill's
+exporter (--gguf-quant), texts/s of the old llama.cpp scorer (each label's answer evaluated after the
+prompt, logits at every position; copied below as the baseline), of today's GGUFScorer on the plain
+model (prefix tree, logits only where read) and of GGUFScorer on the label-token model.
 Targets (issue 13): label-token eval and training step at most 1.3x the prompt-only forward / step; the
-trie at least 1.4x faster than packed on Banking77. Figures on a shared CPU machine are noisy.
+trie at least 1.4x faster than packed on Banking77; the label-token GGUF at least 10x the old GGUF scorer's
+texts/s on Banking77. Figures on a shared CPU machine are noisy.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import types
 import sys
 import time
 from pathlib import Path
@@ -160,7 +166,6 @@ def _ratio(times: dict, a: str, b: str) -> float:
 def bench_label_tokens(name, tok_path, model, args):
     """The label-token student against a forward (and a training step) over the prompt alone."""
     import copy
-    import types
 
     from distill.label_tokens import add_label_tokens
     from distill.models import load_tokenizer
@@ -227,6 +232,82 @@ def bench_label_tokens(name, tok_path, model, args):
           f"packed / trie {_ratio(times, 'packed_step', 'trie_step'):.2f}x")
 
 
+# ---- OLD GGUF SCORER, copied from distill/llamacpp.py before the prefix tree (issue 13 item 4). ----
+# Kept here only as the benchmark's baseline: the prompt evaluated once, then each label's answer
+# evaluated after it, with logits at every position (llama-cpp-python's logits_all).
+def old_gguf_scores(llm, prompts, label_ids):
+    import numpy as np
+
+    rows = []
+    for prompt in prompts:
+        llm.reset()
+        llm.eval(prompt)
+        P, row = len(prompt), []
+        for lab in label_ids:
+            llm.n_tokens = P
+            if len(lab) > 1:
+                llm.eval(lab[:-1])
+            logits = np.array(llm.scores[P - 1: P - 1 + len(lab)], dtype=np.float64)
+            m = logits.max(1, keepdims=True)
+            logp = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+            row.append(sum(logp[t, tok] for t, tok in enumerate(lab)))
+        rows.append(row)
+    return torch.tensor(rows)
+# ---- end of the old GGUF scorer ----
+
+
+def bench_gguf(name, tok_path, model, args):
+    """texts/s of GGUF scoring with llama.cpp: the old scorer and today's GGUFScorer (prefix tree, logits only
+    where read) on the model as it is, and GGUFScorer on the same model with label tokens (one position per
+    text). The GGUFs are written by distill's own exporter in --gguf-quant; the same texts for every row."""
+    import copy
+    import tempfile
+
+    from distill.export import export_gguf
+    from distill.label_tokens import add_label_tokens
+    from distill.llamacpp import GGUFScorer, load_gguf
+    from distill.models import load_tokenizer
+
+    n = args.gguf_texts
+    with tempfile.TemporaryDirectory(prefix="bench-scoring.") as tmp:
+        tmp = Path(tmp)
+        tok = load_tokenizer(tok_path)
+        files = {}
+        for kind in ("plain", "label-token"):
+            m, t = copy.deepcopy(model).float(), load_tokenizer(tok_path)
+            if kind == "label-token":
+                add_label_tokens(m, t, _labels(name))
+            m.save_pretrained(tmp / kind)
+            t.save_pretrained(tmp / kind)
+            files[kind] = tmp / f"{kind}.gguf"
+            export_gguf(tmp / kind, files[kind], args.gguf_quant, verify=False)
+            del m
+        prompts, answers = task_prompts(TASKS[name], tok, n)
+        lt_tok = load_tokenizer(tmp / "label-token")
+        lt_prompts, lt_answers = task_prompts(TASKS[name], lt_tok, n)
+        enc = [types.SimpleNamespace(prompt=p) for p in prompts]
+        lt_enc = [types.SimpleNamespace(prompt=p) for p in lt_prompts]
+        n_ctx = 64 * -(-(max(map(len, prompts)) + max(map(len, answers)) + 1) // 64)
+        old_llm = load_gguf(files["plain"], n_ctx, seed=0)
+        trie = GGUFScorer(str(files["plain"]), str(tmp / "plain"), n_ctx=n_ctx)
+        lt = GGUFScorer(str(files["label-token"]), str(tmp / "label-token"), n_ctx=n_ctx)
+        modes = {"old": lambda i: old_gguf_scores(old_llm, prompts[i:i + 1], answers),
+                 "trie": lambda i: trie.scores(enc[i:i + 1], answers),
+                 "label-token": lambda i: lt.scores(lt_enc[i:i + 1], lt_answers)}
+        times = _rounds(modes, list(range(n)), n)
+        old_all = torch.cat([old_gguf_scores(old_llm, [p], answers) for p in prompts[:2]])
+        trie_all = trie.scores(enc[:2], answers).double()
+        for obj in (old_llm, trie.llm, lt.llm):
+            obj.close()
+    rate = {k: 1 / (sorted(v)[len(v) // 2]) for k, v in times.items()}
+    print(f"  GGUF {args.gguf_quant} (llama.cpp, {n} texts, interleaved, median per text): old scorer "
+          f"{rate['old']:.3f} texts/s ({len(answers)} answer evals per text)   prefix tree {rate['trie']:.3f}   "
+          f"label tokens {rate['label-token']:.2f}")
+    print(f"  GGUF ratios: label-token / old scorer {_ratio(times, 'old', 'label-token'):.1f}x (target >= 10 on "
+          f"banking77)   prefix tree / old {_ratio(times, 'old', 'trie'):.2f}x   max |score diff| old vs tree "
+          f"{(old_all - trie_all).abs().max().item():.1e}")
+
+
 def _labels(name):
     from distill.config import load_recipe
     from distill.data import label_set, read_rows, validate_rows
@@ -246,6 +327,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
     ap.add_argument("--tasks", default="default,banking77")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the label-token comparison")
+    ap.add_argument("--gguf-texts", type=int, default=8, help="texts per GGUF row (0: no GGUF rows)")
+    ap.add_argument("--gguf-quant", default="q8_0", help="the GGUF type of the compared files")
     args = ap.parse_args(argv)
     os.chdir(ROOT)  # recipes name their data relative to the repository root
     from distill.config import load_teacher_spec
@@ -258,6 +341,8 @@ def main(argv=None):
     for name in args.tasks.split(","):
         bench_task(name, tok, models, args)
         bench_label_tokens(name, path, models[args.dtypes.split(",")[0]], args)
+        if args.gguf_texts:
+            bench_gguf(name, path, models[args.dtypes.split(",")[0]], args)
 
 
 if __name__ == "__main__":

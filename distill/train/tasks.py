@@ -22,7 +22,7 @@ from ..metrics import classification_metrics
 from ..models import tokenizer_hash
 from ..label_tokens import label_token_ids
 from ..prompts import encode_classification, encode_generation, end_of_turn_id
-from ..scoring import label_logprobs, target_logits
+from ..scoring import label_logprobs, last_logits, target_logits
 from .distributed import sharded
 
 
@@ -101,12 +101,12 @@ class ClassificationTask:
             scores = label_logprobs(model, [e.prompt for e in items], self.label_ids, self.pad)
             return scores, F.cross_entropy(scores.float(), gold.to(scores.device), reduction="none")
         answers = [self.label_tokens[int(g)] for g in gold]
-        seqs = [e.prompt + [a, self.end_of_turn] for e, a in zip(items, answers)]
-        targets = [[len(e.prompt), len(e.prompt) + 1] for e in items]  # the label token, then end of turn
-        logp = torch.log_softmax(target_logits(model, seqs, targets, self.pad).float(), -1)
-        wanted = torch.tensor([t for a in answers for t in (a, self.end_of_turn)], device=logp.device)
-        nll = -logp.gather(1, wanted[:, None])[:, 0]
-        return logp[0::2, self.label_tokens], nll[0::2] + nll[1::2]
+        # the last two positions of prompt + label token predict the label token, then end of turn
+        logits = last_logits(model, [e.prompt + [a] for e, a in zip(items, answers)], 2, self.pad)
+        logp = torch.log_softmax(logits.float(), -1)  # [B, 2, V]
+        wanted = torch.tensor([[a, self.end_of_turn] for a in answers], device=logp.device)
+        nll = -logp.gather(2, wanted[..., None])[..., 0].sum(1)
+        return logp[:, 0, self.label_tokens], nll
 
     def loss_sums(self, model, idx, kw):
         """(KD sum, CE sum) over the examples idx, differentiable."""
