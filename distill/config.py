@@ -34,6 +34,7 @@ Loss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 StoppingMetric = Literal["auto", "val_loss", "val_f1"]
 Quantization = Literal["4bit"]
 GenerateSplit = Literal["train", "validation"]
+LayerSelection = Literal["even", "importance"]  # how train.student.num_layers picks the teacher's layers
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's trackers that train.report_to may name
 
 
@@ -116,6 +117,9 @@ class TaskConfig:
     list_labels_in_prompt: bool = True
     prompt_field: str = "prompt"
     response_field: str = "response"
+    # generation: one fixed user prompt for every row, whose response_field is then its response (a pool of
+    # texts learnt as language, e.g. classification texts to heal a pruned student; prompt_field unused)
+    prompt: str | None = None
     # read a stratified sample of N rows (classification; the first N for generation)
     max_examples: int | None = num(None, ge=1)
     # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
@@ -149,6 +153,15 @@ class StudentConfig:
     quantization: Quantization | None = None
     # classification: one added token per label, P(label | prompt) read at one position (distill/label_tokens.py)
     label_tokens: bool = True
+    # how num_layers picks its layers: even (spread out, first and last kept) or importance (the blocks
+    # that change the hidden states most, 1 - cos(input, output), measured on the teacher over the
+    # task's training texts; distill/prune.py)
+    layer_selection: LayerSelection = "even"
+    # width pruning by activation importance on the task's training texts (Minitron), every kept block alike:
+    mlp_keep: float | None = num(None, gt=0, le=1)  # share of MLP channels kept (rounded to a multiple of 32)
+    kv_heads_keep: int | None = num(None, ge=1)  # key/value heads (GQA groups) kept per block, with their query heads
+    heads_keep: int | None = num(None, ge=1)  # query heads kept per block (default: all of the kept groups')
+    importance_examples: int = num(128, ge=1)  # training texts (a stratified sample) importance is measured on
 
 
 @dataclass
@@ -344,6 +357,29 @@ def _check_combinations(recipe: Recipe, src: str) -> None:
     if stopping_metric(recipe) == "val_f1" and task.type != "classification":
         raise UsageError(f"{src}: train.early_stopping_metric: val_f1 exists for classification only; "
                          "generation tasks are selected by val_loss")
+    _check_student(recipe.train, src)
+    if task.prompt is not None and (task.type != "generation" or not task.prompt.strip()):
+        raise UsageError(f"{src}: task.prompt: a fixed prompt (non-empty) for every row of a generation task, "
+                         f"got {task.prompt!r} with task.type {task.type!r}")
+
+
+def _check_student(cfg: TrainConfig, src: str) -> None:
+    """Importance-ranked layers and width pruning cut a student from the teacher, in full precision."""
+    st = cfg.student
+    width = [k for k in ("mlp_keep", "kv_heads_keep", "heads_keep") if getattr(st, k) is not None]
+    if st.layer_selection == "importance" and st.num_layers is None:
+        raise UsageError(f"{src}: train.student.layer_selection: importance ranks the teacher's layers to keep "
+                         "train.student.num_layers of them; set num_layers")
+    if st.layer_selection == "importance" and st.from_teacher_layers:
+        raise UsageError(f"{src}: train.student.layer_selection: importance and from_teacher_layers both choose "
+                         "the layers; keep one")
+    pruned = width + (["layer_selection"] if st.layer_selection == "importance" else [])
+    if pruned and st.model:
+        raise UsageError(f"{src}: train.student.{pruned[0]}: prunes a student cut from the teacher, but "
+                         "train.student.model is used as it is; drop one")
+    if pruned and st.quantization:
+        raise UsageError(f"{src}: train.student.{pruned[0]}: pruning measures and slices full-precision weights; "
+                         "prune in a stage of its own and give its model to QLoRA as train.student.model")
 
 
 def validate_recipe(recipe: Recipe) -> None:

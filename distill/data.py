@@ -141,6 +141,8 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
     out, seen, dupes = [], set(), 0
     if task.type == "classification":
         fields = (task.text_field, task.label_field)
+    elif task.type == "generation" and task.prompt is not None:
+        return _fixed_prompt_rows(rows, task, src)
     elif task.type == "generation":
         fields = (task.prompt_field, task.response_field)
     else:
@@ -176,6 +178,30 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
     if task.max_examples:
         key = "label" if task.type == "classification" else None
         out = [out[i] for i in subset_indices(out, task.max_examples, task.split.seed, key)]
+    return out
+
+
+def _fixed_prompt_rows(rows, task: TaskConfig, src) -> list[dict]:
+    """Generation rows under one fixed prompt (`task.prompt`): each row's `response_field` is its response,
+    so any text pool (a classification file's texts, unlabelled texts) is learnt as language. Duplicate
+    texts are dropped like duplicate prompts elsewhere; `task.max_examples` takes a seeded sample."""
+    out, seen, f = [], set(), task.response_field
+    for line, row in rows:
+        text = row.get(f)
+        if text is None or isinstance(text, bool) or not isinstance(text, (str, int)):
+            raise UsageError(f"{src}:{line}: field '{f}' (task.response_field, the text under task.prompt) must be "
+                             f"text, got {'nothing' if text is None else type(text).__name__}")
+        if not str(text).strip():
+            raise UsageError(f"{src}:{line}: field '{f}' is empty")
+        if str(text) not in seen:
+            seen.add(str(text))
+            out.append({"prompt": task.prompt, "response": str(text)})
+    if len(out) < len(rows):
+        log.warning("%s: dropped %d duplicate examples (same text)", src, len(rows) - len(out))
+    if task.max_examples and task.max_examples < len(out):  # a seeded sample: such files are often sorted by label
+        import random
+
+        out = [out[i] for i in sorted(random.Random(task.split.seed).sample(range(len(out)), task.max_examples))]
     return out
 
 
@@ -385,8 +411,10 @@ def overlap(train_examples, other_examples, text_field: str = "text", train_name
 
 
 def text_field_of(task: TaskConfig) -> str:
-    """The field of `prepare_splits`' examples that holds the input text."""
-    return "text" if task.type == "classification" else "prompt"
+    """The field of `prepare_splits`' examples that holds the input text (under a fixed prompt, the response)."""
+    if task.type == "classification":
+        return "text"
+    return "response" if task.prompt is not None else "prompt"
 
 
 def split_overlaps(task: TaskConfig, splits: Splits) -> list[OverlapReport]:
@@ -408,7 +436,8 @@ def split_overlaps(task: TaskConfig, splits: Splits) -> list[OverlapReport]:
 def _holdout_texts(path: str, task: TaskConfig) -> list[str]:
     if not path.startswith("builtin:") and not Path(path).exists():
         return []
-    field_name = task.text_field if task.type == "classification" else task.prompt_field
+    field_name = task.text_field if task.type == "classification" else (
+        task.response_field if task.prompt is not None else task.prompt_field)
     try:
         return _texts((row for _, row in read_rows(path)), field_name)
     except UsageError as e:  # eval, which reads it, will refuse it with this message

@@ -74,17 +74,22 @@ def _load_4bit(path: str):
                                                 device_map={"": device})
 
 
-def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32", gradient_checkpointing: bool = False):
-    """The student model: `cfg.model` if set, else the teacher with a subset of its layers (or all).
+def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
+                  texts: list[list[int]] | None = None, pad_id: int = 0, plan=None):
+    """The student model: `cfg.model` if set, else the teacher cut to a subset of its layers (or all) and,
+    when asked, to narrower MLPs and fewer heads (distill/prune.py).
 
-    `cfg.quantization == "4bit"` loads the base in NF4 for QLoRA (call `check_quantization` first).
+    `texts` (token ids of the task's training texts) are what importance is measured on, and the
+    forward throughput of teacher and student is timed on; `plan` rebuilds a student already planned
+    (the dense copy of a QLoRA student). `cfg.quantization == "4bit"` loads the base in NF4 for QLoRA
+    (call `check_quantization` first).
     """
     from .models import resolve_model_path
 
     path = resolve_model_path(cfg.model) if cfg.model else teacher_path
     model = _load_4bit(path) if cfg.quantization == "4bit" else load_causal_lm(path, dtype)
     if not cfg.model:
-        _cut_layers(model, cfg)
+        cut(model, cfg, texts, pad_id, plan)
     if cfg.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
 
@@ -97,12 +102,38 @@ def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32",
     return model
 
 
-def _cut_layers(model, cfg: StudentConfig):
-    n = model.config.num_hidden_layers
-    layers = cfg.from_teacher_layers or (evenly_spaced_layers(n, cfg.num_layers) if cfg.num_layers else None)
-    if layers:
-        log.info("student: teacher layers %s (%d of %d)", layers, len(layers), n)
-        keep_layers(model, layers)
+def cut(model, cfg: StudentConfig, texts: list[list[int]] | None = None, pad_id: int = 0, plan=None):
+    """Cut the teacher `model` in place to the student `cfg` asks for: its layers (evenly spaced, listed,
+    or the most important on `texts`), MLP channels and heads. Logs the parameter count and, with
+    `texts`, the forward throughput against the teacher's. The plan is kept as `model.distill_plan`."""
+    from . import prune
+
+    if plan is None and not (cfg.from_teacher_layers or cfg.num_layers or prune.needs_importance(cfg)):
+        return model
+    importance = None
+    if plan is None and prune.needs_importance(cfg):
+        if not texts:
+            raise UsageError("train.student: importance-ranked layers and width pruning are measured on the task's "
+                             "training texts, and none were given")
+        importance = prune.measure_importance(model, texts, pad_id)
+        log.info("student: block importance (1 - cos(input, output)) on %d training texts: %s", len(texts),
+                 " ".join(f"{i}:{v:.3f}" for i, v in enumerate(importance.blocks)))
+    n_teacher, teacher_tps = count_parameters(model), None
+    if texts:
+        teacher_tps = prune.forward_tokens_per_second(model, texts, pad_id)
+    plan = plan or prune.broadcast_plan(prune.make_plan(cfg, model.config, importance))
+    n_total = model.config.num_hidden_layers
+    keep_layers(model, plan.layers)
+    prune.prune_widths(model, plan)
+    model.distill_plan = plan
+    n = count_parameters(model)
+    log.info("student: %s (%d of %d teacher layers): %.1fM parameters, %.0f%% of the teacher's %.1fM",
+             prune.describe(plan, model.config), len(plan.layers), n_total, n / 1e6, 100 * n / n_teacher, n_teacher / 1e6)
+    if teacher_tps:
+        tps = prune.forward_tokens_per_second(model, texts, pad_id)
+        log.info("student: forward %.0f tokens/s against the teacher's %.0f (%.2fx), on %d of the training texts",
+                 tps, teacher_tps, tps / teacher_tps, min(len(texts), 16))
+    return model
 
 
 def add_lora(model, cfg: LoraConfig, trainable_tokens: list[int] | None = None):
@@ -132,7 +163,8 @@ def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig
 
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    dense = build_student(dataclasses.replace(student_cfg, quantization=None), base_path)
+    dense = build_student(dataclasses.replace(student_cfg, quantization=None), base_path,
+                          plan=getattr(peft_model, "distill_plan", None))
     tokens = None
     if labels:  # the label token rows: resized here, their trained values come with the adapter
         from .label_tokens import add_label_tokens

@@ -21,6 +21,7 @@ from ..fileio import directory_lock
 from ..label_tokens import add_label_tokens
 from ..losses import loss_kwargs
 from ..models import load_tokenizer, resolve_model_path
+from ..prune import task_texts
 from ..student import add_lora, build_student, check_quantization, count_parameters
 from .checkpoint import Checkpointer, config_for_resume
 from .distributed import (all_gather, configure_deepspeed, dist_info, is_deepspeed, make_accelerator,
@@ -118,7 +119,10 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
                          "best epoch on it")
     base_path = resolve_model_path(resolve_teacher(init_from or recipe.teacher).source)
     tok = load_tokenizer(cfg.student.model and resolve_model_path(cfg.student.model) or base_path)
-    model = build_student(cfg.student, base_path, gradient_checkpointing=cfg.gradient_checkpointing)
+    texts = None if cfg.student.model else task_texts(recipe.task, splits, tok, cfg.student.importance_examples,
+                                                       recipe.task.split.seed)  # importance and throughput
+    model = build_student(cfg.student, base_path, gradient_checkpointing=cfg.gradient_checkpointing,
+                          texts=texts, pad_id=tok.pad_token_id)
     label_tokens = None
     if recipe.task.type == "classification" and cfg.student.label_tokens:
         label_tokens = add_label_tokens(model, tok, splits.labels)
