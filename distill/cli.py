@@ -163,10 +163,13 @@ def serve_teacher(teacher_spec, port, host):
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints.")
 @click.option("--stop-after-steps", type=POSITIVE,
               help="Stop after N optimizer steps with a checkpoint, schedule unchanged (continue with --resume).")
+@click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
+              help="On-policy training (train.on_policy.fraction > 0): a vLLM server of the teacher that scores the "
+                   "student's samples; repeat to spread the work over several.")
 @SET
 @friendly_errors
 def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_size, num_layers, train_examples, seed,
-          loss, max_steps, resume, stop_after_steps, sets):
+          loss, max_steps, resume, stop_after_steps, teacher_urls, sets):
     """Train a student from the teacher cache: alpha*T^2*D + (1-alpha)*CE, best epoch saved.
 
     D is train.loss (forward KL by default). Multi-process: `accelerate launch --config_file
@@ -178,7 +181,8 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
                        "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
                        "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
                        "train.max_steps": max_steps})
-    path = run_train(r, cache=cache, out=out, init_from=init_from, resume=resume, stop_after_steps=stop_after_steps)
+    path = run_train(r, cache=cache, out=out, init_from=init_from, resume=resume, stop_after_steps=stop_after_steps,
+                     teacher_urls=list(teacher_urls) or None)
     if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run
         click.echo(f"model: {path}")
 

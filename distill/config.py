@@ -31,6 +31,9 @@ Responses = Literal["auto", "data", "teacher"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["no", "bf16", "fp16"]
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]  # losses.DIVERGENCES
+# on-policy tokens: a divergence of Loss, or the single-sample reverse-KL estimate (losses.SAMPLED)
+OnPolicyLoss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
+                       "sampled_reverse_kl"]
 StoppingMetric = Literal["auto", "val_loss", "val_f1"]
 Quantization = Literal["4bit"]
 GenerateSplit = Literal["train", "validation"]
@@ -176,6 +179,19 @@ class LoraConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD, Agarwal et al. 2024): a share of the training sequences is written
+    by the current student and scored by the teacher during training (distill/train/onpolicy.py)."""
+
+    # GKD's lambda: the chance that a training sequence's response is sampled from the student (0: off-policy)
+    fraction: float = num(0.0, ge=0, le=1)
+    max_new_tokens: int = num(64, ge=1)  # the student's sampling settings
+    temperature: float = num(1.0, ge=0)  # 0: greedy
+    top_p: float = num(1.0, gt=0, le=1)
+    loss: OnPolicyLoss | None = None  # the divergence on the student's own tokens (default: train.loss)
+
+
+@dataclass
 class TrainConfig:
     alpha: float = num(0.5, ge=0, le=1)  # weight of the distillation term; 0 = plain supervised fine-tuning
     temperature: float = num(2.0, gt=0)
@@ -209,6 +225,7 @@ class TrainConfig:
     report_to: list[Tracker] = field(default_factory=list)  # accelerate trackers for the training metrics (none: files only)
     lora: LoraConfig | None = None
     student: StudentConfig = field(default_factory=StudentConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 @dataclass
@@ -361,6 +378,19 @@ def _check_combinations(recipe: Recipe, src: str) -> None:
     if task.prompt is not None and (task.type != "generation" or not task.prompt.strip()):
         raise UsageError(f"{src}: task.prompt: a fixed prompt (non-empty) for every row of a generation task, "
                          f"got {task.prompt!r} with task.type {task.type!r}")
+    if recipe.train.on_policy.fraction > 0:
+        if task.type != "generation":
+            raise UsageError(f"{src}: train.on_policy.fraction: on-policy sampling needs task.type generation, "
+                             f"got {task.type!r}")
+        if recipe.train.alpha == 0:
+            raise UsageError(f"{src}: train.on_policy.fraction > 0 needs train.alpha > 0 (the student's own "
+                             "samples are learnt from the teacher's scores alone)")
+    op = recipe.train.on_policy
+    if op.loss == "sampled_reverse_kl" and (recipe.train.temperature, op.temperature, op.top_p) != (1, 1, 1):
+        raise UsageError(f"{src}: train.on_policy.loss: sampled_reverse_kl estimates KL(student || teacher) from "
+                         "samples of the student's own distribution; set train.temperature, train.on_policy."
+                         f"temperature and train.on_policy.top_p to 1 (got {recipe.train.temperature:g}, "
+                         f"{op.temperature:g} and {op.top_p:g})")
 
 
 def _check_student(cfg: TrainConfig, src: str) -> None:

@@ -166,3 +166,26 @@ def dense_kd(student_logits, teacher_logits, temperature: float = 1.0, kind: str
     logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return _reduce(divergence(logp, logq, kind, **kw), reduction)
+
+
+SAMPLED = "sampled_reverse_kl"  # on-policy only: needs the token the student sampled (config.OnPolicyLoss)
+
+
+def sampled_reverse_kl(student_logits, targets, topk_ids, topk_logprobs, tail_mass, reduction: str = "mean"):
+    """The single-sample estimate of KL(student || teacher) at each position of a response the student
+    sampled itself: log q(b) - log p(b), b the bucket of the sampled token (one of the teacher's k cached
+    tokens, or everything else), at temperature 1.
+
+    Its value is the estimate; its gradient, (log q(b) - log p(b)) * grad log q(b), is the score-function
+    gradient of the expected estimate, unbiased for the gradient of the (k+1)-bucket reverse KL at that
+    position when b was drawn from the student (the per-token reward of on-policy distillation, with
+    no credit passed to earlier tokens). targets: [N], the sampled token at each position.
+    """
+    logp = teacher_buckets(topk_logprobs, tail_mass)
+    has_entry = ~torch.isneginf(topk_logprobs)
+    logq = student_buckets(student_logits, topk_ids, has_entry)
+    hit = (topk_ids.long() == targets.long()[:, None]) & has_entry
+    bucket = torch.where(hit.any(-1), hit.float().argmax(-1), topk_ids.shape[-1])[:, None]
+    lq, lp = logq.gather(-1, bucket)[:, 0], logp.gather(-1, bucket)[:, 0]
+    est = (lq - lp).detach()
+    return _reduce(est + est * (lq - lq.detach()), reduction)

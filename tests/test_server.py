@@ -287,6 +287,43 @@ def test_probe_refuses_wrong_model_small_max_logprobs_and_other_tokenizer(served
     assert proc.returncode == 2 and "--max-logprobs 500" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_on_policy_round_scored_by_the_server_equals_the_transformers_scores(served, tmp_path):
+    """Training with train.on_policy.fraction 1 and a teacher URL: the student (the padded-vocabulary
+    teacher itself) samples every response, the server scores them into OUT/onpolicy, and those scores
+    equal the transformers backend's on the same sequences."""
+    from distill.models import load_tokenizer
+    from distill.teacher.hf import HFTeacher
+    from distill.train import run_train
+
+    r = yaml.safe_load(gen_recipe(tmp_path, served.spec).read_text())
+    r["train"] = {"alpha": 1.0, "temperature": 1.0, "batch_size": 3, "max_steps": 1, "lr": 1e-3,
+                  "on_policy": {"fraction": 1.0, "max_new_tokens": 8}}
+    recipe = tmp_path / "onpolicy.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    run_generate(load_recipe(recipe), backend="transformers")  # the off-policy cache: prompts and validation
+    run_train(load_recipe(recipe), out=str(tmp_path / "student"), teacher_urls=[served.url + "/v1"])
+    rounds = tmp_path / "student" / "onpolicy"
+    m = cache_mod.read_manifest(rounds)
+    assert m.backend == "server" and [s["file"] for s in m.shards] == ["round-00000.safetensors"]
+    got = cache_mod.read_shard(rounds, m.shards[0], "topk")
+    assert got["index"].numel() == 3
+    tok = load_tokenizer(served.model)
+    hf = HFTeacher(served.model, vocab_limit=len(tok))
+    seqs, positions = [], []
+    for j in range(3):
+        e = cache_mod.example_topk(got, j)
+        assert int(e.sequence.max()) < len(tok)  # the student never samples a padded row
+        seqs.append(e.sequence.tolist())
+        positions.append(e.positions.tolist())
+    ref = cache_mod.pack_topk([cache_mod.TopkExample(s, p, *row) for s, p, row in zip(seqs, positions,
+                                                                                      hf.topk(seqs, positions, 8))], 0)
+    ref = {key: v.to(got[key].dtype) for key, v in {**ref, "index": got["index"]}.items()}
+    assert_topk_close(got, ref, k=8)
+    info = json.loads((tmp_path / "student" / "training.json").read_text())["on_policy"]
+    assert info["rounds_scored"] == 1 and info["backend"] == "server" and info["sequences"] == 3
+
+
 # -- no vLLM needed -------------------------------------------------------------------------------
 
 FAKE_SERVER = r'''

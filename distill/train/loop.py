@@ -21,6 +21,7 @@ from ..config import Recipe
 from ..losses import total_loss
 from ..student import count_parameters, dense_lora_copy, save_model
 from .checkpoint import list_checkpoints, remove_partial, set_rng_state
+from .onpolicy import OnPolicy, make_onpolicy
 from .distributed import all_reduce_sum, barrier, zero_stage
 from .reporting import SwampWatch, better, log_evaluation, step_record, write_run_files
 from .setup import Run, setup
@@ -30,25 +31,33 @@ log = logging.getLogger(__name__)
 
 
 def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, init_from: str | None = None,
-              resume: bool = False, stop_after_steps: int | None = None) -> Path:
+              resume: bool = False, stop_after_steps: int | None = None, teacher_urls: list[str] | None = None) -> Path:
     """Train the student; returns its directory (the best evaluation's weights, a Hugging Face directory).
 
     resume: continue from the newest checkpoint in OUT/checkpoints (a fresh start if there is none).
     stop_after_steps: stop after that many optimizer steps with a checkpoint, as an interruption would
     (the schedule stays that of the whole run), to be continued with resume=True.
+    teacher_urls: vLLM servers of the teacher that score the student's own samples (train.on_policy).
     """
     run = setup(recipe, cache, out, init_from, stop_after_steps)
     with run.out_lock:
-        return _train(run, resume)
+        op = make_onpolicy(run, teacher_urls)  # None at train.on_policy.fraction 0
+        try:
+            return _train(run, resume, op)
+        finally:
+            if op is not None:
+                op.close()
 
 
-def _train(run: Run, resume: bool) -> Path:
+def _train(run: Run, resume: bool, op: OnPolicy | None = None) -> Path:
     state = restore_or_start(run, resume)
+    if op is not None:  # a fresh run starts with no scored rounds; a resumed one keeps them
+        op.open(state.resumed_from is not None)
     bar = tqdm(total=run.total_batches, initial=state.micro_batch, desc="train", unit="batch", disable=not run.main)
     run.acc.step = 0  # micro-batches since the last optimizer step: a resumed run starts at a step boundary
     while not finished(run, state):
         # one micro-batch: forward and backward; at the end of an accumulation window, the optimizer step
-        grad_norm = train_step(run, state)
+        grad_norm = train_step(run, state, op)
         bar.update(1)
         if run.acc.sync_gradients:
             log_step(run, state, grad_norm, bar)
@@ -60,7 +69,7 @@ def _train(run: Run, resume: bool) -> Path:
             bar.close()
             return run.out_dir
     bar.close()
-    finish(run, state)
+    finish(run, state, op)
     return run.out_dir
 
 
@@ -97,18 +106,20 @@ def finished(run: Run, state: LoopState) -> bool:
     return state.micro_batch >= run.total_batches or (state.stopped is not None and at_boundary)
 
 
-def train_step(run: Run, state: LoopState):
+def train_step(run: Run, state: LoopState, op: OnPolicy | None = None):
     """One micro-batch: this rank's share of the global batch, forward, backward, and the optimizer step
-    when the accumulation window ends. Returns the gradient norm clipped at that step (else None)."""
+    when the accumulation window ends. Returns the gradient norm clipped at that step (else None).
+    On-policy, the round's student-written sequences replace theirs in the batch (train/onpolicy.py)."""
     cfg, rank, world = run.cfg, run.rank, run.world
     batch = run.order.batch(state.micro_batch)
-    local, weight = batch[rank::world], world / run.task.count(batch)
+    task = run.task if op is None else op.round(run.task, state.micro_batch, batch, run.acc.unwrap_model(run.model))
+    local, weight = batch[rank::world], world / task.count(batch)
     if not local:  # a short last batch leaves this rank nothing: take part with a zero-weight example
         local, weight = batch[:1], 0.0
     grad_norm = None
     run.model.train()
     with run.acc.accumulate(run.model):
-        kd, ce = run.task.loss_sums(run.model, local, run.kw)
+        kd, ce = task.loss_sums(run.model, local, run.kw)
         run.acc.backward(total_loss(kd, ce, cfg.alpha, cfg.temperature) * weight)
         if run.acc.sync_gradients and not run.ds:
             grad_norm = run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -189,10 +200,12 @@ def save_best(run: Run) -> None:
         save_model(m, run.tok, run.out_dir, merge=cfg.lora.merge if cfg.lora else True, state_dict=state)
 
 
-def finish(run: Run, state: LoopState) -> None:
+def finish(run: Run, state: LoopState, op: OnPolicy | None = None) -> None:
     """training.json, train_log.jsonl, training.png and the model card (rank 0); trackers closed."""
     if run.main:
         summary = summary_record(run, state)
+        if op is not None:
+            summary["on_policy"] = op.summary()
         write_run_files(run.out_dir, summary, state.history)
         from ..model_card import write_model_card
 
