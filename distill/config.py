@@ -123,7 +123,7 @@ class TaskConfig:
     # generation: one fixed user prompt for every row, whose response_field is then its response (a pool of
     # texts learnt as language, e.g. classification texts to heal a pruned student; prompt_field unused)
     prompt: str | None = None
-    # read a stratified sample of N rows (classification; the first N for generation)
+    # read a stratified sample of N rows (classification; the first N for generation, a seeded sample under task.prompt)
     max_examples: int | None = num(None, ge=1)
     # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
     max_length: int = num(256, ge=16)
@@ -164,7 +164,7 @@ class StudentConfig:
     mlp_keep: float | None = num(None, gt=0, le=1)  # share of MLP channels kept (rounded to a multiple of 32)
     kv_heads_keep: int | None = num(None, ge=1)  # key/value heads (GQA groups) kept per block, with their query heads
     heads_keep: int | None = num(None, ge=1)  # query heads kept per block (default: all of the kept groups')
-    importance_examples: int = num(128, ge=1)  # training texts (a stratified sample) importance is measured on
+    importance_examples: int = num(128, ge=1)  # training texts (a seeded sample, stratified by label) measured on
 
 
 @dataclass
