@@ -118,10 +118,10 @@ def cut(model, cfg: StudentConfig, texts: list[list[int]] | None = None, pad_id:
         importance = prune.measure_importance(model, texts, pad_id)
         log.info("student: block importance (1 - cos(input, output)) on %d training texts: %s", len(texts),
                  " ".join(f"{i}:{v:.3f}" for i, v in enumerate(importance.blocks)))
+    plan = plan or prune.broadcast_plan(prune.make_plan(cfg, model.config, importance))
     n_teacher, teacher_tps = count_parameters(model), None
     if texts:
         teacher_tps = prune.forward_tokens_per_second(model, texts, pad_id)
-    plan = plan or prune.broadcast_plan(prune.make_plan(cfg, model.config, importance))
     n_total = model.config.num_hidden_layers
     keep_layers(model, plan.layers)
     prune.prune_widths(model, plan)
