@@ -261,3 +261,43 @@ def test_on_policy_recipe_keys_are_checked(gen, tmp_path):
                                    str(tmp_path / "x"), "--teacher-url", "http://127.0.0.1:9"])
     assert res.exit_code == 2 and "--teacher-url: the teacher is asked during training only with " \
         "train.on_policy.fraction > 0" in res.output, res.output
+
+
+@pytest.mark.parametrize("on_loss", [None, "sampled_reverse_kl"])
+def test_a_mixed_batch_has_no_ce_on_the_students_tokens(gen, on_loss):
+    """Round.loss_sums over a batch of one cached and one student-written sequence equals a direct
+    computation: CE and train.loss on the cached one, train.on_policy.loss (or train.loss) alone on the other."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from distill.losses import sampled_reverse_kl, sparse_kd
+    from distill.train.onpolicy import Round
+
+    tmp, p = gen
+    cfg = load_recipe(p, [f"train.on_policy.loss={on_loss or 'null'}"]).train
+    model = AutoModelForCausalLM.from_pretrained(cfg.student.model).eval()
+    data = cache_mod.load_split(tmp / "work" / "cache", "train")
+    cached = [cache_mod.example_topk(data, i) for i in range(2)]
+    cached = [cache_mod.TopkExample(e.sequence.long(), e.positions.long(), e.topk_ids.long(), e.topk_logprobs.float(),
+                                    e.tail_mass.float()) for e in cached]
+    task = SimpleNamespace(train=cached, pad=0)
+    e, n = cached[1], int(cached[1].positions[0])  # "student-written": the response reversed, same teacher rows
+    written = {1: cache_mod.TopkExample(torch.cat([e.sequence[:n], e.sequence[n:].flip(0)]), e.positions, e.topk_ids,
+                                        e.topk_logprobs, e.tail_mass)}
+    kw = {"beta": 0.5}
+    with torch.no_grad():
+        kd, ce = Round(task, written, cfg).loss_sums(model, [0, 1], kw)
+        ref_kd = ref_ce = 0.0
+        for e, on in ((cached[0], False), (written[1], True)):
+            logits = model(e.sequence[None]).logits[0, e.positions - 1]
+            args = (logits, e.topk_ids, e.topk_logprobs, e.tail_mass)
+            if not on:
+                ref_ce += torch.nn.functional.cross_entropy(logits, e.sequence[e.positions], reduction="sum").item()
+                ref_kd += sparse_kd(*args, 1.0, "jsd", reduction="sum", beta=0.5).item()
+            elif on_loss:
+                ref_kd += sampled_reverse_kl(logits, e.sequence[e.positions], *args[1:], reduction="sum").item()
+            else:
+                ref_kd += sparse_kd(*args, 1.0, "jsd", reduction="sum", beta=0.5).item()
+    assert ce.item() == pytest.approx(ref_ce, rel=1e-5) and ce.item() > 0
+    assert kd.item() == pytest.approx(ref_kd, rel=1e-4, abs=1e-7) and kd.item() != 0
