@@ -106,9 +106,12 @@ def _load(recipe_path, sets=(), overrides=None):
 @click.option("--batch-size", type=POSITIVE, help="Examples per teacher call.")
 @click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
               help="A running vLLM server of the teacher (`distill serve-teacher`); repeat to spread the work over several.")
+@click.option("--worker", metavar="I/N", callback=lambda ctx, param, v: _worker(v),
+              help="Be worker I of N sharing --out (machines on one filesystem): write only shards I mod N; "
+                   "finish with a run without --worker, which checks and completes the cache.")
 @SET
 @friendly_errors
-def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, sets):
+def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker, sets):
     """Run the teacher over the train and validation splits and cache its distributions.
 
     Classification: soft labels (the teacher's log-probability of every label). Generation: top-k
@@ -118,8 +121,19 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, sets):
     from .generate import run_generate
 
     r = _load(recipe, sets, {"generate.batch_size": batch_size})
-    path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None)
-    click.echo(f"teacher cache: {path}")
+    path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
+                        worker=worker)
+    click.echo(f"teacher cache: {path}" + (f" (worker {worker[0]}/{worker[1]}: its shards)" if worker else ""))
+
+
+def _worker(value: str | None) -> tuple[int, int] | None:
+    """--worker I/N -> (I, N), 0 <= I < N."""
+    if value is None:
+        return None
+    i, _, n = value.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise click.BadParameter(f"{value!r}: expected I/N with 0 <= I < N, e.g. 0/2", param_hint="--worker")
+    return int(i), int(n)
 
 
 @cli.command("serve-teacher")

@@ -9,6 +9,13 @@ Interrupting (even SIGKILL) and re-running the same command finishes the job: fi
 kept (checked by SHA-256), the missing ones are made again, and since each shard is a pure function of
 its examples (teacher-written responses use per-example seeds, or one seed per batch for transformers)
 the finished cache equals an uninterrupted one.
+
+`worker=(I, N)` (`--worker I/N`): one of N generate processes, on machines sharing the cache's
+filesystem, each writing only the shards numbered I mod N of every split (disjoint, and together all
+of them); a worker never marks a split complete. A final run without a worker (it waits for none: it
+is refused while any worker holds the cache) checks every shard, writes any still missing and
+completes the manifest. Since a shard is a pure function of its examples, the result equals one
+run's cache.
 """
 from __future__ import annotations
 
@@ -113,9 +120,13 @@ def _vocab_rows(model_path: str, tok) -> int:
 
 
 def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None = None,
-                 out: str | None = None, k: int | None = None, urls: list[str] | None = None) -> Path:
+                 out: str | None = None, k: int | None = None, urls: list[str] | None = None,
+                 worker: tuple[int, int] | None = None) -> Path:
     """Fill the cache (default WORKDIR/cache) for the splits in generate.splits; resumes a partial one.
-    `k` replaces generate.k; the recipe is validated first (it may come from code)."""
+    `k` replaces generate.k; the recipe is validated first (it may come from code). `worker` (I, N):
+    write only shards I mod N and leave completing the manifest to a final run without it."""
+    if worker is not None and not (worker[1] >= 1 and 0 <= worker[0] < worker[1]):
+        raise UsageError(f"--worker {worker[0]}/{worker[1]}: expected I/N with 0 <= I < N")
     if k is not None:
         recipe = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, k=k))
     validate_recipe(recipe)
@@ -153,17 +164,23 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
         backend=backend_name, versions=versions(), responses=responses,
         codec=dict(cache_mod.DEFAULT_CODEC) if kind == "topk" and gen.compact else {},
         shard_size=gen.shard_size)
-    with cache_mod.writer_lock(cache_dir):
-        manifest = cache_mod.open_for_writing(cache_dir, wanted)
+    with cache_mod.writer_lock(cache_dir, worker):
+        manifest = cache_mod.open_for_writing(cache_dir, wanted, worker)
         size = manifest.shard_size or gen.shard_size
         if size != gen.shard_size:
             log.info("%s: keeping the cache's shard size %d (the recipe says %d)", cache_dir, size, gen.shard_size)
         job = _Job(recipe, spec, backend_name, model_path, tok, vocab_rows, gen.k, kind, splits.labels, sampling,
-                   cache_dir, manifest, size)
+                   cache_dir, manifest, size, worker)
         try:
             for split, examples in todo_splits.items():
                 _generate_split(job, split, examples, teacher_writes[split])
-                cache_mod.mark_complete(cache_dir, manifest, split, len(examples))
+                if worker is None:
+                    cache_mod.mark_complete(cache_dir, manifest, split, len(examples))
+            if worker is None and manifest.workers:
+                cache_mod.workers_done(cache_dir, manifest)
+            elif worker is not None:
+                log.info("worker %d/%d: its shards are written; once every worker is done, run `distill generate` "
+                         "without --worker to check the cache and complete its manifest", *worker)
         finally:
             if job.engine is not None:
                 job.engine.close()
@@ -204,6 +221,7 @@ class _Job:
     cache_dir: Path
     manifest: cache_mod.Manifest
     shard_size: int
+    worker: tuple[int, int] | None = None  # (I, N): this process writes the shards numbered I mod N
     engine: object = None
 
     def teacher(self):
@@ -273,9 +291,10 @@ def _generate_split(job: _Job, split: str, examples, writes) -> None:
     items, label_ids = _work_items(job, split, examples, writes)
     size, batch_size = job.shard_size, job.recipe.generate.batch_size
     n_shards = (len(items) + size - 1) // size
-    todo = [n for n in range(n_shards) if n not in cache_mod.done_shards(job.manifest, split)]
-    if n_shards - len(todo):
-        log.info("%s: %d of %d shards already done", split, n_shards - len(todo), n_shards)
+    mine = range(n_shards) if job.worker is None else range(job.worker[0], n_shards, job.worker[1])
+    todo = [n for n in mine if n not in cache_mod.done_shards(job.manifest, split)]
+    if len(mine) - len(todo):
+        log.info("%s: %d of %d shards already done", split, len(mine) - len(todo), len(mine))
     if todo:
         job.teacher()
     bar = tqdm(total=sum(min(size, len(items) - n * size) for n in todo), desc=f"teacher {split}", unit="ex")
@@ -300,6 +319,6 @@ def _generate_split(job: _Job, split: str, examples, writes) -> None:
         else:
             tensors = cache_mod.pack_topk(rows, start)
         cache_mod.write_shard(job.cache_dir, job.manifest, split, n, start, tensors,
-                              on_written=lambda name: pause_point("before_record"))
+                              on_written=lambda name: pause_point("before_record"), worker=job.worker)
         pause_point("after_shard")
     bar.close()

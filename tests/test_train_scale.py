@@ -435,11 +435,16 @@ def test_generation_distillation_and_sft(gen):
         run_train(load_recipe(p), out=str(tmp / "never"), cache=str(soft))
 
 
-def test_generation_under_zero3_matches_single_process(gen):
+def test_generation_under_zero3_matches_single_process(gen, monkeypatch):
     """Token-level KD with uneven token counts per process (7 examples, batch 4: shares of 2+2 and 2+1
-    sequences of different lengths) under DeepSpeed ZeRO-3 (parameters partitioned, gathered to save)."""
+    sequences of different lengths) under DeepSpeed ZeRO-3 (parameters partitioned, gathered to save).
+    The cache streams in an order of one share per process (train/data.py): the single process draws
+    the order of two (and reads both shares), so both runs see the same batches."""
     from safetensors.torch import load_file
 
+    from distill.train.data import SHARES_ENV
+
+    monkeypatch.setenv(SHARES_ENV, "2")
     tmp, p = gen
     r = _recipe_variant(tmp, p, "gen7", train_examples=7, loss="reverse_kl")
     single = run_train(load_recipe(r), out=str(tmp / "gen7-single"))

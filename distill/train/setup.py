@@ -27,6 +27,7 @@ from .checkpoint import Checkpointer, config_for_resume
 from .distributed import (all_gather, configure_deepspeed, dist_info, is_deepspeed, make_accelerator,
                           single_process_cpu_launch_note, zero_stage)
 from .reporting import tracker_config
+from .data import data_order
 from .state import DataOrder
 from .tasks import make_task
 
@@ -238,10 +239,11 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
     if cfg.report_to:
         acc.init_trackers(recipe.name, config=tracker_config(cfg))  # tensorboard: OUT/logs/NAME/
     ckpt = Checkpointer(out_dir / "checkpoints", acc, model, optimizer, scheduler, rank, world, cfg.keep_checkpoints)
+    order = data_order(p.task.train, cfg.batch_size, cfg.seed, rank, world)  # streamed top-k: each rank its share
     identity = {"data_fingerprint": p.splits.fingerprint, "base": str(p.base_path), "task_type": recipe.task.type,
-                "cache": str(p.cache_dir) if cfg.alpha > 0 else None}
+                "cache": str(p.cache_dir) if cfg.alpha > 0 else None, "data_order": order.layout}
     return Run(recipe, cfg, acc, rank, world, model, params, optimizer, scheduler, p.task, p.tok,
-               DataOrder(len(p.task.train), cfg.batch_size, cfg.seed), total_steps, total_batches,
+               order, total_steps, total_batches,
                stopping_metric(recipe), kw, p.base_path, p.n_params, p.cache_dir, out_dir, ckpt,
                {"train": config_for_resume(cfg), "identity": identity}, stop_after_steps, out_lock,
                p.splits.labels if p.label_tokens else None)

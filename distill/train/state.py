@@ -4,7 +4,8 @@ Everything about where a run stands derives from one counter, the micro-batches 
 step (micro-batches // grad_accum), the epoch and the offset into its shuffled order (every epoch
 has ceil(examples / batch) micro-batches, the last one short), and whether a step or an epoch ends.
 The epoch's order is the (epoch+1)-th permutation drawn from one generator seeded with train.seed,
-so a resumed run redraws exactly the orders an uninterrupted run drew.
+so a resumed run redraws exactly the orders an uninterrupted run drew. A streamed top-k cache
+follows its own order with the same counter arithmetic (train/data.py: ShardOrder).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class DataOrder:
     n: int
     batch_size: int
     seed: int
+    layout = None  # what else the order depends on (a checkpoint must match it); streams name theirs
 
     def __post_init__(self):
         self.per_epoch = math.ceil(self.n / self.batch_size)

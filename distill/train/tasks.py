@@ -16,13 +16,14 @@ from .. import cache as cache_mod
 from ..cache import TopkExample
 from ..config import Recipe
 from ..data import subset_indices
-from ..errors import DistillError, UsageError
+from ..errors import UsageError
 from ..losses import soft_label_kd, sparse_kd, total_loss
 from ..metrics import classification_metrics
 from ..models import tokenizer_hash
 from ..label_tokens import label_token_ids
 from ..prompts import encode_classification, encode_generation, end_of_turn_id
 from ..scoring import label_logprobs, last_logits, target_logits
+from .data import InMemory, TopkStream, read_examples
 from .distributed import sharded
 
 
@@ -156,23 +157,24 @@ class GenerationTask:
         train_ex = splits.train[: cfg.train_examples] if cfg.train_examples else splits.train
         val_ex = splits.validation[: cfg.eval_examples] if cfg.eval_examples else splits.validation
 
-        def encoded(examples):
-            return [TopkExample(torch.as_tensor(s, dtype=torch.long), torch.as_tensor(p, dtype=torch.long), None, None, None)
-                    for s, p in encode_generation(tok, task, examples, task.max_length)]
+        def encoded(examples, shard_size=None):  # training data in the order a cache of it would stream in
+            return InMemory((TopkExample(torch.as_tensor(s, dtype=torch.long), torch.as_tensor(p, dtype=torch.long),
+                                         None, None, None) for s, p in encode_generation(tok, task, examples, task.max_length)),
+                            shard_size)
 
         self.teacher_val_available = False
-        if cfg.alpha > 0:
+        if cfg.alpha > 0:  # the training split is streamed from the cache (train/data.py), validation held
             manifest = read_checked_cache(cache_dir, "topk", recipe, splits, tok, model)
             rows = embedding_rows(model)
-            self.train = _topk_examples(cache_dir, "train", len(splits.train), len(train_ex), rows)
+            self.train = TopkStream(cache_dir, "train", len(splits.train), len(train_ex), rows)
             self.teacher_val_available = bool(manifest.complete.get("validation"))
         else:
-            self.train = encoded(train_ex)
-        self.val = (_topk_examples(cache_dir, "validation", len(splits.validation), len(val_ex), rows)
+            self.train = encoded(train_ex, recipe.generate.shard_size)
+        self.val = (read_examples(cache_dir, "validation", len(splits.validation), len(val_ex), rows)
                     if self.teacher_val_available else encoded(val_ex))
 
     def count(self, idx) -> int:
-        return sum(len(self.train[i].positions) for i in idx)
+        return self.train.count(idx)
 
     def _sums(self, model, items: list[TopkExample], kw, with_teacher: bool):
         """Per-target-token KD and CE over items (KD zero without the teacher)."""
@@ -187,7 +189,7 @@ class GenerationTask:
         return kd, ce
 
     def loss_sums(self, model, idx, kw):
-        kd, ce = self._sums(model, [self.train[i] for i in idx], kw, self.cfg.alpha > 0)
+        kd, ce = self._sums(model, self.train.examples(idx), kw, self.cfg.alpha > 0)
         return kd.sum(), ce.sum()
 
     @torch.no_grad()
@@ -206,21 +208,3 @@ class GenerationTask:
             ev["val_kd"] = sums[0].item() / n
             ev["val_loss"] = total_loss(ev["val_kd"], ev["val_ce"], cfg.alpha, cfg.temperature)
         return ev
-
-
-def _topk_examples(cache_dir, split, split_len, n, vocab_rows) -> list[TopkExample]:
-    """The first n examples of a cached split, decoded, ids checked against the student's rows."""
-    data = cache_mod.load_split(cache_dir, split, split_len)
-    bad = int(data["topk_ids"].max()) if data["topk_ids"].numel() else -1
-    if bad >= vocab_rows:
-        raise UsageError(f"{cache_dir}: the teacher's top-k holds token id {bad}, beyond the student's "
-                         f"{vocab_rows} output rows; the student cannot be trained on this cache")
-    where = {int(ix): r for r, ix in enumerate(data["index"].tolist())}
-    items = []
-    for i in range(n):
-        if i not in where:
-            raise DistillError(f"{cache_dir}: split '{split}' has no entry for example {i}")
-        e = cache_mod.example_topk(data, where[i])
-        items.append(TopkExample(e.sequence.long(), e.positions.long(), e.topk_ids.long(), e.topk_logprobs.float(),
-                                 e.tail_mass.float()))
-    return items
