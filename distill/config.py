@@ -123,6 +123,11 @@ class TaskConfig:
     # generation: one fixed user prompt for every row, whose response_field is then its response (a pool of
     # texts learnt as language, e.g. classification texts to heal a pruned student; prompt_field unused)
     prompt: str | None = None
+    # classification: the labelled budget, a seeded stratified sample of N training texts (the one
+    # train.train_examples N draws) whose labels may be used; the other training texts are an unlabelled
+    # pool: generate scores every text, alpha = 0 trains on the N alone, alpha > 0 has KD on every text
+    # and CE on the N
+    labelled_examples: int | None = num(None, ge=1)
     # read a stratified sample of N rows (classification; the first N for generation, a seeded sample under task.prompt)
     max_examples: int | None = num(None, ge=1)
     # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
@@ -375,6 +380,9 @@ def _check_combinations(recipe: Recipe, src: str) -> None:
         raise UsageError(f"{src}: train.early_stopping_metric: val_f1 exists for classification only; "
                          "generation tasks are selected by val_loss")
     _check_student(recipe.train, src)
+    if task.labelled_examples and (task.type != "classification" or recipe.train.train_examples):
+        raise UsageError(f"{src}: task.labelled_examples: the labelled budget of a classification task; "
+                         "train.train_examples would choose the training texts a second way, drop it")
     if task.prompt is not None and (task.type != "generation" or not task.prompt.strip()):
         raise UsageError(f"{src}: task.prompt: a fixed prompt (non-empty) for every row of a generation task, "
                          f"got {task.prompt!r} with task.type {task.type!r}")

@@ -223,6 +223,16 @@ class Splits:
         return getattr(self, name)
 
 
+def labelled_indices(task: TaskConfig, splits: Splits) -> list[int] | None:
+    """The training examples whose labels a run may use (`task.labelled_examples`: the seeded stratified
+    sample `subset_indices` draws, the same in every stage), or None when every one is labelled. The
+    splits, their fingerprint and the cache are those of all the texts: the budget only decides where
+    training reads a gold label."""
+    if task.type != "classification" or not task.labelled_examples:
+        return None
+    return subset_indices(splits.train, task.labelled_examples, task.split.seed)
+
+
 def _take_per_class(examples: list[dict], key: str | None, seed: int, count) -> list[int]:
     """Sorted indices of `count(cls, size)` examples of each class: every class shuffled, in sorted
     class order, by one generator seeded with `seed` (the same draw for the same data and seed)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import cache as cache_mod
 from ..cache import TopkExample
 from ..config import Recipe
-from ..data import subset_indices
+from ..data import labelled_indices, subset_indices
 from ..errors import UsageError
 from ..losses import soft_label_kd, sparse_kd, total_loss
 from ..metrics import classification_metrics
@@ -78,11 +78,17 @@ class ClassificationTask:
         self.label_tokens, self.end_of_turn = label_token_ids(tok, self.labels), end_of_turn_id(tok)
         # labelled subsets are stratified samples (every class kept), the cache rows picked to match
         train_idx = subset_indices(splits.train, cfg.train_examples, task.split.seed)
+        labelled = labelled_indices(task, splits)  # None: every training text has its label
+        if labelled is not None and cfg.alpha == 0:
+            train_idx = labelled  # supervised alone: the labelled texts are all there is to learn from
         val_idx = subset_indices(splits.validation, cfg.eval_examples, task.split.seed)
         train_ex = [splits.train[i] for i in train_idx]
         val_ex = [splits.validation[i] for i in val_idx]
         self.train, self.label_ids = encode_classification(tok, task, self.labels, train_ex, task.max_length)
-        self.train_probe = subset_indices(train_ex, len(val_ex), task.split.seed)  # train F1: as many, stratified
+        known = set(train_idx if labelled is None else labelled)
+        self.has_label = torch.tensor([i in known for i in train_idx])  # CE only where the gold label may be read
+        probe = [j for j, i in enumerate(train_idx) if i in known]  # train F1: as many labelled texts, stratified
+        self.train_probe = [probe[j] for j in subset_indices([train_ex[j] for j in probe], len(val_ex), task.split.seed)]
         self.val, _ = encode_classification(tok, task, self.labels, val_ex, task.max_length)
         self.gold = torch.tensor([e.label_index for e in self.train])
         self.val_gold = torch.tensor([e.label_index for e in self.val])
@@ -112,7 +118,7 @@ class ClassificationTask:
     def loss_sums(self, model, idx, kw):
         """(KD sum, CE sum) over the examples idx, differentiable."""
         scores, ce = self.scores_and_ce(model, [self.train[i] for i in idx], self.gold[idx])
-        ce = ce.sum()
+        ce = ce[self.has_label[idx].to(ce.device)].sum()
         if self.teacher is None:
             return torch.zeros((), device=scores.device), ce
         kd = soft_label_kd(scores, self.teacher[idx].to(scores.device), self.cfg.temperature, self.cfg.loss,
