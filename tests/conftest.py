@@ -41,6 +41,27 @@ def make_tiny_llama(out: Path, tok_dir: str, layers: int = 2, extra_rows: int = 
     return str(out)
 
 
+def make_tiny_untied(out: Path, tok_dir: str, layers: int, seed: int, head_std: float) -> str:
+    """A tiny random llama with its own output layer (std `head_std`): make_tiny_llama's tied one predicts
+    its input token almost surely, which makes every next-token distribution one-hot and every KD nearly 0."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+        model.lm_head.weight.normal_(0, head_std)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, smollm2_dir) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir)

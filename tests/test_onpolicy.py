@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import GEN_ROWS, ROOT
+from conftest import GEN_ROWS, ROOT, make_tiny_untied
 
 from distill import cache as cache_mod
 from distill.config import load_recipe
@@ -29,32 +29,14 @@ from distill.generate import run_generate
 from distill.train import run_train
 
 
-def tiny_untied(out: Path, tok_dir: str, layers: int, seed: int) -> str:
-    """A tiny random llama with its own output layer, so next-token distributions are spread out."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 0.5)
-        model.lm_head.weight.normal_(0, 0.2)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
 
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory, smollm2_dir):
     """A 2-layer teacher, its top-k cache of 10 data responses, a 1-layer student with LoRA; 6 training
     examples in batches of 3, 2 epochs: 4 rounds, a checkpoint every 2 steps."""
     tmp = tmp_path_factory.mktemp("onpolicy")
-    teacher = tiny_untied(tmp / "teacher", smollm2_dir, layers=2, seed=5)
-    student = tiny_untied(tmp / "student-init", smollm2_dir, layers=1, seed=6)
+    teacher = make_tiny_untied(tmp / "teacher", smollm2_dir, layers=2, seed=5, head_std=0.2)
+    student = make_tiny_untied(tmp / "student-init", smollm2_dir, layers=1, seed=6, head_std=0.2)
     data = tmp / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GEN_ROWS))
     r = {"workdir": str(tmp / "work"), "teacher": teacher,

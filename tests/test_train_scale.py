@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import GEN_ROWS as SHARED_GEN_ROWS
-from conftest import ROOT, sigint_default, write_class_data, write_recipe
+from conftest import ROOT, make_tiny_untied, sigint_default, write_class_data, write_recipe
 
 from distill import cache as cache_mod
 from distill.config import load_recipe
@@ -67,31 +67,12 @@ def steps_of(out: Path):
     return [r for r in log_of(out) if "loss" in r]
 
 
-def _tiny_untied(out: Path, tok_dir: str, layers: int, seed: int) -> str:
-    """A tiny random llama with its own output layer: conftest's tied one predicts its input token almost
-    surely, which makes every next-token distribution one-hot and every KD nearly 0."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 0.5)
-        model.lm_head.weight.normal_(0, 0.4)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
 
 @pytest.fixture(scope="module")
 def cls(tmp_path_factory, smollm2_dir):
     """A 2-layer random teacher, its soft-label cache, and a recipe for a 1-layer student."""
     tmp = tmp_path_factory.mktemp("scale")
-    model = _tiny_untied(tmp / "model", smollm2_dir, layers=2, seed=3)
+    model = make_tiny_untied(tmp / "model", smollm2_dir, layers=2, seed=3, head_std=0.4)
     data = write_class_data(tmp / "d.jsonl")
     # 21 examples, global batch 4 in micro-batches, accumulation 2: the last batch of each epoch holds
     # one example, so one of two processes gets none (it must still take part in the all-reduce)
@@ -356,8 +337,8 @@ def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory, smollm2_dir):
     tmp = tmp_path_factory.mktemp("gen")
-    model = _tiny_untied(tmp / "model", smollm2_dir, layers=2, seed=5)
-    student = _tiny_untied(tmp / "student-init", smollm2_dir, layers=1, seed=6)
+    model = make_tiny_untied(tmp / "model", smollm2_dir, layers=2, seed=5, head_std=0.4)
+    student = make_tiny_untied(tmp / "student-init", smollm2_dir, layers=1, seed=6, head_std=0.4)
     data = tmp / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GEN_ROWS))
     r = {"workdir": str(tmp / "work"), "teacher": model,
