@@ -19,8 +19,8 @@ batch, steps and on-policy sampling (temperature 1, top-p 1, --new-tokens). What
 trainer's own design: distill's divergence is over the teacher's top-k + a tail bucket, TRL's over the
 whole vocabulary; distill's logits are computed only at response positions.
 
-Per run: the median of its step times (distill: the loop's train_step, the round's sampling and
-scoring included; TRL: on_step_begin to on_step_end), its peak RSS (ru_maxrss of the child, read when
+Per run: the median of its step times, wall-clock and the process's CPU time (distill: the loop's
+train_step, the round's sampling and scoring included; TRL: on_step_begin to on_step_end), its peak RSS (ru_maxrss of the child, read when
 training returns, before the held-out scoring), and the held-out KL after the last step: the mean per
 target token of KL(teacher || student) over the teacher's top-k buckets (T = 1) on the validation
 split's teacher-written responses (study_onpolicy.token_kl; never trained on, and distill's one
@@ -159,13 +159,14 @@ def child_distill(a, name: str) -> dict:
     from distill.models import load_causal_lm, load_tokenizer
     from distill.train import loop, run_train
 
-    times = []
+    times, cpu = [], []
     step = loop.train_step
 
     def timed(*args, **kw):  # the loop's own step, timed (distill train has no per-step clock)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = step(*args, **kw)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         return out
 
     loop.train_step = timed
@@ -179,7 +180,7 @@ def child_distill(a, name: str) -> dict:
     if best != info["steps"]:
         raise SystemExit(f"bench_peers: {out}: the saved weights are step {best}'s, not the last step's "
                          f"({info['steps']}); use more --examples so the run has one evaluation, at its end")
-    res = {"run": name, "recipe": str(recipe), "step_s": times, "peak_rss_mib": rss, "wall_s": wall,
+    res = {"run": name, "recipe": str(recipe), "step_s": times, "cpu_s": cpu, "peak_rss_mib": rss, "wall_s": wall,
            "steps": info["steps"]}
     if "on_policy" in info:
         op = info["on_policy"]
@@ -251,13 +252,14 @@ def child_trl(a, name: str) -> dict:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.times, self.t = [], None
+            self.times, self.cpu, self.t, self.c = [], [], None, None
 
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t)
+            self.cpu.append(time.process_time() - self.c)
 
     clock = StepClock()
     settings = gkd_settings(a, recipe)
@@ -271,7 +273,7 @@ def child_trl(a, name: str) -> dict:
     rss = peak_rss_mib()
     steps = trainer.state.global_step
     kl = heldout_kl(trainer.model, cache_dir(a), tok.pad_token_id)
-    return {"run": name, "step_s": clock.times, "peak_rss_mib": rss, "wall_s": wall, "steps": steps, "kl": kl,
+    return {"run": name, "step_s": clock.times, "cpu_s": clock.cpu, "peak_rss_mib": rss, "wall_s": wall, "steps": steps, "kl": kl,
             "gkd": dict(settings)}
 
 
@@ -344,7 +346,7 @@ def main():
             sys.exit(f"bench_peers: the {name} run failed (exit {proc.returncode}); its command: {' '.join(cmd)}")
         results[name] = json.loads((a.work / f"result-{name}.json").read_text())
         results[name]["load"] = f"{before} -> {load_avg()}"
-        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k not in ('step_s', 'gkd')})}",
+        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k not in ('step_s', 'cpu_s', 'gkd')})}",
               flush=True)
     text = report(a, load_recipe(base), info, start_kl, n_hold, results, lines)
     (a.work / "results.md").write_text(text)
@@ -376,24 +378,26 @@ def report(a, recipe, info, start_kl, n_hold, results, lines) -> str:
         f"held-out KL: KL(teacher || student) per target token over the top-{recipe.generate.k} buckets, T = 1, on "
         f"the {n_hold} validation responses the teacher wrote (never trained on); student at start: {start_kl:.4f}",
         f"load average at the end: {load_avg()}", "",
-        f"| run | λ | s/step, median (min-max) | peak RSS, MiB | held-out KL after {cfg.max_steps} steps | "
-        "run wall s | load average (before -> after) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    med = {}
+        f"| run | λ | s/step, median (min-max) | CPU s/step, median | peak RSS, MiB | held-out KL after "
+        f"{cfg.max_steps} steps | run wall s | load average (before -> after) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    med, cpu = {}, {}
     for name, r in results.items():
         st = r["step_s"]
-        med[name] = statistics.median(st)
-        extra = f"; sampling {r['sample_s']:.2f}, scoring {r['score_s']:.2f}" if "sample_s" in r else ""
-        lines.append(f"| {name} | {LAMBDA[name]:g} | {med[name]:.3f} ({min(st):.2f}-{max(st):.2f}{extra}) | "
-                     f"{r['peak_rss_mib']:.0f} | {r['kl']:.4f} | {r['wall_s']:.0f} | {r['load']} |")
-    lines.append("")
+        med[name], cpu[name] = statistics.median(st), statistics.median(r["cpu_s"])
+        extra = f"; mean sampling {r['sample_s']:.2f}, scoring {r['score_s']:.2f}" if "sample_s" in r else ""
+        lines.append(f"| {name} | {LAMBDA[name]:g} | {med[name]:.2f} ({min(st):.2f}-{max(st):.2f}{extra}) | "
+                     f"{cpu[name]:.2f} | {r['peak_rss_mib']:.0f} | {r['kl']:.4f} | {r['wall_s']:.0f} | {r['load']} |")
+    lines += ["", "Step times are wall-clock on a shared machine; CPU s/step (this process's CPU time over the step, "
+              "all its threads) is less sensitive to other processes' load. Ratios: TRL's over distill's."]
     for ours, theirs, target, what in (("distill-off", "trl-gkd-0", 1.5, "off-policy (λ 0): distill at least 1.5x faster"),
                                        ("distill-on", "trl-gkd-1", 1.0, "on-policy (λ 1): distill no slower")):
         if ours in results and theirs in results:
-            x = med[theirs] / med[ours]
+            x, xc = med[theirs] / med[ours], cpu[theirs] / cpu[ours]
             kl_ok = results[ours]["kl"] <= results[theirs]["kl"]
-            lines.append(f"- {what}: TRL's median step / distill's = {x:.2f}x, target {target:g}x: "
-                         f"{'met' if x >= target else 'NOT met'}; held-out KL {results[ours]['kl']:.4f} vs "
+            lines.append(f"- {what}: median step {x:.2f}x (CPU time {xc:.2f}x), target {target:g}x: "
+                         f"{'met' if x >= target else 'NOT met'} ({'met' if xc >= target else 'NOT met'} in CPU time); "
+                         f"held-out KL {results[ours]['kl']:.4f} vs "
                          f"{results[theirs]['kl']:.4f}: {'equal or lower' if kl_ok else 'HIGHER'}; peak RSS "
                          f"{results[ours]['peak_rss_mib'] / results[theirs]['peak_rss_mib']:.2f}x TRL's")
     return "\n".join(lines) + "\n"
