@@ -233,26 +233,27 @@ def write_shard(cache_dir: str | Path, m: Manifest, split: str, number: int, sta
 
 def encode_topk(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, torch.Tensor]:
     name = m.codec.get("name")
-    if name != topk_codec.NAME:
-        raise DistillError(f"cache codec {name!r} is unknown to this distill (known: {topk_codec.NAME})")
+    if name not in topk_codec.PACKERS:  # a cache keeps the codec it was started with
+        raise DistillError(f"cache codec {name!r} is unknown to this distill (known: {', '.join(topk_codec.PACKERS)})")
     vocab = max(m.vocab_size or 0, int(tensors["topk_ids"].max()) + 1 if tensors["topk_ids"].numel() else 1)
     out = topk_codec.encode(tensors["topk_ids"], tensors["topk_logprobs"], tensors["tail_mass"], vocab,
-                            bits=int(m.codec.get("bits", topk_codec.DEFAULT_BITS)), preset=int(m.codec.get("preset", 6)))
+                            bits=int(m.codec.get("bits", topk_codec.DEFAULT_BITS)), preset=int(m.codec.get("preset", 6)),
+                            name=name)
     for key in _AUX:
-        out[key + "_z"], out[key + "_zi"] = topk_codec.pack_ints(tensors[key])
+        out[key + "_z"], out[key + "_zi"] = topk_codec.pack_ints(tensors[key], name)
     return out
 
 
-def decode_topk(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A stored top-k shard (encoded or plain) -> the plain tensors `pack_topk` made."""
+def decode_topk(stored: dict[str, torch.Tensor], ranked: bool = True) -> dict[str, torch.Tensor]:
+    """A stored top-k shard (encoded or plain) -> the plain tensors `pack_topk` made. `ranked=False`:
+    each position's k (id, log-prob) pairs in the codec's stored order, not rank order (topk_codec.decode)."""
     if not topk_codec.is_encoded(stored):
         return stored
-    ids, vals, tail = topk_codec.decode(stored)
+    ids, vals, tail = topk_codec.decode(stored, ranked)
     out = {"topk_ids": ids, "topk_logprobs": vals, "tail_mass": tail}
     for key in _AUX:
-        out[key] = topk_codec.unpack_ints(stored[key + "_z"], stored[key + "_zi"])
-    out["input_ids"] = out["input_ids"].to(torch.int32)
-    out["positions"] = out["positions"].to(torch.int32)
+        narrow = key in ("input_ids", "positions")
+        out[key] = topk_codec.unpack_ints(stored[key + "_z"], stored[key + "_zi"], torch.int32 if narrow else torch.int64)
     return out
 
 
@@ -283,9 +284,9 @@ def read_shard(cache_dir: str | Path, s: dict, kind: str) -> dict[str, torch.Ten
     return _decoded(path, s, kind, data)
 
 
-def read_verified_shard(cache_dir: str | Path, s: dict, kind: str) -> dict[str, torch.Tensor]:
+def read_verified_shard(cache_dir: str | Path, s: dict, kind: str, ranked: bool = True) -> dict[str, torch.Tensor]:
     """One shard, decoded, from bytes whose SHA-256 matched the manifest's (read once: what is
-    decoded is what was checked). A mismatch is refused, naming the file."""
+    decoded is what was checked). A mismatch is refused, naming the file. `ranked`: see decode_topk."""
     path = Path(cache_dir) / s["file"]
     try:
         raw = path.read_bytes()
@@ -298,13 +299,13 @@ def read_verified_shard(cache_dir: str | Path, s: dict, kind: str) -> dict[str, 
         data = load_bytes(raw)
     except SafetensorError as e:
         raise DistillError(f"{path}: unreadable shard ({e}); run `distill generate` again to regenerate it") from None
-    return _decoded(path, s, kind, data)
+    return _decoded(path, s, kind, data, ranked)
 
 
-def _decoded(path: Path, s: dict, kind: str, data: dict) -> dict[str, torch.Tensor]:
+def _decoded(path: Path, s: dict, kind: str, data: dict, ranked: bool = True) -> dict[str, torch.Tensor]:
     if kind == "topk":
         try:
-            data = decode_topk(data)
+            data = decode_topk(data, ranked)
         except (ValueError, KeyError) as e:
             raise DistillError(f"{path}: corrupt top-k shard ({e})") from None
     if int(data["index"].numel()) != s["count"]:

@@ -10,7 +10,7 @@ per position, as a teacher's top k are, so shards compress to about what a teach
 is a pure function of (seed, split, shard number): an interrupted write resumes like generate.
 
 `distinct=R` makes the top-k numbers of shard j those of shard j mod R (the example numbers stay each
-shard's own), so a large cache costs R shards' encoding (LZMA is slow: ~10k tokens/s on 2 cores)
+shard's own), so a large cache costs R shards' encoding (slow: LZMA (codec tkq2) ~10k tokens/s on 2 cores, zlib (tkq3) ~4x that)
 and the rest is writing; every shard is still its own checksummed file, decoded on its own.
 """
 from __future__ import annotations
@@ -39,10 +39,11 @@ def write_synthetic_data(path: str | Path, n: int) -> Path:
 
 def write_synthetic_cache(recipe: Recipe, out: str | Path | None = None, targets: int = 128, prompt: int = 16,
                           k: int | None = None, seed: int = 0, splits=("train", "validation"),
-                          distinct: int | None = None, preset: int = 6) -> Path:
+                          distinct: int | None = None, preset: int = 6, codec: str = topk_codec.NAME) -> Path:
     """A complete top-k cache for the recipe's data (default WORKDIR/cache): about `targets` target
     tokens per example (uniform in [targets/2, 3*targets/2]) after `prompt` prompt tokens; k defaults
-    to generate.k, the shard size to generate.shard_size; `preset` is the codec's LZMA effort."""
+    to generate.k, the shard size to generate.shard_size; `codec` the codec's name (topk_codec.PACKERS)
+    and `preset` its compressor's effort."""
     if recipe.task.type != "generation":
         raise UsageError(f"{recipe.path or 'recipe'}: task.type: a top-k cache is for generation tasks")
     k = k or recipe.generate.k
@@ -53,7 +54,7 @@ def write_synthetic_cache(recipe: Recipe, out: str | Path | None = None, targets
     wanted = cache_mod.Manifest(
         kind="topk", teacher=f"synthetic (seed {seed})", tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab, k=k,
         data_fingerprint=sp.fingerprint, labels=sp.labels, max_length=prompt + targets + targets // 2,
-        backend="synthetic", codec=dict(cache_mod.DEFAULT_CODEC, **({"preset": preset} if preset != 6 else {})),
+        backend="synthetic", codec=dict(cache_mod.DEFAULT_CODEC, name=codec, **({"preset": preset} if preset != 6 else {})),
         shard_size=recipe.generate.shard_size)
     with cache_mod.writer_lock(cache_dir):
         m = cache_mod.open_for_writing(cache_dir, wanted)
@@ -73,7 +74,8 @@ def write_synthetic_cache(recipe: Recipe, out: str | Path | None = None, targets
                     rows = synthetic_rows(rng, count, 0, vocab, frequent, targets, prompt, k)
                     patterns[pattern] = cache_mod.encode_topk(rows, m)
                 tensors = dict(patterns[pattern])
-                tensors["index_z"], tensors["index_zi"] = topk_codec.pack_ints(torch.arange(start, start + count))
+                index = topk_codec.pack_ints(torch.arange(start, start + count), m.codec["name"])
+                tensors["index_z"], tensors["index_zi"] = index
                 cache_mod.write_shard(cache_dir, m, split, number, start, tensors, encoded=True)
             cache_mod.mark_complete(cache_dir, m, split, n)
     return cache_dir

@@ -44,6 +44,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,4,16", help="cache sizes in millions of target tokens")
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--codec", default=None, help="the caches' codec (default: the one new caches get)")
     ap.add_argument("--targets", type=int, default=128, help="mean target tokens per example")
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
@@ -84,13 +85,14 @@ def child_reader(cache: str, rank: int, world: int, batch: int, limit: float) ->
     n = cache_mod.read_manifest(cache).split_sizes["train"]
     stream = TopkStream(cache, "train", n, n, 1 << 30)
     order = stream.order(batch, 0, rank, world)
-    tokens, mb, t0 = 0, 0, time.time()
+    tokens, mb, t0, c0 = 0, 0, time.time(), time.process_time()
     while tokens < limit * 1e6 and mb < order.per_epoch:
         tokens += sum(len(e.positions) for e in stream.examples(order.batch(mb)[rank::world]))
         mb += 1
-    seconds = time.time() - t0
+    seconds, cpu = time.time() - t0, time.process_time() - c0
     stream.close()
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "shards": len(stream.shards),
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "cpu_s": cpu,
+                      "tok_cpu_s": tokens / cpu, "shards": len(stream.shards),
                       "shards_read": len(set(stream.decoded)), "rss_mb": peak_rss_mb()}))
 
 
@@ -121,6 +123,7 @@ def make_cache(args, size_m: float, base: Path, student: str) -> tuple[Path, dic
     from safetensors import safe_open
 
     from distill import cache as cache_mod
+    from distill import topk_codec
     from distill.config import load_recipe
     from distill.synthetic_cache import write_synthetic_cache, write_synthetic_data
 
@@ -137,7 +140,8 @@ def make_cache(args, size_m: float, base: Path, student: str) -> tuple[Path, dic
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     t0 = time.time()
-    cache = write_synthetic_cache(load_recipe(path), targets=args.targets, k=args.k, distinct=8)
+    cache = write_synthetic_cache(load_recipe(path), targets=args.targets, k=args.k, distinct=8,
+                                  codec=args.codec or topk_codec.NAME)
     m = cache_mod.read_manifest(cache)
     train = [s for s in m.shards if s["split"] == "train"]
     disk = sum((cache / s["file"]).stat().st_size for s in train)

@@ -3,7 +3,9 @@ cache of any size is written through the cache's own writer (distill/synthetic_c
 several `distill generate --worker I/N` processes share one cache.
 
 Would fail if: a streamed epoch differed from the in-memory epoch it replaces (the same examples,
-each once, in the seeded order), a process read more than its share, a resumed streamed run differed
+each once, in the seeded order, each target's top-k the same (id, log-prob) pairs: the stream skips
+the sort to rank order), a cache of the earlier codec (tkq2) streamed other numbers, a process read
+more than its share, a resumed streamed run differed
 from an uninterrupted one, a corrupt shard were read instead of refused, or two generate workers
 wrote the same example or left one out.
 """
@@ -51,8 +53,13 @@ def synth(tmp_path_factory, smollm2_dir):
 
 
 def _same(a, b) -> bool:
-    return all(torch.equal(getattr(a, f), getattr(b, f))
-               for f in ("sequence", "positions", "topk_ids", "topk_logprobs", "tail_mass"))
+    """The same example: tokens, targets, tail, and per target the same set of (id, log-prob) pairs."""
+    def pairs(e):
+        order = e.topk_ids.argsort(-1)
+        return e.topk_ids.gather(-1, order), e.topk_logprobs.gather(-1, order)
+
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("sequence", "positions", "tail_mass")) and all(
+        torch.equal(x, y) for x, y in zip(pairs(a), pairs(b)))
 
 
 def _epochs(streams, n, batch, epochs=2):
@@ -92,7 +99,10 @@ def test_streamed_epoch_equals_the_in_memory_epoch(synth, monkeypatch):
         assert all(_same(e, memory[i]) for i, e in got[0])  # the very numbers load_split gives
         orders.append(ids)
     assert orders[0] != orders[1] and orders[0] != sorted(orders[0])  # shuffled, and anew each epoch
-    assert sorted(one.decoded) == sorted(2 * [s["number"] for s in shards])  # each shard read once an epoch
+    # each shard read once an epoch; after them, perhaps the next epoch's first window, decoded ahead
+    read, ahead = one.decoded[:2 * len(shards)], one.decoded[2 * len(shards):]
+    assert sorted(read) == sorted(2 * [s["number"] for s in shards])
+    assert set(ahead) <= {one.shards[s]["number"] for s in one.plan(2).windows[0][0].shards}
     again, _ = _epochs([TopkStream(cache, "train", n, n, 49152)], n, 4)
     assert [[i for i, _ in g[0]] for g in again] == orders  # seeded: the same order on every run
 
@@ -113,6 +123,21 @@ def test_streamed_epoch_equals_the_in_memory_epoch(synth, monkeypatch):
     part = TopkStream(cache, "train", n, 10, 49152)
     (sub, _) = _epochs([part], 10, 4, epochs=1)
     assert sorted(i for i, _ in sub[0][0]) == list(range(10)) and set(part.decoded) <= {0, 1, 2, 3}
+
+
+def test_a_cache_of_the_earlier_codec_streams_the_same_numbers(synth):
+    """Caches written so far (codec tkq2, LZMA blocks) still stream, to the numbers the new codec
+    (tkq3, zlib) gives, in the same order; load_split ranks them alike."""
+    tmp, p, cache = synth
+    old = write_synthetic_cache(load_recipe(p), out=tmp / "cache-tkq2", targets=6, prompt=4, seed=1, codec="tkq2")
+    assert cache_mod.read_manifest(old).codec["name"] == "tkq2" and cache_mod.read_manifest(cache).codec["name"] == "tkq3"
+    n = cache_mod.read_manifest(cache).split_sizes["train"]
+    (a, _), (b, _) = (_epochs([TopkStream(c, "train", n, n, 49152)], n, 4, epochs=1) for c in (cache, old))
+    assert [i for i, _ in a[0][0]] == [i for i, _ in b[0][0]]
+    assert all(all(torch.equal(getattr(x, f), getattr(y, f)) for f in x.__dataclass_fields__)
+               for (_, x), (_, y) in zip(a[0][0], b[0][0]))  # the very tensors, stored order included
+    ra, rb = cache_mod.load_split(cache, "train"), cache_mod.load_split(old, "train")
+    assert all(torch.equal(ra[key], rb[key]) for key in ra)
 
 
 def test_a_corrupt_shard_is_refused_not_read(synth, tmp_path):

@@ -206,7 +206,7 @@ def test_server_cache_equals_transformers_cache(served, hf_topk, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "work" / "cache"
     m = cache_mod.read_manifest(out)
-    assert m.backend == "server" and m.codec["name"] == "tkq2"
+    assert m.backend == "server" and m.codec["name"] == cache_mod.DEFAULT_CODEC["name"]
     for split in ("train", "validation"):
         data = cache_mod.load_split(out, split)
         assert int(data["topk_ids"].max()) < m.vocab_size - PAD_ROWS  # top-k ids are real tokens only

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -233,6 +234,61 @@ def test_cache_codec_round_trip_size_and_kl_error():
     assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,)]
     with pytest.raises(ValueError, match="out of range"):
         topk_codec.encode(torch.tensor([[V]]), torch.tensor([[-1.0]]), torch.tensor([0.5]), V)
+
+
+def _reference_decode(enc: dict):
+    """The codec's numbers entry by entry, in stored order (no span table, no chunks): [N, k] ids and values."""
+    from distill import topk_codec as tc
+
+    n, k, planes, bits, n_table, packer = (enc["tk_shape"].tolist() + [tc.LZMA])[:6]
+    unplane = lambda blob, count: sum(tc._unpack(blob, np.uint8, planes * count, packer).reshape(planes, count)
+                                      .astype(np.int64)[p] << (8 * p) for p in range(planes))
+    table, gaps = unplane(enc["tk_table"], n_table), unplane(enc["tk_gaps"], n * k).reshape(n, k)
+    codes = tc._unpack(enc["tk_codes"], np.uint8 if bits <= 8 else np.uint16, n * k, packer).reshape(n, k).astype(np.int64)
+    levels = (1 << bits) - 2
+    top = enc["tk_top"].numpy().view(np.float16).astype(np.float64)[:, None]
+    span = enc["tk_span"].numpy().view(np.float16).astype(np.float64)[:, None]
+    d = tc._expand(np.minimum(codes, levels) / levels, np.broadcast_to(span, codes.shape))
+    return table[np.cumsum(gaps, 1)], np.where(codes > levels, -np.inf, top - d).astype(np.float32)
+
+
+def test_cache_codecs_decode_the_same_numbers_ranked_or_not():
+    """Both codec names (tkq2: LZMA blocks, the caches written so far; tkq3: zlib, new caches) hold the
+    same numbers and decode to the same tensors; the unranked decode (what training streams) holds
+    each row's very (id, value) pairs of the ranked one, and both match an entry-by-entry decode."""
+    from distill import topk_codec
+
+    g = torch.Generator().manual_seed(1)
+    V = 49152
+    for N, k, bits in ((1100, 64, 6), (300, 8, 10)):  # 1100 rows of 64: three chunks of the decoder
+        logp = torch.log_softmax(3.0 * torch.randn(N, V // 8, generator=g), -1)
+        vals, ids = logp.topk(k, -1)
+        ids = ids * 8 + 3  # ids spread over the vocabulary: two byte planes
+        vals[:5, k // 2:] = float("-inf")  # rows with fewer than k entries
+        tail = (1 - vals.double().exp().sum(-1)).clamp_min(0).float()
+        enc = {name: topk_codec.encode(ids, vals, tail, V, bits=bits, name=name) for name in topk_codec.PACKERS}
+        assert len(enc["tkq2"]["tk_shape"]) == 5 and enc["tkq3"]["tk_shape"][5] == topk_codec.DEFLATE
+        assert not torch.equal(enc["tkq2"]["tk_codes"], enc["tkq3"]["tk_codes"])  # other compressors ...
+        ranked, raw = (topk_codec.decode(enc["tkq2"], r) for r in (True, False))
+        for r in (True, False):  # ... the same numbers
+            assert all(torch.equal(a, b) for a, b in zip(topk_codec.decode(enc["tkq3"], r), (ranked, raw)[not r]))
+        r_ids, r_vals = _reference_decode(enc["tkq3"])
+        assert torch.equal(raw[0], torch.from_numpy(r_ids.astype(np.int32)))
+        torch.testing.assert_close(raw[1], torch.from_numpy(r_vals), rtol=0, atol=1e-6)
+        by_id = lambda i, v: (i.sort(-1).values, v.gather(-1, i.long().argsort(-1)))
+        for a, b in zip(by_id(*ranked[:2]), by_id(*raw[:2])):
+            assert torch.equal(a, b)  # row by row, the same (id, value) pairs
+        assert not torch.equal(raw[0], ranked[0])  # (in another order)
+        assert torch.equal(ranked[2], raw[2])
+        assert (ranked[1][:, :-1] >= ranked[1][:, 1:]).all()  # rank order
+        assert torch.equal(ranked[0][5:, 0].long(), ids[5:, 0])  # the top token first
+        kl = topk_codec.bucket_kl(ids, vals, tail, *raw)
+        assert kl.mean() < 4e-4, kl.mean()
+    # a corrupt block is refused by either compressor
+    for name in topk_codec.PACKERS:
+        bad = dict(enc[name], tk_gaps=enc[name]["tk_gaps"][:-3])
+        with pytest.raises(ValueError, match="corrupt top-k block"):
+            topk_codec.decode(bad, ranked=False)
 
 
 def test_plain_and_compact_caches_decode_alike(tmp_path, tiny_model):

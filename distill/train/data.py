@@ -23,6 +23,10 @@ as in memory. A process reads only its own shares' shards: the next window is de
 background thread while the current one trains, each shard's SHA-256 checked on the bytes it then
 decodes. Resuming from the micro-batch counter recomputes the same order and reads from there. The
 order depends on P, so it is part of what a checkpoint must match (`layout`).
+
+The stream's examples hold each target's k (id, log-prob) pairs in the order the codec stores them,
+not in rank order (`cache.load_split` ranks them): the same pairs, which is all the losses use
+(losses.sparse_kd treats the k entries as a set), without a sort per row.
 """
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ class Window:
 @dataclass(frozen=True)
 class EpochPlan:
     windows: list[list[Window]]  # per share
+    window_ends: list[np.ndarray]  # per share: where each window ends in the share's sequence
     shard_begin: np.ndarray  # per shard: where its examples begin in the epoch's permuted sequence
     share_lo: np.ndarray  # per share: where it begins in that sequence
 
@@ -121,7 +126,8 @@ def plan_epoch(counts, starts, n: int, seed: int, epoch: int, shares: int, windo
         windows.append(share)
     shard_begin = np.empty(len(perm), dtype=np.int64)
     shard_begin[perm] = begins
-    return EpochPlan(windows, shard_begin, lo[:-1])
+    ends = [np.cumsum([len(w.ids) for w in share], dtype=np.int64) for share in windows]
+    return EpochPlan(windows, ends, shard_begin, lo[:-1])
 
 
 def interleave(seqs: list[np.ndarray], local: int, per_epoch: int) -> np.ndarray:
@@ -298,8 +304,8 @@ class TopkStream(ShardLayout):
         return self.plan(epoch).windows[r][w]
 
     def _overlapping(self, epoch: int, r: int, a: int, b: int) -> list[int]:
-        ws = self.plan(epoch).windows[r]
-        ends = np.cumsum([len(w.ids) for w in ws])
+        plan = self.plan(epoch)
+        ws, ends = plan.windows[r], plan.window_ends[r]
         out, w = [], int(np.searchsorted(ends, a, side="right"))
         while w < len(ws) and (ends[w - 1] if w else 0) < b:
             out.append(w)
@@ -318,20 +324,25 @@ class TopkStream(ShardLayout):
         for s in window.shards:
             data, a = self._decode(s), self.starts[s]
             ids = window.ids[(window.ids >= a) & (window.ids < a + self.counts[s])]
-            for i in ids.tolist():
-                out[i] = cache_mod.example_topk(data, i - a)
+            seq, so, po = data["input_ids"], data["seq_offsets"].tolist(), data["pos_offsets"].tolist()
+            pos, top, lp, tail = data["positions"], data["topk_ids"], data["topk_logprobs"], data["tail_mass"]
+            for i in ids.tolist():  # cache.example_topk's slices, the offsets read once a shard
+                j = i - a
+                p0, p1 = po[j], po[j + 1]
+                out[i] = TopkExample(seq[so[j]:so[j + 1]], pos[p0:p1], top[p0:p1], lp[p0:p1], tail[p0:p1])
         return out
 
     def _decode(self, s: int) -> dict[str, torch.Tensor]:
-        """Shard s, checksum verified, its examples and token ids checked."""
+        """Shard s, checksum verified, its examples and token ids checked; each position's top-k pairs
+        in the codec's stored order (the loss takes them as a set: no per-row sort to rank order)."""
         entry = self.shards[s]
-        data = cache_mod.read_verified_shard(self.cache_dir, entry, self.kind)
+        data = cache_mod.read_verified_shard(self.cache_dir, entry, self.kind, ranked=False)
         self.decoded.append(entry["number"])
         if not torch.equal(data["index"], torch.arange(entry["start"], entry["start"] + entry["count"])):
             raise DistillError(f"{self.cache_dir / entry['file']}: holds other examples than the manifest says "
                                f"({entry['start']}..{entry['start'] + entry['count'] - 1})")
-        ids = data["topk_ids"]
-        if ids.numel() and int(ids.max()) >= self.vocab_rows:
+        ids = data["topk_ids"].numpy()  # numpy: a torch reduction may wait for its intra-op threads
+        if ids.size and int(ids.max()) >= self.vocab_rows:
             raise UsageError(f"{self.cache_dir}: the teacher's top-k holds token id {int(ids.max())}, beyond the "
                              f"student's {self.vocab_rows} output rows; the student cannot be trained on this cache")
         return data
