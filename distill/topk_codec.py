@@ -99,15 +99,20 @@ def _planes(x: np.ndarray, planes: int) -> np.ndarray:
     return np.stack([(x >> (8 * p)) & 0xFF for p in range(planes)]).astype(np.uint8)
 
 
+def _two_planes(b: np.ndarray) -> np.ndarray:
+    """Two byte planes [2, ...] -> uint16 numbers: one little-endian view of the planes interleaved."""
+    pair = np.empty(b.shape[1:] + (2,), dtype=np.uint8)
+    pair[..., 0], pair[..., 1] = b[0], b[1]
+    return pair.view("<u2")[..., 0]
+
+
 def _unplanes(b: np.ndarray) -> np.ndarray:
     """Byte planes [planes, ...] -> the numbers (int32 up to 3 planes, int64 up to 7, else uint64)."""
     planes = b.shape[0]
     if planes == 1:
         return b[0].astype(np.int32)
-    if planes == 2:  # the common case (vocabularies up to 65536): one uint16 view of the planes interleaved
-        pair = np.empty(b.shape[1:] + (2,), dtype=np.uint8)
-        pair[..., 0], pair[..., 1] = b[0], b[1]
-        return pair.view("<u2")[..., 0].astype(np.int32)
+    if planes == 2:  # the common case (vocabularies up to 65536)
+        return _two_planes(b).astype(np.int32)
     wide = np.int32 if planes <= 3 else np.int64 if planes < 8 else np.uint64
     out = b[0].astype(wide)
     for p in range(1, planes):
@@ -118,9 +123,7 @@ def _unplanes(b: np.ndarray) -> np.ndarray:
 def _numbers(b: np.ndarray) -> np.ndarray:
     """Byte planes [planes, rows, k] of gaps (under 2^63) -> uint16 or int64 numbers, for a cumsum."""
     if b.shape[0] == 2:
-        pair = np.empty(b.shape[1:] + (2,), dtype=np.uint8)
-        pair[..., 0], pair[..., 1] = b[0], b[1]
-        return pair.view("<u2")[..., 0]
+        return _two_planes(b)
     out = b[0].astype(np.int64)
     for p in range(1, b.shape[0]):
         out |= b[p].astype(np.int64) << np.int64(8 * p)
