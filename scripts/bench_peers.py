@@ -111,7 +111,7 @@ def prepare(a) -> tuple[Path, dict]:
     from distill.student import build_student, count_parameters, save_model
 
     ns = argparse.Namespace(data=a.data, examples=a.examples, seed=a.seed, new_tokens=a.new_tokens, batch=a.batch,
-                            steps=a.steps, layers=a.layers)
+                            steps=a.steps, layers=a.layers, loss=a.loss, on_loss=a.loss, lr=5e-4)
     base = study.write_recipe(ns, a.work)
     r = yaml.safe_load(base.read_text())
     r["generate"]["backend"] = "transformers"
