@@ -116,7 +116,7 @@ def prepare(a) -> tuple[Path, dict]:
     r = yaml.safe_load(base.read_text())
     r["generate"]["backend"] = "transformers"
     r["task"]["split"].update(validation=0.2, holdout=0.1)  # validation: the held-out responses scored here
-    r["train"].update(loss=a.loss, jsd_beta=a.beta)
+    r["train"]["jsd_beta"] = a.beta  # train.loss: write_recipe took --loss
     teacher_path = resolve_model_path(resolve_teacher(r["teacher"]).source)
     student_dir = paths(a)["student"]
     model = build_student(StudentConfig(num_layers=a.layers), teacher_path)

@@ -8,9 +8,9 @@ training it for the same number of steps:
   mixed   train.on_policy.fraction 0.5
 
 Measured on the validation split's prompts (held out from training; each run has a single evaluation,
-at its end, so validation picks nothing within a run; the divergences
-of the default were chosen after a first round on these same prompts: docs/results.md): the student's token-level KL(teacher || student) on the
-teacher-written responses (top-k buckets, T = 1), the teacher's mean per-token log-likelihood of the
+at its end, so validation picks nothing within a run; the default divergences were chosen after a
+first round on these same prompts: docs/results.md): the student's token-level KL(teacher || student)
+on the teacher-written responses (top-k buckets, T = 1), the teacher's mean per-token log-likelihood of the
 student's own greedy responses, their mean length and repeated-3-gram share, and each mode's training
 seconds per step (training.json's seconds over its steps, the final evaluation included; on-policy rows
 also give the student's sampling and the teacher's scoring per step). The starting student and the
