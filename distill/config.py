@@ -221,6 +221,7 @@ class TrainConfig:
     max_steps: int | None = num(None, ge=1)  # cap on optimizer steps (the schedule is fitted to the cap)
     max_grad_norm: float = num(1.0, gt=0)  # (a negative norm would flip the gradient's sign)
     gradient_checkpointing: bool = False
+    group_by_length: bool = False  # classification: batches of texts of about one length (less padding)
     checkpoint_every: int = num(0, ge=0)  # optimizer steps between resumable checkpoints (0: at epoch ends only)
     keep_checkpoints: int = num(2, ge=0)  # newest checkpoints kept in OUT/checkpoints/ (0: write none)
     early_stopping_patience: int | None = num(None, ge=1)  # stop after this many evaluations without improvement

@@ -25,16 +25,20 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def predict_scores(model, encoded, label_ids, pad_id: int, batch_size: int = 16, desc: str | None = None):
-    """[N, n_labels] label log-probabilities for encoded examples, batched, with a progress bar."""
+    """[N, n_labels] label log-probabilities for encoded examples, batched, with a progress bar.
+
+    Batches hold prompts of about one length (scored longest first, rows put back in order), so little
+    of each forward pass is padding."""
     model.eval()
-    out = []
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].prompt))
+    out = torch.zeros((len(encoded), len(label_ids)))
     bar = tqdm(total=len(encoded), desc=desc, unit="ex", disable=desc is None)
-    for b in range(0, len(encoded), batch_size):
-        batch = encoded[b:b + batch_size]
-        out.append(label_logprobs(model, [e.prompt for e in batch], label_ids, pad_id).float().cpu())
-        bar.update(len(batch))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        out[idx] = label_logprobs(model, [encoded[i].prompt for i in idx], label_ids, pad_id).float().cpu()
+        bar.update(len(idx))
     bar.close()
-    return torch.cat(out) if out else torch.zeros((0, len(label_ids)))
+    return out
 
 
 def confusion_csv(cm, labels) -> str:

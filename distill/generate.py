@@ -303,9 +303,13 @@ def _generate_split(job: _Job, split: str, examples, writes) -> None:
         start = n * size
         chunk = items[start:start + size]
         rows = []
+        # soft labels: a shard's prompts are scored longest first (a batch of about one length is little
+        # padding) and their rows put back in order
+        order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i])) if job.kind == "soft_labels" else None
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b:b + batch_size]
             if job.kind == "soft_labels":
+                batch = [chunk[i] for i in order[b:b + batch_size]]
                 rows.append(job.engine.label_logprobs(batch, label_ids))
                 tokens += sum(len(p) for p in batch) + len(batch) * sum(map(len, label_ids))
             else:
@@ -315,7 +319,9 @@ def _generate_split(job: _Job, split: str, examples, writes) -> None:
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
         if job.kind == "soft_labels":
-            tensors = {"index": torch.arange(start, start + len(chunk)), "label_logprobs": torch.cat(rows)}
+            scored = torch.cat(rows)
+            tensors = {"index": torch.arange(start, start + len(chunk)),
+                       "label_logprobs": torch.empty_like(scored).index_copy_(0, torch.tensor(order), scored)}
         else:
             tensors = cache_mod.pack_topk(rows, start)
         cache_mod.write_shard(job.cache_dir, job.manifest, split, n, start, tensors,

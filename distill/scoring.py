@@ -121,14 +121,20 @@ def label_logprobs(model, prompts, label_ids, pad_id: int) -> torch.Tensor:
     for logits via `logits_to_keep` only at the positions that predict answer tokens, each once.
     """
     layout = trie_layout(label_ids)
-    input_ids, allowed, positions = trie_batch(prompts, layout, pad_id)
     param = next(model.parameters())
     device = param.device
+    c = shared_prefix_len(model, prompts, 1)
+    cache = prefix_cache(model, prompts[0][:c], len(prompts), device) if c else None
+    c = c if cache is not None else 0
+    input_ids, allowed, positions = trie_batch([q[c:] for q in prompts], layout, pad_id)
+    if c:  # every row sees the shared prefix, at positions 0..c-1
+        allowed = torch.cat([torch.ones(allowed.shape[:2] + (c,), dtype=torch.bool), allowed], 2)
     dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
-                   position_ids=positions.to(device), logits_to_keep=layout.n_fed + 1, use_cache=False).logits
+                   position_ids=(positions + c).to(device), logits_to_keep=layout.n_fed + 1,
+                   past_key_values=cache, use_cache=cache is not None).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     node_lp = logp[:, layout.col.to(device), layout.tokens.to(device)]  # [B, N]
     out = torch.zeros((len(prompts), len(label_ids)), dtype=node_lp.dtype, device=device)
@@ -154,16 +160,50 @@ def last_logits(model, seqs, n_last: int, pad_id: int) -> torch.Tensor:
     share columns and the vocabulary-sized output layer runs B * n_last times, whatever the lengths.
     Through the model's own forward, as target_logits.
     """
+    device = next(model.parameters()).device
+    c = shared_prefix_len(model, seqs, n_last)
+    cache = prefix_cache(model, seqs[0][:c], len(seqs), device) if c else None
+    c = c if cache is not None else 0
+    seqs = [s[c:] for s in seqs]
     B, W = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, W), pad_id, dtype=torch.long)
-    att = torch.zeros((B, W), dtype=torch.long)
+    att = torch.zeros((B, c + W), dtype=torch.long)
+    att[:, :c] = 1
     for b, s in enumerate(seqs):
         ids[b, W - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        att[b, W - len(s):] = 1
-    positions = (att.cumsum(1) - 1).clamp(min=0)
-    device = next(model.parameters()).device
+        att[b, c + W - len(s):] = 1
+    positions = (att.cumsum(1) - 1).clamp(min=0)[:, c:]
     return model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=positions.to(device),
-                 logits_to_keep=n_last, use_cache=False).logits
+                 logits_to_keep=n_last, past_key_values=cache, use_cache=cache is not None).logits
+
+
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are fed with each row (an extra forward costs more)
+
+
+def shared_prefix_len(model, seqs, keep: int) -> int:
+    """How many leading tokens every sequence of the batch shares (a chat template's system turn, the
+    task's instruction), at most all but each one's last `keep`: those are run once, not once a row.
+    0 when there is nothing worth sharing, or the model is wrapped for several processes (DDP,
+    DeepSpeed: one forward a step, as they expect)."""
+    if len(seqs) < 2 or type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - keep
+    c = 0
+    while c < n and all(s[c] == first[c] for s in seqs):
+        c += 1
+    return c if c >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_cache(model, prefix: list[int], batch: int, device):
+    """The key/value cache of a prefix that `batch` sequences share: one forward over it, repeated for
+    each row (differentiable: a training step's gradient flows through it). None when the model keeps
+    no cache (gradient checkpointing turns it off)."""
+    out = model(input_ids=torch.tensor([prefix], dtype=torch.long, device=device), use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        return None
+    cache.batch_repeat_interleave(batch)
+    return cache
 
 
 def target_logits(model, seqs, positions, pad_id: int) -> torch.Tensor:

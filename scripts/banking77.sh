@@ -2,7 +2,8 @@
 # The Banking77 study (docs/results.md, issue 14): zero-shot baseline, a teacher fine-tuned on a labelled
 # budget (25 texts per intent), and a student half its size built by importance, healed and distilled on
 # the teacher's soft labels of every training text, against the same student fine-tuned on the labelled
-# texts only (the control), two ablations (no healing; evenly spaced layers) and the student's q4_k_m GGUF,
+# texts only (the control), two ablations without healing (the same layers; evenly spaced layers) and the
+# student's q4_k_m GGUF,
 # all benched on the whole official test split (3,080 texts). Every stage is a plain `distill` command;
 # each is skipped when its output exists, so an interrupted run continues. Each stage's wall time and
 # command go to WORKDIR/times.json, its output to WORKDIR/logs/.
@@ -55,14 +56,13 @@ mkdir -p $W/logs
 LIMIT=(); [ "$TEST" = all ] || LIMIT=(--limit $TEST)
 # The recipes name runs/banking77; another work directory is passed to every command with --set.
 TEACHER_SPEC=teachers/banking77-teacher.yaml
-AT=(); AT_T=(); AT_HEALED=(); AT_EVEN=(); AT_HEAL=()
+AT=(); AT_T=(); AT_HEALED=(); AT_HEAL=()
 if [ "$W" != runs/banking77 ]; then
   TEACHER_SPEC=$W/teacher-spec.yaml
   sed "s#^source: .*#source: $W/teacher#" teachers/banking77-teacher.yaml > $TEACHER_SPEC
   AT=(--set workdir=$W)                                   # recipes with their own teacher (zero-shot, teacher)
   AT_T=(--set workdir=$W --set teacher=$TEACHER_SPEC)     # recipes taught by the fine-tuned teacher
   AT_HEALED=(--set train.student.model=$W/healed)
-  AT_EVEN=(--set train.student.model=$W/healed-even)
   AT_HEAL=(--set workdir=$W/heal --set task.data=$W/data/train.jsonl --set teacher=$TEACHER_SPEC)
 fi
 T=$W/times.json
@@ -123,11 +123,9 @@ stage "09 ablation without healing: the same layers, distilled directly" $W/stud
   distill train recipes/banking77-importance.yaml --out $W/student-no-heal "${AT_T[@]}" "${CLS[@]}" \
     --set train.student.layer_selection=even --set train.student.num_layers=null \
     --set "train.student.from_teacher_layers=$LAYERS"
-stage "10 heal a student of 10 evenly spaced layers (same heal texts and cache)" $W/healed-even/training.json \
-  distill train recipes/banking77-heal-even.yaml --out $W/healed-even "${AT_HEAL[@]}" "${HEAL[@]}"
-stage "11 ablation with evenly spaced layers: healed, then distilled" $W/student-even/training.json \
-  distill train recipes/banking77-even.yaml --out $W/student-even "${AT_T[@]}" "${AT_EVEN[@]}" "${CLS[@]}"
-stage "12 bench on the test split ($TEST texts)" $W/bench-$TEST/bench.json \
+stage "10 ablation with 10 evenly spaced layers, distilled directly" $W/student-even/training.json \
+  distill train recipes/banking77-even.yaml --out $W/student-even "${AT_T[@]}" "${CLS[@]}"
+stage "11 bench on the test split ($TEST texts)" $W/bench-$TEST/bench.json \
   distill bench --recipe recipes/banking77.yaml --teacher $W/teacher --student $W/student --student $W/control \
     --student $W/student-no-heal --student $W/student-even --student $W/gguf/student.q4_k_m.gguf \
     --tokenizer $W/student "${LIMIT[@]}" --out $W/bench-$TEST "${AT_T[@]}" "${BENCH[@]}"

@@ -116,3 +116,84 @@ def test_logits_kept_once_per_predicting_position(model):
 def test_empty_answer_is_refused():
     with pytest.raises(ValueError, match="label 1 has an empty answer"):
         trie_layout([[1, 2], []])
+
+
+def test_predict_scores_sorts_by_length_and_returns_rows_in_input_order(model):
+    """predict_scores batches prompts longest first; each row must still be its own prompt's scores."""
+    from types import SimpleNamespace
+
+    from distill.evaluation import predict_scores
+
+    labels = LABEL_SETS["shared_prefixes"]
+    prompts = PROMPTS + [[4, 6], [9, 9, 9, 9, 9, 1], [2]]
+    got = predict_scores(model, [SimpleNamespace(prompt=p) for p in prompts], labels, pad_id=0, batch_size=2)
+    with torch.no_grad():
+        ref = per_label_scores(model, prompts, labels)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_length_grouped_order_holds_every_example_once_in_batches_of_one_length():
+    import numpy as np
+
+    from distill.train.data import LengthGroupedOrder
+    from distill.train.state import DataOrder
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 80, size=1003).tolist()
+    order = LengthGroupedOrder(1003, 16, 0, lengths)
+    plain = DataOrder(1003, 16, 0)
+    pad = {}
+    for name, o in (("grouped", order), ("plain", plain)):
+        seen = []
+        for epoch in range(2):
+            batches = [o.batch(epoch * o.per_epoch + i) for i in range(o.per_epoch)]
+            flat = [j for b in batches for j in b]
+            assert sorted(flat) == list(range(1003))  # every example once an epoch
+            assert [len(b) for b in batches] == [16] * 62 + [11]  # the short batch last
+            seen.append(flat)
+        assert seen[0] != seen[1]  # a new order each epoch
+        pad[name] = np.mean([max(lengths[j] for j in b) * len(b) for b in batches]) / np.mean(
+            [sum(lengths[j] for j in b) for b in batches])
+    assert pad["grouped"] < 1.1 < 1.3 < pad["plain"]  # padded tokens / real tokens
+    again = LengthGroupedOrder(1003, 16, 0, lengths)
+    assert [again.batch(i) for i in range(70)] == [order.batch(i) for i in range(70)]  # seeded: resume-safe
+    assert order.layout != plain.layout  # a checkpoint records the grouping
+
+
+SHARED = [1, 5, 9, 30, 44, 7]  # a system turn every prompt begins with: run once, not once a row
+SHARED_PROMPTS = [SHARED + [8, 12], SHARED + [3], SHARED + [3, 3, 3, 3, 20, 21]]
+
+
+def test_a_shared_prefix_is_run_once_with_the_same_scores_and_gradients(model):
+    from distill.scoring import shared_prefix_len
+
+    labels = LABEL_SETS["shared_prefixes"]
+    assert shared_prefix_len(model, SHARED_PROMPTS, 1) == len(SHARED)
+    assert shared_prefix_len(model, PROMPTS, 1) == 0
+    param = model.model.layers[0].self_attn.q_proj.weight
+    weights = torch.randn(len(SHARED_PROMPTS), len(labels), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (label_logprobs, None):
+        model.zero_grad()
+        got = fn(model, SHARED_PROMPTS, labels, pad_id=0) if fn else per_label_scores(model, SHARED_PROMPTS, labels)
+        (got * weights).sum().backward()
+        grads.append((got.detach(), param.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
+    assert grads[0][1].abs().max() > 0
+
+
+def test_last_logits_with_a_shared_prefix_equal_one_forward_per_sequence(model):
+    from distill.scoring import last_logits
+
+    seqs = [p + [40 + i] for i, p in enumerate(SHARED_PROMPTS)]
+    param = model.model.layers[1].mlp.up_proj.weight
+    model.zero_grad()
+    got = last_logits(model, seqs, 2, pad_id=0)
+    got.float().pow(2).mean().backward()
+    g_shared = param.grad.clone()
+    model.zero_grad()
+    ref = torch.stack([model(torch.tensor([s])).logits[0, -2:] for s in seqs])
+    ref.float().pow(2).mean().backward()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g_shared, param.grad, atol=1e-6, rtol=1e-4)

@@ -74,11 +74,44 @@ class InMemory(list):
         return self.shards.order(batch_size, seed, rank, world)
 
 
-def data_order(train, batch_size: int, seed: int, rank: int, world: int) -> DataOrder:
+def data_order(train, batch_size: int, seed: int, rank: int, world: int, group_by_length: bool = False) -> DataOrder:
     """The order the loop follows over a task's training examples (a plain list: in memory)."""
     if hasattr(train, "order"):
+        if group_by_length:
+            raise UsageError("train.group_by_length: only classification tasks group their batches by length "
+                             "(generation data follows its cache's shard order); remove it from the recipe")
         return train.order(batch_size, seed, rank, world)
+    if group_by_length:
+        return LengthGroupedOrder(len(train), batch_size, seed, [len(e.prompt) for e in train])
     return DataOrder(len(train), batch_size, seed)
+
+
+class LengthGroupedOrder(DataOrder):
+    """A seeded permutation per epoch, cut into groups of GROUP_BATCHES batches, each group sorted by
+    prompt length and the batches then shuffled: a batch holds texts of about one length, so little of
+    its forward pass is padding (on Banking77 a random batch of 16 is padded to 1.5x its tokens), while
+    every epoch still holds each example once and the batches come in random order. The short last
+    batch stays last, as in DataOrder."""
+
+    GROUP_BATCHES = 64
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int]):
+        super().__init__(n, batch_size, seed)
+        self.lengths = np.asarray(lengths)
+        self.layout = f"grouped by length, {self.GROUP_BATCHES} batches a group"
+        self._grouped = (-1, None)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if self._grouped[0] != epoch:
+            perm = np.asarray(super().epoch_order(epoch))
+            g = self.GROUP_BATCHES * self.batch_size
+            seq = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
+                                  for c in np.split(perm, range(g, len(perm), g))]) if len(perm) else perm
+            full = len(seq) // self.batch_size
+            batches = seq[:full * self.batch_size].reshape(full, self.batch_size)
+            batches = batches[np.random.default_rng([self.seed, epoch]).permutation(full)]
+            self._grouped = (epoch, batches.ravel().tolist() + seq[full * self.batch_size:].tolist())
+        return self._grouped[1]
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
     if cfg.report_to:
         acc.init_trackers(recipe.name, config=tracker_config(cfg))  # tensorboard: OUT/logs/NAME/
     ckpt = Checkpointer(out_dir / "checkpoints", acc, model, optimizer, scheduler, rank, world, cfg.keep_checkpoints)
-    order = data_order(p.task.train, cfg.batch_size, cfg.seed, rank, world)  # streamed top-k: each rank its share
+    order = data_order(p.task.train, cfg.batch_size, cfg.seed, rank, world, cfg.group_by_length)  # streamed top-k: each rank its share
     identity = {"data_fingerprint": p.splits.fingerprint, "base": str(p.base_path), "task_type": recipe.task.type,
                 "cache": str(p.cache_dir) if cfg.alpha > 0 else None, "data_order": order.layout}
     return Run(recipe, cfg, acc, rank, world, model, params, optimizer, scheduler, p.task, p.tok,
