@@ -19,7 +19,7 @@
 # Larger, on a GPU: `STUDY_SCALE=large bash scripts/banking77.sh` (runs/banking77-large; not run on this
 # project's CPU machine). scripts/setup.sh installs vllm there and `distill generate` uses the vLLM
 # engine. Every training text is already read at full scale; large also heals on the whole training
-# split instead of 3,000 of its texts, trains up to 6 epochs with early stopping (patience 2) in bf16, and
+# split instead of 2,000 of its texts, trains up to 6 epochs with early stopping (patience 2) in bf16, and
 # scores the zero-shot baseline on the whole test split. A training stage scales out to N GPUs with
 # `accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes N -m distill train RECIPE
 # --out DIR` (same --set options). Whatever the scale, settings are chosen on the validation split.
