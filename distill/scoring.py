@@ -123,9 +123,7 @@ def label_logprobs(model, prompts, label_ids, pad_id: int) -> torch.Tensor:
     layout = trie_layout(label_ids)
     param = next(model.parameters())
     device = param.device
-    c = shared_prefix_len(model, prompts, 1)
-    cache = prefix_cache(model, prompts[0][:c], len(prompts), device) if c else None
-    c = c if cache is not None else 0
+    c, cache = shared_prefix(model, prompts, 1, device)
     input_ids, allowed, positions = trie_batch([q[c:] for q in prompts], layout, pad_id)
     if c:  # every row sees the shared prefix, at positions 0..c-1
         allowed = torch.cat([torch.ones(allowed.shape[:2] + (c,), dtype=torch.bool), allowed], 2)
@@ -161,9 +159,7 @@ def last_logits(model, seqs, n_last: int, pad_id: int) -> torch.Tensor:
     Through the model's own forward, as target_logits.
     """
     device = next(model.parameters()).device
-    c = shared_prefix_len(model, seqs, n_last)
-    cache = prefix_cache(model, seqs[0][:c], len(seqs), device) if c else None
-    c = c if cache is not None else 0
+    c, cache = shared_prefix(model, seqs, n_last, device)
     seqs = [s[c:] for s in seqs]
     B, W = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, W), pad_id, dtype=torch.long)
@@ -184,8 +180,9 @@ def shared_prefix_len(model, seqs, keep: int) -> int:
     """How many leading tokens every sequence of the batch shares (a chat template's system turn, the
     task's instruction), at most all but each one's last `keep`: those are run once, not once a row.
     0 when there is nothing worth sharing, or the model is wrapped for several processes (DDP,
-    DeepSpeed: one forward a step, as they expect)."""
-    if len(seqs) < 2 or type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+    DeepSpeed: one forward a step, as they expect), or gradients are on: a training step feeds every
+    row whole, so that it does not depend on whether gradient checkpointing (which keeps no cache) is on."""
+    if len(seqs) < 2 or torch.is_grad_enabled() or type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
         return 0
     first, n = seqs[0], min(len(s) for s in seqs) - keep
     c = 0
@@ -194,16 +191,20 @@ def shared_prefix_len(model, seqs, keep: int) -> int:
     return c if c >= MIN_SHARED_PREFIX else 0
 
 
-def prefix_cache(model, prefix: list[int], batch: int, device):
-    """The key/value cache of a prefix that `batch` sequences share: one forward over it, repeated for
-    each row (differentiable: a training step's gradient flows through it). None when the model keeps
-    no cache (gradient checkpointing turns it off)."""
-    out = model(input_ids=torch.tensor([prefix], dtype=torch.long, device=device), use_cache=True, logits_to_keep=1)
+def shared_prefix(model, seqs, keep: int, device):
+    """(c, cache): the batch's shared prefix length and its key/value cache, from one forward over it,
+    repeated for each row (differentiable: a training step's gradient flows through it); (0, None) when
+    nothing is shared or the model keeps no cache (gradient checkpointing turns it off)."""
+    c = shared_prefix_len(model, seqs, keep)
+    if not c:
+        return 0, None
+    out = model(input_ids=torch.tensor([seqs[0][:c]], dtype=torch.long, device=device), use_cache=True,
+                logits_to_keep=1)
     cache = getattr(out, "past_key_values", None)
     if cache is None:
-        return None
-    cache.batch_repeat_interleave(batch)
-    return cache
+        return 0, None
+    cache.batch_repeat_interleave(len(seqs))
+    return c, cache
 
 
 def target_logits(model, seqs, positions, pad_id: int) -> torch.Tensor:

@@ -164,36 +164,18 @@ SHARED = [1, 5, 9, 30, 44, 7]  # a system turn every prompt begins with: run onc
 SHARED_PROMPTS = [SHARED + [8, 12], SHARED + [3], SHARED + [3, 3, 3, 3, 20, 21]]
 
 
-def test_a_shared_prefix_is_run_once_with_the_same_scores_and_gradients(model):
-    from distill.scoring import shared_prefix_len
+def test_a_shared_prefix_is_run_once_with_the_same_scores(model):
+    from distill.scoring import last_logits, shared_prefix_len
 
     labels = LABEL_SETS["shared_prefixes"]
-    assert shared_prefix_len(model, SHARED_PROMPTS, 1) == len(SHARED)
-    assert shared_prefix_len(model, PROMPTS, 1) == 0
-    param = model.model.layers[0].self_attn.q_proj.weight
-    weights = torch.randn(len(SHARED_PROMPTS), len(labels), generator=torch.Generator().manual_seed(2))
-    grads = []
-    for fn in (label_logprobs, None):
-        model.zero_grad()
-        got = fn(model, SHARED_PROMPTS, labels, pad_id=0) if fn else per_label_scores(model, SHARED_PROMPTS, labels)
-        (got * weights).sum().backward()
-        grads.append((got.detach(), param.grad.clone()))
-    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
-    assert grads[0][1].abs().max() > 0
-
-
-def test_last_logits_with_a_shared_prefix_equal_one_forward_per_sequence(model):
-    from distill.scoring import last_logits
-
     seqs = [p + [40 + i] for i, p in enumerate(SHARED_PROMPTS)]
-    param = model.model.layers[1].mlp.up_proj.weight
-    model.zero_grad()
-    got = last_logits(model, seqs, 2, pad_id=0)
-    got.float().pow(2).mean().backward()
-    g_shared = param.grad.clone()
-    model.zero_grad()
-    ref = torch.stack([model(torch.tensor([s])).logits[0, -2:] for s in seqs])
-    ref.float().pow(2).mean().backward()
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(g_shared, param.grad, atol=1e-6, rtol=1e-4)
+    assert shared_prefix_len(model, SHARED_PROMPTS, 1) == 0  # gradients on: every row is fed whole
+    with torch.no_grad():
+        assert shared_prefix_len(model, SHARED_PROMPTS, 1) == len(SHARED)
+        assert shared_prefix_len(model, PROMPTS, 1) == 0
+        got = label_logprobs(model, SHARED_PROMPTS, labels, pad_id=0)
+        ref = per_label_scores(model, SHARED_PROMPTS, labels)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        got = last_logits(model, seqs, 2, pad_id=0)
+        ref = torch.stack([model(torch.tensor([s])).logits[0, -2:] for s in seqs])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
