@@ -193,8 +193,8 @@ def shared_prefix_len(model, seqs, keep: int) -> int:
 
 def shared_prefix(model, seqs, keep: int, device):
     """(c, cache): the batch's shared prefix length and its key/value cache, from one forward over it,
-    repeated for each row (differentiable: a training step's gradient flows through it); (0, None) when
-    nothing is shared or the model keeps no cache (gradient checkpointing turns it off)."""
+    repeated for each row; (0, None) when nothing is shared (see shared_prefix_len: never with gradients
+    on) or the model returns no cache (one left in training mode with gradient checkpointing)."""
     c = shared_prefix_len(model, seqs, keep)
     if not c:
         return 0, None
