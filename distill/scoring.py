@@ -123,7 +123,7 @@ def label_logprobs(model, prompts, label_ids, pad_id: int) -> torch.Tensor:
     layout = trie_layout(label_ids)
     param = next(model.parameters())
     device = param.device
-    c, cache = shared_prefix(model, prompts, 1, device)
+    c, cache = shared_prefix(model, prompts, min(len(q) for q in prompts) - 1, device)
     input_ids, allowed, positions = trie_batch([q[c:] for q in prompts], layout, pad_id)
     if c:  # every row sees the shared prefix, at positions 0..c-1
         allowed = torch.cat([torch.ones(allowed.shape[:2] + (c,), dtype=torch.bool), allowed], 2)
@@ -159,7 +159,7 @@ def last_logits(model, seqs, n_last: int, pad_id: int) -> torch.Tensor:
     Through the model's own forward, as target_logits.
     """
     device = next(model.parameters()).device
-    c, cache = shared_prefix(model, seqs, n_last, device)
+    c, cache = shared_prefix(model, seqs, min(len(q) for q in seqs) - n_last, device)
     seqs = [s[c:] for s in seqs]
     B, W = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, W), pad_id, dtype=torch.long)
@@ -176,26 +176,27 @@ def last_logits(model, seqs, n_last: int, pad_id: int) -> torch.Tensor:
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are fed with each row (an extra forward costs more)
 
 
-def shared_prefix_len(model, seqs, keep: int) -> int:
-    """How many leading tokens every sequence of the batch shares (a chat template's system turn, the
-    task's instruction), at most all but each one's last `keep`: those are run once, not once a row.
-    0 when there is nothing worth sharing, or the model is wrapped for several processes (DDP,
-    DeepSpeed: one forward a step, as they expect), or gradients are on: a training step feeds every
-    row whole, so that it does not depend on whether gradient checkpointing (which keeps no cache) is on."""
-    if len(seqs) < 2 or torch.is_grad_enabled() or type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+def shared_prefix_len(model, seqs, limit: int) -> int:
+    """How many leading tokens (at most `limit`) every sequence of the batch shares (a chat template's
+    system turn, the task's instruction): those are run once, not once a row. 0 when there is nothing
+    worth sharing, or the model is wrapped for several processes (DDP, DeepSpeed: one forward a step, as
+    they expect), or it trains with gradient checkpointing (its layers drop any cache they are given)."""
+    if len(seqs) < 2 or type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
         return 0
-    first, n = seqs[0], min(len(s) for s in seqs) - keep
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return 0
+    first, n = seqs[0], min(limit, min(len(s) for s in seqs))
     c = 0
     while c < n and all(s[c] == first[c] for s in seqs):
         c += 1
     return c if c >= MIN_SHARED_PREFIX else 0
 
 
-def shared_prefix(model, seqs, keep: int, device):
+def shared_prefix(model, seqs, limit: int, device):
     """(c, cache): the batch's shared prefix length and its key/value cache, from one forward over it,
-    repeated for each row; (0, None) when nothing is shared (see shared_prefix_len: never with gradients
-    on) or the model returns no cache (one left in training mode with gradient checkpointing)."""
-    c = shared_prefix_len(model, seqs, keep)
+    repeated for each row (differentiable: with gradients on, each row's gradient flows back through
+    it); (0, None) when nothing is shared (see shared_prefix_len) or the model returns no cache."""
+    c = shared_prefix_len(model, seqs, limit)
     if not c:
         return 0, None
     out = model(input_ids=torch.tensor([seqs[0][:c]], dtype=torch.long, device=device), use_cache=True,
@@ -213,22 +214,26 @@ def target_logits(model, seqs, positions, pad_id: int) -> torch.Tensor:
     seqs: token id sequences; positions: for each sequence, the target positions t (t >= 1).
     Sequences are right-padded into one batch; through the model's own forward (so DDP, DeepSpeed
     and PEFT wrappers see the call), with `logits_to_keep` limited to the positions some row needs,
-    so the vocabulary-sized output layer runs only where a target is predicted. Returns [N, V],
-    the rows in order of sequence then target.
+    so the vocabulary-sized output layer runs only where a target is predicted, and the prompt prefix
+    every sequence shares run once (shared_prefix). Returns [N, V], the rows in order of sequence then
+    target.
     """
-    B, W = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((B, W), pad_id, dtype=torch.long)
-    att = torch.zeros((B, W), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        att[b, : len(s)] = 1
+    seqs = [s.tolist() if torch.is_tensor(s) else list(s) for s in seqs]  # a cache's rows are tensors
     pred = [torch.as_tensor(p, dtype=torch.long) - 1 for p in positions]
     if any(len(p) and int(p.min()) < 0 for p in pred):
         raise ValueError("target position 0 has no preceding token to predict it from")
+    device = next(model.parameters()).device
+    c, cache = shared_prefix(model, seqs, int(torch.cat(pred).min()) if sum(map(len, pred)) else 0, device)
+    seqs, pred = [s[c:] for s in seqs], [p - c for p in pred]
+    B, W = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, W), pad_id, dtype=torch.long)
+    att = torch.ones((B, c + W), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        att[b, c + len(s):] = 0
     keep = torch.unique(torch.cat(pred))  # sorted
     col = torch.searchsorted(keep, torch.cat(pred))
     row = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(pred)])
-    device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=att.to(device), logits_to_keep=keep.to(device),
-                   use_cache=False).logits
+                   past_key_values=cache, use_cache=cache is not None).logits
     return logits[row.to(device), col.to(device)]

@@ -1,5 +1,6 @@
 """Label scoring with the batch's shared prompt prefix run once, against every row running it: texts/s
-of each, measured in one run, alternating, and the largest score difference.
+of each, measured in one run, alternating, and the largest score difference; without gradients (evaluation,
+soft labels) and in a training step (forward and backward of the scores).
 
     python scripts/bench_shared_prefix.py --model runs/banking77/teacher     # after stage 02 of banking77.sh
 
@@ -33,22 +34,33 @@ def main():
     batch = sorted((prompts.prompt_ids(tok, r.task, None, t) for t in rows), key=len)
     answers = [[t] for t in label_token_ids(tok, labels)]
     print(f"{len(batch)} prompts, mean {sum(map(len, batch)) / len(batch):.1f} tokens; shared by a batch of 16: "
-          f"{scoring.shared_prefix_len(model, batch[:16], 1)}")
-    rates, ref = {"once": [], "every row": []}, None
-    for _ in range(a.rounds):
-        for mode in ("every row", "once"):
-            scoring.MIN_SHARED_PREFIX = 4 if mode == "once" else 10 ** 9
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                got = torch.cat([scoring.label_logprobs(model, batch[b:b + 16], answers, tok.pad_token_id)
-                                 for b in range(0, len(batch), 16)])
-            rates[mode].append(len(batch) / (time.perf_counter() - t0))
-            ref = got if ref is None else ref
-            diff = (got - ref).abs().max().item()
-    scoring.MIN_SHARED_PREFIX = 4
-    for mode, v in rates.items():
-        print(f"prefix run {mode:<9}: {max(v):6.2f} texts/s (best of {len(v)})")
-    print(f"speed-up {max(rates['once']) / max(rates['every row']):.2f}x; largest score difference {diff:.2e}")
+          f"{scoring.shared_prefix_len(model, batch[:16], min(map(len, batch[:16])) - 1)}")
+    for grad in (False, True):
+        rates, ref = {"once": [], "every row": []}, None
+        for _ in range(a.rounds):
+            for mode in ("every row", "once"):
+                scoring.MIN_SHARED_PREFIX = 4 if mode == "once" else 10 ** 9
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(grad):
+                    got = []
+                    for b in range(0, len(batch), 16):
+                        scores = scoring.label_logprobs(model, batch[b:b + 16], answers, tok.pad_token_id)
+                        if grad:
+                            model.zero_grad()
+                            scores.logsumexp(-1).sum().backward()
+                            scores = model.model.layers[0].self_attn.q_proj.weight.grad.flatten()[:1000]
+                        got.append(scores.detach())
+                got = torch.cat(got)
+                rates[mode].append(len(batch) / (time.perf_counter() - t0))
+                ref = got if ref is None else ref
+                diff = (got - ref).abs().max().item()
+        scoring.MIN_SHARED_PREFIX = 4
+        what = "training step (forward + backward)" if grad else "scoring without gradients"
+        print(f"{what}:")
+        for mode, v in rates.items():
+            print(f"  prefix run {mode:<9}: {max(v):6.2f} texts/s (best of {len(v)})")
+        print(f"  speed-up {max(rates['once']) / max(rates['every row']):.2f}x; largest difference "
+              f"{diff:.2e} ({'a weight gradient' if grad else 'scores'})")
 
 
 if __name__ == "__main__":

@@ -165,17 +165,52 @@ SHARED_PROMPTS = [SHARED + [8, 12], SHARED + [3], SHARED + [3, 3, 3, 3, 20, 21]]
 
 
 def test_a_shared_prefix_is_run_once_with_the_same_scores(model):
-    from distill.scoring import last_logits, shared_prefix_len
+    from distill.scoring import last_logits, shared_prefix_len, target_logits
 
     labels = LABEL_SETS["shared_prefixes"]
     seqs = [p + [40 + i] for i, p in enumerate(SHARED_PROMPTS)]
-    assert shared_prefix_len(model, SHARED_PROMPTS, 1) == 0  # gradients on: every row is fed whole
+    assert shared_prefix_len(model, SHARED_PROMPTS, 99) == len(SHARED)
+    assert shared_prefix_len(model, SHARED_PROMPTS, 3) == 0 and shared_prefix_len(model, PROMPTS, 99) == 0
     with torch.no_grad():
-        assert shared_prefix_len(model, SHARED_PROMPTS, 1) == len(SHARED)
-        assert shared_prefix_len(model, PROMPTS, 1) == 0
         got = label_logprobs(model, SHARED_PROMPTS, labels, pad_id=0)
         ref = per_label_scores(model, SHARED_PROMPTS, labels)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         got = last_logits(model, seqs, 2, pad_id=0)
         ref = torch.stack([model(torch.tensor([s])).logits[0, -2:] for s in seqs])
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        # targets inside the shared prefix bound it: the position predicting one must be fed
+        for positions in ([[7, 8], [6], [6, 9, 11]], [[3, 7], [6], [6, 9]]):
+            got = target_logits(model, seqs, positions, pad_id=0)
+            ref = torch.cat([model(torch.tensor([s])).logits[0, torch.tensor(p) - 1] for s, p in zip(seqs, positions)])
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_a_shared_prefix_passes_each_rows_gradient_back(model, monkeypatch):
+    """A training step shares the prefix too: the weights' gradient equals feeding every row whole."""
+    import distill.scoring as scoring
+
+    labels = LABEL_SETS["prefix_of_another"]
+    weights = torch.randn(len(SHARED_PROMPTS), len(labels), generator=torch.Generator().manual_seed(1))
+    param = model.model.layers[0].self_attn.q_proj.weight
+    grads = []
+    for least in (scoring.MIN_SHARED_PREFIX, 10 ** 9):  # shared, then never shared
+        monkeypatch.setattr(scoring, "MIN_SHARED_PREFIX", least)
+        model.zero_grad()
+        (label_logprobs(model, SHARED_PROMPTS, labels, pad_id=0) * weights).sum().backward()
+        grads.append(param.grad.clone())
+    model.zero_grad()
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_in_training_feeds_every_row_whole(model):
+    from distill.scoring import shared_prefix_len
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert shared_prefix_len(model, SHARED_PROMPTS, 99) == len(SHARED)  # eval mode: layers keep a cache
+        model.train()
+        assert shared_prefix_len(model, SHARED_PROMPTS, 99) == 0  # they would drop it
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()

@@ -523,9 +523,14 @@ def test_schedules():
 # student options
 
 
-def test_gradient_checkpointing_and_bf16_on_cpu(cls):
+def test_gradient_checkpointing_and_bf16_on_cpu(cls, monkeypatch):
     from safetensors.torch import load_file
 
+    import distill.scoring as scoring
+
+    # a checkpointed run feeds every row whole (its layers keep no cache): so does the plain one here, or
+    # the two differ by the float rounding of a shared prompt prefix (2.9e-6 in this test), not by checkpointing
+    monkeypatch.setattr(scoring, "MIN_SHARED_PREFIX", 10 ** 9)
     tmp, recipe = cls
     outs = {}
     for name, extra in (("plain", {}), ("gc", {"gradient_checkpointing": True}), ("bf16", {"mixed_precision": "bf16"})):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..models import load_causal_lm
-from ..scoring import label_logprobs
+from ..scoring import label_logprobs, target_logits
 from .common import Generated, Sampling, tail_mass
 
 
@@ -31,18 +31,15 @@ class HFTeacher:
 
     @torch.no_grad()
     def topk(self, seqs, positions, k):
-        out = []
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            att[i, : len(s)] = 1
-        logits = self.model(input_ids=ids, attention_mask=att).logits
-        for i, pos in enumerate(positions):
-            pred = torch.as_tensor(pos, dtype=torch.long) - 1  # logits at t-1 predict token t
-            vals, idx = self._rows(logits[i, pred]).topk(k, dim=-1)
-            out.append((idx, vals, tail_mass(vals)))
+        """The output layer runs only at the positions that predict a target, and the prompt prefix every
+        sequence shares runs once (scoring.target_logits)."""
+        logp = self._rows(target_logits(self.model, seqs, positions, self.pad_id))
+        vals, idx = logp.topk(k, dim=-1)
+        out, start = [], 0
+        for pos in positions:
+            n = len(pos)
+            out.append((idx[start:start + n], vals[start:start + n], tail_mass(vals[start:start + n])))
+            start += n
         return out
 
     @torch.no_grad()
