@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Banking77 study (docs/results.md, issue 14): zero-shot baseline, a teacher fine-tuned on a labelled
-# budget (25 texts per intent), and a student half its size built by importance, healed and distilled on
+# budget (25 texts per intent, every weight fine-tuned), and a student half its size built by importance, healed and distilled on
 # the teacher's soft labels of every training text, against the same student fine-tuned on the labelled
 # texts only (the control), two ablations without healing (the same layers; evenly spaced layers) and the
 # student's q4_k_m GGUF,
@@ -100,7 +100,7 @@ done_after() {  # done_after MARKER COMMAND...: a command whose output is a dire
 stage "01 zero-shot baseline ($ZS test texts)" $W/eval/zero-shot/report.json \
   distill eval teachers/smollm2-135m-instruct.yaml --recipe recipes/banking77-zero-shot.yaml \
     --name teacher-zero-shot --limit $ZS --out $W/eval/zero-shot "${AT[@]}" "${CLS[@]}"
-stage "02 teacher: LoRA, alpha = 0, on the labelled budget" $W/teacher/training.json \
+stage "02 teacher: full fine-tune, alpha = 0, on the labelled budget" $W/teacher/training.json \
   distill train recipes/banking77-teacher.yaml --out $W/teacher "${AT[@]}" "${CLS[@]}"
 stage "03 soft labels: the teacher on every training and validation text" $W/generate.done \
   done_after $W/generate.done distill generate recipes/banking77.yaml "${AT_T[@]}" "${CLS[@]}"
