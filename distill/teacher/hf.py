@@ -35,12 +35,8 @@ class HFTeacher:
         sequence shares runs once (scoring.target_logits)."""
         logp = self._rows(target_logits(self.model, seqs, positions, self.pad_id))
         vals, idx = logp.topk(k, dim=-1)
-        out, start = [], 0
-        for pos in positions:
-            n = len(pos)
-            out.append((idx[start:start + n], vals[start:start + n], tail_mass(vals[start:start + n])))
-            start += n
-        return out
+        sizes = [len(p) for p in positions]
+        return [(i, v, tail_mass(v)) for i, v in zip(idx.split(sizes), vals.split(sizes))]
 
     @torch.no_grad()
     def generate_topk(self, prompts, k, sampling: Sampling, seeds) -> list[Generated]:
