@@ -53,16 +53,20 @@ def test_trie_scores_equal_one_forward_per_label(model, name):
     assert (got[:, None] - got[:, :, None]).abs().max() > 1e-3  # labels are told apart, not all equal
 
 
+def weight_grad(model, scores) -> torch.Tensor:
+    """The gradient of a fixed random weighting of `scores()` ([prompts, labels]) in one weight matrix."""
+    model.zero_grad()
+    s = scores()
+    (s * torch.randn(s.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    return grad
+
+
 def test_gradients_equal_the_per_label_computation(model):
     labels = LABEL_SETS["prefix_of_another"]
-    weights = torch.randn(len(PROMPTS), len(labels), generator=torch.Generator().manual_seed(1))
-    param = model.model.layers[0].self_attn.q_proj.weight
-    grads = []
-    for fn in (label_logprobs, lambda m, p, lab, pad_id: per_label_scores(m, p, lab)):
-        model.zero_grad()
-        (fn(model, PROMPTS, labels, pad_id=0) * weights).sum().backward()
-        grads.append(param.grad.clone())
-    model.zero_grad()
+    grads = [weight_grad(model, lambda: label_logprobs(model, PROMPTS, labels, pad_id=0)),
+             weight_grad(model, lambda: per_label_scores(model, PROMPTS, labels))]
     assert grads[0].abs().max() > 1e-3
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=0)
 
@@ -190,15 +194,10 @@ def test_a_shared_prefix_passes_each_rows_gradient_back(model, monkeypatch):
     import distill.scoring as scoring
 
     labels = LABEL_SETS["prefix_of_another"]
-    weights = torch.randn(len(SHARED_PROMPTS), len(labels), generator=torch.Generator().manual_seed(1))
-    param = model.model.layers[0].self_attn.q_proj.weight
     grads = []
     for least in (scoring.MIN_SHARED_PREFIX, 10 ** 9):  # shared, then never shared
         monkeypatch.setattr(scoring, "MIN_SHARED_PREFIX", least)
-        model.zero_grad()
-        (label_logprobs(model, SHARED_PROMPTS, labels, pad_id=0) * weights).sum().backward()
-        grads.append(param.grad.clone())
-    model.zero_grad()
+        grads.append(weight_grad(model, lambda: label_logprobs(model, SHARED_PROMPTS, labels, pad_id=0)))
     assert grads[0].abs().max() > 1e-3
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)
 
