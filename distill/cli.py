@@ -65,10 +65,6 @@ def cli(verbose, debug):
     """Distill a large teacher model into a small student: generate -> train -> eval -> export -> bench."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # torch puts large CPU tensors on transparent huge pages (read at its first large allocation): a
-    # training step allocates vocabulary-sized gradients afresh, and the kernel faulting them in 4 KiB
-    # pages cost a quarter of the step on 2 cores (scripts/bench_huge_pages.py). THP_MEM_ALLOC_ENABLE=0: off
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 RECIPE = click.argument("recipe", type=click.Path(dir_okay=False))
