@@ -389,3 +389,25 @@ def test_debug_flag_prints_the_traceback(recipe, captured):
 def test_cli_only_options_have_ranges(args, option):
     code, out = run(*args)
     assert code == 2 and option in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(tmp_path, monkeypatch, caplog, native):
+    """bf16 autocast on a CPU that emulates bfloat16 made a training step 21x slower than float32
+    (scripts/bench_step_variants.py): check_run says so. Which instructions a CPU has cannot vary on one
+    machine, so oneDNN's answer is replaced here, both ways; the real one is checked to be a bool."""
+    import logging
+
+    from distill.train import setup as train_setup
+
+    assert isinstance(train_setup.cpu_has_native_bf16(), bool)
+    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(train_setup.torch.cuda, "is_available", lambda: False)
+    path = write(tmp_path / "r.yaml", {"name": "t", "workdir": str(tmp_path / "w"), "task": {"data": "builtin:default"},
+                                       "train": {"mixed_precision": "bf16"}})
+    with caplog.at_level(logging.WARNING, logger="distill.train.setup"):
+        train_setup.check_run(load_recipe(path), None)
+    warned = [r.getMessage() for r in caplog.records if "bf16 on a CPU without bfloat16" in r.getMessage()]
+    assert bool(warned) is not native
+    if warned:
+        assert warned[0].startswith(path + ": train.mixed_precision")

@@ -93,6 +93,10 @@ def check_run(recipe: Recipe, stop_after_steps: int | None) -> None:
     validate_recipe(recipe)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError(f"{src}: train.mixed_precision: fp16 needs a CUDA GPU; on CPU use bf16")
+    if cfg.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        log.warning("%s: train.mixed_precision: bf16 on a CPU without bfloat16 instructions (oneDNN finds none): "
+                    "autocast emulates it, and a training step can be many times slower than in float32 (21x on "
+                    "this project's 2-core AVX2 machine: scripts/bench_step_variants.py); 'no' is faster here", src)
     if stop_after_steps is not None and (stop_after_steps < 1 or cfg.keep_checkpoints == 0):
         raise UsageError(f"--stop-after-steps {stop_after_steps}: expected a positive number of steps and "
                          f"train.keep_checkpoints > 0 in {src} (the stop leaves a checkpoint to --resume from)")
@@ -104,6 +108,15 @@ def check_run(recipe: Recipe, stop_after_steps: int | None) -> None:
     if missing:
         raise UsageError(f"{src}: train.report_to: {', '.join(missing)} not installed in this environment "
                          f"(pip install {' '.join(missing)}), or remove it from train.report_to")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN, which runs torch's CPU matmuls, has bfloat16 instructions here (AVX512, AMX); without
+    them bf16 autocast is emulated and slow. True when torch cannot tell (no warning is better than a false one)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None = None) -> Parts:

@@ -1,0 +1,80 @@
+"""One recipe's training step under settings that change no number in the recipe's intent but may change
+its speed, measured in one run: each round starts a fresh process per variant, one after the other, on the
+same recipe, student and batches; seconds per optimizer step, peak memory, and each variant's ratio to
+float32 with glibc's malloc.
+
+  fp32       the recipe as it is (train.mixed_precision: no)
+  bf16       train.mixed_precision: bf16 (torch autocast on the CPU)
+  jemalloc   fp32 with jemalloc preloaded (LD_PRELOAD; Debian: apt-get install libjemalloc2), which
+             PyTorch's CPU performance guide suggests; skipped when the library is not found
+
+    python scripts/bench_step_variants.py                 # a 10-of-30-layer SmolLM2 student, Banking77
+    python scripts/bench_step_variants.py --recipe R --set KEY=VALUE ...
+
+The default is the Banking77 control's training step (recipes/banking77-control.yaml: label-token CE over
+the vocabulary, batch 32 here as the study's student) on the base SmolLM2-135M cut to its first 10 layers,
+so it needs no earlier stage. Writes nothing but scratch directories under a temporary folder.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, resource, sys, time
+from distill.config import load_recipe
+from distill.train.loop import restore_or_start, train_step
+from distill.train.setup import setup
+recipe = load_recipe(sys.argv[1], sys.argv[4:])
+run = setup(recipe, None, sys.argv[2])
+state = restore_or_start(run, False)
+for _ in range(2):  # warm-up: the first steps allocate the optimizer's state
+    train_step(run, state)
+t0, n = time.perf_counter(), int(sys.argv[3])
+for _ in range(n):
+    train_step(run, state)
+print(json.dumps({"s_per_step": (time.perf_counter() - t0) / n,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+DEFAULT_SETS = ["teacher=teachers/smollm2-135m-instruct.yaml", "train.student.model=null",
+                "train.student.num_layers=10", "train.batch_size=32"]
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/banking77-control.yaml")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per process")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--set", dest="sets", action="append", default=None, metavar="KEY=VALUE",
+                    help="recipe overrides, as `distill train --set` (repeatable; default: the 10-layer student above)")
+    a = ap.parse_args()
+    sets = DEFAULT_SETS if a.sets is None else a.sets
+    variants = {"fp32": ([], {}), "bf16": (["train.mixed_precision=bf16"], {})}
+    if os.path.exists(JEMALLOC):
+        variants["jemalloc"] = ([], {"LD_PRELOAD": JEMALLOC})
+    else:
+        print(f"jemalloc: {JEMALLOC} not found, skipped")
+    times = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for name, (extra, env) in variants.items():
+                args = [a.recipe, f"{tmp}/{name}", str(a.steps), f"workdir={tmp}/work", *sets, *extra]
+                out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
+                if out.returncode:
+                    sys.exit(f"round {r + 1}, {name}: the training process failed:\n{out.stderr[-3000:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                times[name].append(res["s_per_step"])
+                print(f"round {r + 1}  {name:<9} {res['s_per_step']:7.3f} s/step  peak memory "
+                      f"{res['peak_rss_mb']:.0f} MB", flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"best of {a.rounds} round(s), seconds per step and time relative to fp32:")
+    for k, v in best.items():
+        print(f"  {k:<9} {v:7.3f} s/step  {v / best['fp32']:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
