@@ -118,3 +118,40 @@ def test_a_trained_student_answers_with_the_label_name(tmp_path, smollm2_dir):
             gen = student.generate(torch.tensor([p]), max_new_tokens=3, do_sample=False,
                                    eos_token_id=end_of_turn_id(tok), pad_token_id=tok.pad_token_id)[0, len(p):]
         assert tok.decode(gen, skip_special_tokens=False).startswith(ex["label"] + "<|im_end|>")
+
+
+def test_frozen_embeddings_stay_as_built_while_the_layers_learn(tmp_path, smollm2_dir):
+    """train.freeze_embeddings: the saved student's token embeddings (tied output layer, label-token rows
+    included) are exactly the ones it was built with; its blocks did train."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.train import run_train
+    from distill.train.setup import build_parts
+
+    model = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=2, seed=1)
+    data = write_class_data(tmp_path / "d.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "w", model, alpha=0.0, epochs=2, lr=3e-3,
+                          batch_size=2, train_examples=4, eval_examples=4, freeze_embeddings=True)
+    built = build_parts(load_recipe(recipe)).model
+    out = run_train(load_recipe(recipe))
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(student.get_input_embeddings().weight, built.get_input_embeddings().weight)
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, built.model.layers[0].mlp.up_proj.weight)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["trainable_parameters"] == summary["parameters"] - built.get_input_embeddings().weight.numel()
+
+
+def test_a_frozen_output_layer_gives_the_same_logits_once_folded(tmp_path, smollm2_dir):
+    """fold_frozen_output_layer changes how the last positions meet a frozen output layer (one matrix
+    product), not what comes out; an output layer that trains is left alone."""
+    from distill.train.setup import fold_frozen_output_layer
+
+    model, _ = _tiny(tmp_path, smollm2_dir)
+    ids = torch.randint(0, 1000, (3, 7))
+    fold_frozen_output_layer(model)  # trainable: no hook
+    assert not model.get_output_embeddings()._forward_pre_hooks
+    model.get_input_embeddings().weight.requires_grad_(False)
+    want = model(input_ids=ids, logits_to_keep=2).logits
+    fold_frozen_output_layer(model)
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    torch.testing.assert_close(model(input_ids=ids, logits_to_keep=2).logits, want)

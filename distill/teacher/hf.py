@@ -12,7 +12,9 @@ class HFTeacher:
     name = "transformers"
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", vocab_limit: int | None = None):
-        self.model = load_causal_lm(model_path, dtype).eval()
+        # on a CUDA GPU when there is one: a GPU machine without vLLM still scores there, not on its CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_causal_lm(model_path, dtype).to(device).eval()
         self.pad_id = 0
         rows = self.model.get_output_embeddings().weight.shape[0]
         # padded embedding rows (rows >= the tokenizer's size) never enter a top-k row nor a response
@@ -34,7 +36,7 @@ class HFTeacher:
         """The output layer runs only at the positions that predict a target, and the prompt prefix every
         sequence shares runs once (scoring.target_logits)."""
         logp = self._rows(target_logits(self.model, seqs, positions, self.pad_id))
-        vals, idx = logp.topk(k, dim=-1)
+        vals, idx = (t.cpu() for t in logp.topk(k, dim=-1))
         sizes = [len(p) for p in positions]
         return [(i, v, tail_mass(v)) for i, v in zip(idx.split(sizes), vals.split(sizes))]
 
@@ -55,13 +57,13 @@ class HFTeacher:
         greedy = sampling.temperature <= 0
         torch.manual_seed(int(seeds[0]) if len(seeds) else sampling.seed)
         out = self.model.generate(
-            input_ids=ids, attention_mask=att, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            input_ids=ids.to(self.model.device), attention_mask=att.to(self.model.device), max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
             top_k=0, min_p=None, repetition_penalty=None, eos_token_id=list(sampling.stop_ids) or None,
             pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True, **kwargs)
-        new = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1)  # [B, steps, V], raw: before temperature / top-p
+        new = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).cpu()  # [B, steps, V], raw: before temperature / top-p
         stops = set(sampling.stop_ids)
         res = []
         for b in range(len(prompts)):

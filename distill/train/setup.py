@@ -141,13 +141,26 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
     if recipe.task.type == "classification" and cfg.student.label_tokens:
         label_tokens = add_label_tokens(model, tok, splits.labels)
     n_params = count_parameters(model)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.lora:
         model = add_lora(model, cfg.lora, label_tokens)
+    fold_frozen_output_layer(model)
     cache_dir = Path(cache or recipe.workdir_path / "cache")
     task = make_task(recipe, splits, tok, model, cache_dir)
     if not task.train:
         raise UsageError(f"{src}: no training examples")
     return Parts(splits, base_path, tok, model, n_params, task, cache_dir, label_tokens)
+
+
+def fold_frozen_output_layer(model) -> None:
+    """Give a frozen output layer contiguous inputs. The hidden states of the last positions
+    (`logits_to_keep`) are a strided view; torch's matmul multiplies such a view by a weight that needs no
+    gradient as a batched product over a broadcast copy of the weight, about 3x slower on CPU than the one
+    matrix product it runs once the view is contiguous (a 10-layer SmolLM2 step: 0.7 s of 2.3)."""
+    out = model.get_output_embeddings()
+    if out is not None and not out.weight.requires_grad:
+        out.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def check_out_dir(out_dir: Path, recipe: Recipe, parts: Parts) -> None:
