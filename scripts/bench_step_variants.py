@@ -1,5 +1,5 @@
-"""One recipe's training step under settings that change no number in the recipe's intent but may change
-its speed, measured in one run: each round starts a fresh process per variant, one after the other, on the
+"""One recipe's training step under settings that may change its speed (all but `frozen` change no number
+in the recipe's intent), measured in one run: each round starts a fresh process per variant, one after the other, on the
 same recipe, student and batches; seconds per optimizer step, peak memory, and each variant's ratio to
 float32 with glibc's malloc.
 
@@ -7,9 +7,13 @@ float32 with glibc's malloc.
   bf16       train.mixed_precision: bf16 (torch autocast on the CPU)
   jemalloc   fp32 with jemalloc preloaded (LD_PRELOAD; Debian: apt-get install libjemalloc2), which
              PyTorch's CPU performance guide suggests; skipped when the library is not found
+  frozen     fp32 with train.freeze_embeddings: true, the one variant that changes what is trained (the
+             token embeddings and the tied output layer stay as built), so its quality is a separate
+             question, answered on validation (scripts/banking77_choices.sh)
 
     python scripts/bench_step_variants.py                 # a 10-of-30-layer SmolLM2 student, Banking77
     python scripts/bench_step_variants.py --recipe R --set KEY=VALUE ...
+    python scripts/bench_step_variants.py --variants fp32,frozen
 
 The default is the Banking77 control's training step (recipes/banking77-control.yaml: label-token CE over
 the vocabulary, batch 32 here as the study's student) on the base SmolLM2-135M cut to its first 10 layers,
@@ -48,15 +52,20 @@ def main():
     ap.add_argument("--recipe", default="recipes/banking77-control.yaml")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per process")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--variants", default="fp32,bf16,jemalloc,frozen", help="comma-separated, fp32 first")
     ap.add_argument("--set", dest="sets", action="append", default=None, metavar="KEY=VALUE",
                     help="recipe overrides, as `distill train --set` (repeatable; default: the 10-layer student above)")
     a = ap.parse_args()
     sets = DEFAULT_SETS if a.sets is None else a.sets
-    variants = {"fp32": ([], {}), "bf16": (["train.mixed_precision=bf16"], {})}
-    if os.path.exists(JEMALLOC):
-        variants["jemalloc"] = ([], {"LD_PRELOAD": JEMALLOC})
-    else:
+    known = {"fp32": ([], {}), "bf16": (["train.mixed_precision=bf16"], {}),
+             "jemalloc": ([], {"LD_PRELOAD": JEMALLOC}), "frozen": (["train.freeze_embeddings=true"], {})}
+    wanted = a.variants.split(",")
+    if wanted[0] != "fp32" or set(wanted) - set(known):
+        sys.exit(f"--variants {a.variants}: expected fp32 first, then any of {', '.join(known)}")
+    if "jemalloc" in wanted and not os.path.exists(JEMALLOC):
         print(f"jemalloc: {JEMALLOC} not found, skipped")
+        wanted.remove("jemalloc")
+    variants = {k: known[k] for k in wanted}
     times = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
