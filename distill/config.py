@@ -223,8 +223,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # keep the input token embeddings as the student starts with them (and the output layer when tied to
     # them, as in SmolLM2): no dense vocabulary-sized gradient a step. A 10-of-30-layer SmolLM2 student's
-    # step on 2 CPU cores: 1.52 s against 1.82 (scripts/bench_step_variants.py). Label-token rows stay as
-    # built: trained in a student cut from a label-token teacher, the label text's mean in a fresh one
+    # step on 2 CPU cores: 0.87x as long (scripts/bench_step_variants.py). Label-token rows stay as built:
+    # trained in a student cut from a label-token teacher, the label text's mean in a fresh one
     freeze_embeddings: bool = False
     group_by_length: bool = False  # classification: batches of texts of about one length (less padding)
     checkpoint_every: int = num(0, ge=0)  # optimizer steps between resumable checkpoints (0: at epoch ends only)

@@ -7,6 +7,9 @@ float32 with glibc's malloc.
   bf16       train.mixed_precision: bf16 (torch autocast on the CPU)
   jemalloc   fp32 with jemalloc preloaded (LD_PRELOAD; Debian: apt-get install libjemalloc2), which
              PyTorch's CPU performance guide suggests; skipped when the library is not found
+  pair       two fp32 processes side by side, one thread each (OMP_NUM_THREADS=1), as two independent
+             training stages would run on a 2-core machine; its s/step is each process's time over two,
+             the cost of a step when two runs share the machine
   frozen     fp32 with train.freeze_embeddings: true, the one variant that changes what is trained (the
              token embeddings and the tied output layer stay as built), so its quality is a separate
              question, answered on validation (scripts/banking77_choices.sh)
@@ -27,7 +30,7 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 from distill.config import load_recipe
 from distill.train.loop import restore_or_start, train_step
 from distill.train.setup import setup
@@ -36,6 +39,11 @@ run = setup(recipe, None, sys.argv[2])
 state = restore_or_start(run, False)
 for _ in range(2):  # warm-up: the first steps allocate the optimizer's state
     train_step(run, state)
+barrier = os.environ.get("BENCH_BARRIER")  # processes timed side by side start their clocks together
+if barrier:
+    open(f"{barrier}/{os.getpid()}", "w").close()
+    while len(os.listdir(barrier)) < int(os.environ["BENCH_BARRIER_N"]):
+        time.sleep(0.05)
 t0, n = time.perf_counter(), int(sys.argv[3])
 for _ in range(n):
     train_step(run, state)
@@ -52,13 +60,14 @@ def main():
     ap.add_argument("--recipe", default="recipes/banking77-control.yaml")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per process")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--variants", default="fp32,bf16,jemalloc,frozen", help="comma-separated, fp32 first")
+    ap.add_argument("--variants", default="fp32,bf16,jemalloc,pair,frozen", help="comma-separated, fp32 first")
     ap.add_argument("--set", dest="sets", action="append", default=None, metavar="KEY=VALUE",
                     help="recipe overrides, as `distill train --set` (repeatable; default: the 10-layer student above)")
     a = ap.parse_args()
     sets = DEFAULT_SETS if a.sets is None else a.sets
     known = {"fp32": ([], {}), "bf16": (["train.mixed_precision=bf16"], {}),
-             "jemalloc": ([], {"LD_PRELOAD": JEMALLOC}), "frozen": (["train.freeze_embeddings=true"], {})}
+             "jemalloc": ([], {"LD_PRELOAD": JEMALLOC}), "pair": ([], {"OMP_NUM_THREADS": "1"}),
+             "frozen": (["train.freeze_embeddings=true"], {})}
     wanted = a.variants.split(",")
     if wanted[0] != "fp32" or set(wanted) - set(known):
         sys.exit(f"--variants {a.variants}: expected fp32 first, then any of {', '.join(known)}")
@@ -70,12 +79,20 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for name, (extra, env) in variants.items():
-                args = [a.recipe, f"{tmp}/{name}", str(a.steps), f"workdir={tmp}/work", *sets, *extra]
-                out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
-                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
-                if out.returncode:
-                    sys.exit(f"round {r + 1}, {name}: the training process failed:\n{out.stderr[-3000:]}")
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                n = 2 if name == "pair" else 1
+                barrier = tempfile.mkdtemp(dir=tmp)
+                procs = [subprocess.Popen(
+                    [sys.executable, "-c", CHILD, a.recipe, f"{tmp}/{name}{i}", str(a.steps), f"workdir={tmp}/work-{name}{i}",
+                     *sets, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "BENCH_BARRIER": barrier,
+                         "BENCH_BARRIER_N": str(n), **env}) for i in range(n)]
+                outs = [p.communicate() for p in procs]
+                for p, (_, err) in zip(procs, outs):
+                    if p.returncode:
+                        sys.exit(f"round {r + 1}, {name}: the training process failed:\n{err[-3000:]}")
+                results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+                res = {"s_per_step": sum(x["s_per_step"] for x in results) / n / n,
+                       "peak_rss_mb": sum(x["peak_rss_mb"] for x in results)}
                 times[name].append(res["s_per_step"])
                 print(f"round {r + 1}  {name:<9} {res['s_per_step']:7.3f} s/step  peak memory "
                       f"{res['peak_rss_mb']:.0f} MB", flush=True)
