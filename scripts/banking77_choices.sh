@@ -56,12 +56,13 @@ declare -A VARIANT=(
   [control]="recipes/banking77-control.yaml"
   [control-frozen]="recipes/banking77-control.yaml --set train.freeze_embeddings=true"
 )
-for v in ${CHOICES:-student-1pass-frozen student-1pass control-frozen control student-2pass student-2pass-frozen}; do
+CHOICES=${CHOICES:-student-1pass-frozen student-1pass control-frozen control student-2pass student-2pass-frozen}
+for v in $CHOICES; do
   run $v $W/$v/training.json $D train ${VARIANT[$v]} --out $W/$v "${T[@]}" "${HEALED[@]}" "${CLS[@]}"
 done
 
 echo; echo "validation macro-F1 (best evaluation), steps, wall seconds:"
-for v in teacher healed ${CHOICES:-student-1pass-frozen student-1pass control-frozen control student-2pass student-2pass-frozen}; do
+for v in teacher healed $CHOICES; do
   [ -f $W/$v/training.json ] || continue
   python3 - $W/$v/training.json $v "$(cat $W/logs/$v.s 2>/dev/null || cat $W/logs/heal.s)" <<'PY'
 import json, sys

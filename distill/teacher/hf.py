@@ -57,13 +57,14 @@ class HFTeacher:
         greedy = sampling.temperature <= 0
         torch.manual_seed(int(seeds[0]) if len(seeds) else sampling.seed)
         out = self.model.generate(
-            input_ids=ids.to(self.model.device), attention_mask=att.to(self.model.device), max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            input_ids=ids.to(self.model.device), attention_mask=att.to(self.model.device),
+            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
             top_k=0, min_p=None, repetition_penalty=None, eos_token_id=list(sampling.stop_ids) or None,
             pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True, **kwargs)
         new = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).cpu()  # [B, steps, V], raw: before temperature / top-p
+        logits = torch.stack(out.logits, dim=1)  # [B, steps, V], raw: before temperature / top-p (on the model's device)
         stops = set(sampling.stop_ids)
         res = []
         for b in range(len(prompts)):
@@ -73,7 +74,7 @@ class HFTeacher:
                 if t in stops:
                     n = j + 1
                     break
-            vals, idx = self._rows(logits[b, :n]).topk(k, dim=-1)
+            vals, idx = (t.cpu() for t in self._rows(logits[b, :n]).topk(k, dim=-1))  # only the top k leave the device
             res.append(Generated(toks[:n], idx, vals, tail_mass(vals)))
         return res
 
