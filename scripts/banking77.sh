@@ -6,7 +6,8 @@
 # student's q4_k_m GGUF,
 # all benched on the whole official test split (3,080 texts). Every stage is a plain `distill` command;
 # each is skipped when its output exists, so an interrupted run continues. Each stage's wall time and
-# command go to WORKDIR/times.json, its output to WORKDIR/logs/.
+# command go to WORKDIR/times.json, its output to WORKDIR/logs/. The four students (stages 06, 07, 09, 10)
+# train in two lanes side by side, one thread each, which a 2-core machine does in 0.85x the time.
 #
 #   bash scripts/banking77.sh                       # the study, sized for this project's 2 CPU cores
 #   STUDY_SCALE=smoke bash scripts/banking77.sh     # every stage on a few texts (runs/banking77-smoke):
@@ -74,23 +75,37 @@ print(round(sum(60*int(m)+float(s) for m, s in t)))" "$1"
 stage() {  # stage NAME OUTPUT COMMAND...: run unless OUTPUT exists; its log in W/logs, times in W/times.json
   local name=$1 out=$2; shift 2
   if [ -e "$out" ]; then echo "== $name: done ($out)"; return; fi
-  local log=$W/logs/${name%% *}.log
+  local id=${name%% *} log=$W/logs/${name%% *}.log
   echo; echo "== $name: $*" | tee $log
   local t0=$(date +%s)
-  times > $W/logs/.times0   # (not in a subshell: `times` there would count the subshell's children)
+  times > $W/logs/.times0-$id   # (not in $(...): `times` there would count that subshell's children)
   "$@" 2>&1 | tee -a $log
-  times > $W/logs/.times1
-  python - "$T" "$name" "$(( $(date +%s) - t0 ))" "$(( $(cpu_s $W/logs/.times1) - $(cpu_s $W/logs/.times0) ))" \
-    "$SCALE" "$*" <<'PY'
-import json, os, sys
-p, name, s, cpu, scale, cmd = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-d = json.load(open(p))
-# cpu_seconds: user + system time of the stage's processes. On a shared machine the wall time is not the
-# stage's own cost; its CPU time, spread over the cores, is closer to it
-d[name] = {"seconds": s, "cpu_seconds": cpu, "scale": scale, "load_average_1min_at_end": os.getloadavg()[0],
-           "command": cmd}
-open(p, "w").write(json.dumps(d, indent=1))
+  times > $W/logs/.times1-$id
+  python - "$T" "$name" "$t0" "$(date +%s)" "$(( $(cpu_s $W/logs/.times1-$id) - $(cpu_s $W/logs/.times0-$id) ))" \
+    "$SCALE" "${OMP_NUM_THREADS:-all}" "$*" <<'PY'
+import fcntl, json, os, sys
+p, name, t0, t1, cpu, scale, threads, cmd = sys.argv[1:]
+with open(p + ".lock", "w") as lock:  # stages in lanes finish side by side
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    d = json.load(open(p))
+    # cpu_seconds: user + system time of the stage's processes. On a shared machine the wall time is not the
+    # stage's own cost; its CPU time, spread over the cores, is closer to it. started/ended (Unix seconds) give
+    # the study's wall time when stages run side by side (lanes)
+    d[name] = {"seconds": int(t1) - int(t0), "cpu_seconds": int(cpu), "started": int(t0), "ended": int(t1),
+               "threads": threads, "scale": scale, "load_average_1min_at_end": os.getloadavg()[0], "command": cmd}
+    open(p, "w").write(json.dumps(d, indent=1))
 PY
+}
+lanes() {  # lanes FUNCTION FUNCTION: two independent chains of stages side by side, one thread each. Two
+  # one-thread training processes take 0.85x the time of one two-thread process after the other
+  # (scripts/bench_step_variants.py --variants fp32,pair); a GPU machine runs them one after the other
+  if [ "$SCALE" = large ]; then "$1"; "$2"; return; fi
+  OMP_NUM_THREADS=1 "$1" & local a=$!
+  OMP_NUM_THREADS=1 "$2" & local b=$!
+  local ra=0 rb=0
+  wait $a || ra=$?
+  wait $b || rb=$?
+  [ $ra = 0 ] && [ $rb = 0 ] || { echo "error: a lane of stages failed ($1: exit $ra, $2: exit $rb); see $W/logs" >&2; exit 1; }
 }
 done_after() {  # done_after MARKER COMMAND...: a command whose output is a directory it resumes; MARKER when done
   local marker=$1; shift
@@ -109,22 +124,28 @@ stage "04 heal texts: the teacher's top-k on the training split's texts" $W/heal
   done_after $W/heal-generate.done distill generate recipes/banking77-heal.yaml "${AT_HEAL[@]}" "${HEAL[@]}"
 stage "05 heal the student cut by importance (10 of 30 layers)" $W/healed/training.json \
   distill train recipes/banking77-heal.yaml --out $W/healed "${AT_HEAL[@]}" "${HEAL[@]}"
-stage "06 distil the healed student (KD on every text, CE on the labelled budget)" $W/student/training.json \
-  distill train recipes/banking77-healed.yaml --out $W/student "${AT_T[@]}" "${AT_HEALED[@]}" "${CLS[@]}"
-stage "07 control: the healed student fine-tuned on the labelled budget only" $W/control/training.json \
-  distill train recipes/banking77-control.yaml --out $W/control "${AT_T[@]}" "${AT_HEALED[@]}" "${CLS[@]}"
-stage "08 export the student to q4_k_m GGUF" $W/gguf/student.q4_k_m.gguf \
-  distill export $W/student --quant q4_k_m --out $W/gguf/student.q4_k_m.gguf \
-    --recipe recipes/banking77-healed.yaml "${AT_T[@]}" "${AT_HEALED[@]}" "${CLS[@]}"
 # ablation without healing: the very layers stage 05 kept (its log), distilled without healing
 LAYERS=$(grep -o 'student: layers \[[0-9, ]*\]' $W/logs/05.log | head -1 | grep -o '\[.*\]' | tr -d ' ') || {
   echo "error: $W/logs/05.log does not name the layers the heal stage kept; remove $W/healed and run again" >&2; exit 1; }
-stage "09 ablation without healing: the same layers, distilled directly" $W/student-no-heal/training.json \
-  distill train recipes/banking77-importance.yaml --out $W/student-no-heal "${AT_T[@]}" "${CLS[@]}" \
-    --set train.student.layer_selection=even --set train.student.num_layers=null \
-    --set "train.student.from_teacher_layers=$LAYERS"
-stage "10 ablation with 10 evenly spaced layers, distilled directly" $W/student-even/training.json \
-  distill train recipes/banking77-even.yaml --out $W/student-even "${AT_T[@]}" "${CLS[@]}"
+# The four students are independent of each other: two lanes of two, side by side (lanes above)
+lane_student() {
+  stage "06 distil the healed student (KD on every text, CE on the labelled budget)" $W/student/training.json \
+    distill train recipes/banking77-healed.yaml --out $W/student "${AT_T[@]}" "${AT_HEALED[@]}" "${CLS[@]}"
+  stage "09 ablation without healing: the same layers, distilled directly" $W/student-no-heal/training.json \
+    distill train recipes/banking77-importance.yaml --out $W/student-no-heal "${AT_T[@]}" "${CLS[@]}" \
+      --set train.student.layer_selection=even --set train.student.num_layers=null \
+      --set "train.student.from_teacher_layers=$LAYERS"
+}
+lane_control() {
+  stage "10 ablation with 10 evenly spaced layers, distilled directly" $W/student-even/training.json \
+    distill train recipes/banking77-even.yaml --out $W/student-even "${AT_T[@]}" "${CLS[@]}"
+  stage "07 control: the healed student fine-tuned on the labelled budget only" $W/control/training.json \
+    distill train recipes/banking77-control.yaml --out $W/control "${AT_T[@]}" "${AT_HEALED[@]}" "${CLS[@]}"
+}
+lanes lane_student lane_control
+stage "08 export the student to q4_k_m GGUF" $W/gguf/student.q4_k_m.gguf \
+  distill export $W/student --quant q4_k_m --out $W/gguf/student.q4_k_m.gguf \
+    --recipe recipes/banking77-healed.yaml "${AT_T[@]}" "${AT_HEALED[@]}" "${CLS[@]}"
 stage "11 bench on the test split ($TEST texts)" $W/bench-$TEST/bench.json \
   distill bench --recipe recipes/banking77.yaml --teacher $W/teacher --student $W/student --student $W/control \
     --student $W/student-no-heal --student $W/student-even --student $W/gguf/student.q4_k_m.gguf \
@@ -140,7 +161,15 @@ cat $W/bench-$TEST/bench.md
 python - "$T" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-for k, v in d.items():
-    print(f"{k:<80}{v['seconds']:>7d} s wall {v.get('cpu_seconds', 0):>7d} s CPU  (load {v['load_average_1min_at_end']:.1f})")
-print(f"{'total':<80}{sum(v['seconds'] for v in d.values()):>7d} s")
+for k, v in sorted(d.items()):
+    print(f"{k:<80}{v['seconds']:>7d} s wall {v.get('cpu_seconds', 0):>7d} s CPU  "
+          f"(threads {v.get('threads', 'all')}, load {v['load_average_1min_at_end']:.1f})")
+# the study's wall time: the union of the stages' [started, ended] (lanes overlap; a resumed run's pause is
+# not counted); entries of older runs without them add their seconds
+spans = sorted((v["started"], v["ended"]) for v in d.values() if "started" in v)
+total, end = sum(v["seconds"] for v in d.values() if "started" not in v), None
+for a, b in spans:
+    total += b - a if end is None or a >= end else max(0, b - end)
+    end = b if end is None else max(end, b)
+print(f"{'total (wall)':<80}{total:>7d} s = {total / 60:.1f} min, {sum(v['seconds'] for v in d.values())} s of stages")
 PY
