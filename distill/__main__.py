@@ -1,3 +1,3 @@
-from .cli import main
+from distill.cli import main
 
 main()

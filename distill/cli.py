@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .config import Backend, Loss
-from .errors import UsageError, describe
+from distill.config import Backend, Loss
+from distill.errors import UsageError, describe
 
 
 def friendly_errors(fn):
@@ -91,7 +91,7 @@ def refuse_empty_recipe(recipe_path) -> None:
 
 def _load(recipe_path, sets=(), overrides=None):
     """The recipe with --set and the specific options applied, validated before any work."""
-    from .config import load_recipe
+    from distill.config import load_recipe
 
     refuse_empty_recipe(recipe_path)
     return load_recipe(recipe_path, sets, overrides)
@@ -118,7 +118,7 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker,
     log-probabilities at every response position plus the tail mass; rows without a response get one
     written by the teacher (generate.responses). Re-running resumes.
     """
-    from .generate import run_generate
+    from distill.cache.generate import run_generate
 
     r = _load(recipe, sets, {"generate.batch_size": batch_size})
     path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
@@ -147,8 +147,8 @@ def serve_teacher(teacher_spec, port, host):
     Passes max_logprobs, tensor/data parallel sizes, dtype, max_model_len and GPU memory use from the
     spec; prints the URL once GET /health answers; Ctrl-C or SIGTERM stops the server and its workers.
     """
-    from .config import resolve_teacher
-    from .teacher.serve import serve_forever
+    from distill.config import resolve_teacher
+    from distill.teacher.launch import serve_forever
 
     spec = resolve_teacher(teacher_spec)
     if not spec.source:
@@ -189,7 +189,7 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
     D is train.loss (forward KL by default). Multi-process: `accelerate launch --config_file
     recipes/accelerate/ddp.yaml --num_processes N -m distill train RECIPE` (or zero2.yaml, zero3.yaml).
     """
-    from .train import run_train
+    from distill.train import run_train
 
     r = _load(recipe, sets, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
                        "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
@@ -224,10 +224,10 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
     matrix as PNG and CSV, and predictions.jsonl.
     """
     if model.endswith(".gguf"):  # llama.cpp's OpenMP threads must sleep, not spin, beside torch
-        from .llamacpp import passive_openmp
+        from distill.models.llamacpp import passive_openmp
 
         passive_openmp()
-    from .evaluation import format_report, run_eval
+    from distill.evaluate.evaluation import format_report, run_eval
 
     r = _load(recipe_path, sets)
     report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
@@ -257,7 +257,7 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, 
     """
     import json
 
-    from .export import export_gguf, format_export_report
+    from distill.export.pipeline import export_gguf, format_export_report
 
     if sets and not recipe_path:
         raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
@@ -286,10 +286,10 @@ def bench(recipe_path, teacher, students, data, batch_size, latency_examples, li
 
     Writes bench.md (table), bench.json and bench.png (quality vs latency).
     """
-    from .llamacpp import passive_openmp
+    from distill.models.llamacpp import passive_openmp
 
     passive_openmp()  # inherited by the per-model processes
-    from .bench import run_bench
+    from distill.evaluate.bench import run_bench
 
     report = run_bench(_load(recipe_path, sets), teacher, list(students), data=data, batch_size=batch_size,
                        latency_examples=latency_examples, limit=limit, out=out, tokenizer=tokenizer)
@@ -311,7 +311,7 @@ def doctor(recipe_path, teacher, cache, student, no_estimate, as_json, sets):
 
     Exits 1 when any check fails.
     """
-    from .doctor import format_rows, rows_json, run_doctor
+    from distill.doctor import format_rows, rows_json, run_doctor
 
     if sets and not recipe_path:
         raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")

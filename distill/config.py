@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from .errors import UsageError
+from distill.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import DistillError, describe
+from distill.errors import DistillError, describe
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -47,8 +47,9 @@ def check_environment() -> list[tuple[str, str, str]]:
 
 def check_recipe(recipe_path: str):
     """Load the recipe, read and split the data; returns (rows, recipe, splits)."""
-    from .config import load_recipe
-    from .data import prepare_splits, split_overlaps
+    from distill.config import load_recipe
+    from distill.data.splits import prepare_splits
+    from distill.data.leakage import split_overlaps
 
     r = load_recipe(recipe_path)
     rows = [("recipe", OK, f"{recipe_path}: keys valid")]
@@ -65,9 +66,9 @@ def check_recipe(recipe_path: str):
 
 
 def check_teacher(ref: str, k: int):
-    from .config import resolve_teacher
-    from .models import load_tokenizer, resolve_model_path, tokenizer_hash
-    from .teacher import pick_backend
+    from distill.config import resolve_teacher
+    from distill.models.loading import load_tokenizer, resolve_model_path, tokenizer_hash
+    from distill.teacher.backend import pick_backend
 
     spec = resolve_teacher(ref)
     backend = pick_backend(None, spec)
@@ -100,8 +101,8 @@ def check_server_teacher(spec, k: int) -> list:
     """A served teacher is probed as a server, never looked up on a hub: every url must answer; with a
     local tokenizer (the spec's `tokenizer` or `source`) the full probe generate runs follows
     (the served model, max_logprobs >= k, the tokenizer agreeing)."""
-    from .models import load_tokenizer, resolve_model_path
-    from .teacher.server import ServerTeacher, spec_urls
+    from distill.models.loading import load_tokenizer, resolve_model_path
+    from distill.teacher.remote import ServerTeacher, spec_urls
 
     urls = spec_urls(spec)
     served = {u: probe_url(u) for u in urls}
@@ -117,8 +118,8 @@ def check_server_teacher(spec, k: int) -> list:
 
 def check_cache(cache_dir: str):
     """(rows, manifest): the cache's manifest and every shard's checksum."""
-    from . import cache as cache_mod
-    from .fileio import sha256_file
+    from distill.cache import store as cache_mod
+    from distill.fileio import sha256_file
 
     m = cache_mod.read_manifest(cache_dir)
     bad = [s["file"] for s in m.shards if not (Path(cache_dir) / s["file"]).is_file()
@@ -132,7 +133,7 @@ def check_student(student: str, manifest) -> tuple[str, str, str]:
     """Whether the student can learn from the cache. Soft labels are a distribution over label names,
     so a student of any tokenizer learns them (as train accepts); top-k rows are token ids of the
     teacher's tokenizer, so a top-k cache needs the same one."""
-    from .models import causal_lm_config, load_tokenizer, resolve_model_path, tokenizer_hash
+    from distill.models.loading import causal_lm_config, load_tokenizer, resolve_model_path, tokenizer_hash
 
     path = resolve_model_path(student)
     causal_lm_config(path)
@@ -150,9 +151,9 @@ def estimate_generate(recipe, splits, model_path, tok, probe_examples: int = 4):
     """Time the teacher on a few examples and extrapolate to the whole generate run; size the cache."""
     import torch
 
-    from .models import load_causal_lm
-    from .prompts import encode_classification, encode_generation
-    from .scoring import label_logprobs
+    from distill.models.loading import load_causal_lm
+    from distill.data.prompts import encode_classification, encode_generation
+    from distill.models.scoring import label_logprobs
 
     n = sum(len(splits.get(s)) for s in recipe.generate.splits)
     if recipe.task.type == "classification":

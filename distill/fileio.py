@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import DistillError, UsageError
+from distill.errors import DistillError, UsageError
 
 
 def disk_full(path, e: OSError) -> DistillError:

@@ -79,7 +79,7 @@ def child_rss(cmd: list[str]) -> None:
 
 
 def child_reader(cache: str, rank: int, world: int, batch: int, limit: float) -> None:
-    from distill import cache as cache_mod
+    from distill.cache import store as cache_mod
     from distill.train.data import TopkStream
 
     n = cache_mod.read_manifest(cache).split_sizes["train"]
@@ -104,7 +104,7 @@ def tiny_student(out: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.models import load_tokenizer, resolve_model_path
+    from distill.models.loading import load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(resolve_model_path(TOKENIZER))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -122,10 +122,10 @@ def make_cache(args, size_m: float, base: Path, student: str) -> tuple[Path, dic
     import yaml
     from safetensors import safe_open
 
-    from distill import cache as cache_mod
-    from distill import topk_codec
+    from distill.cache import store as cache_mod
+    from distill.cache import topk_codec
     from distill.config import load_recipe
-    from distill.synthetic_cache import write_synthetic_cache, write_synthetic_data
+    from distill.cache.synthetic import write_synthetic_cache, write_synthetic_data
 
     d = base / f"{size_m:g}M"
     d.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,10 @@ each file's holdout macro-F1 against the HF model's (`distill eval` on both), an
     python scripts/bench_export.py MODEL_DIR [--quants f16,q8_0,q4_0,q4_k_m] [--tokens 64] [--out-dir DIR]
     python scripts/bench_export.py runs/default/student --recipe recipes/default.yaml   # the targets
 
-Each quant is exported with distill.export.export_gguf (verification on, so the table also shows how
+Each quant is exported with distill.export.pipeline.export_gguf (verification on, so the table also shows how
 closely each file follows the source). Generation is greedy with a fixed number of new tokens; prefill
 (prompt) and decode (per new token) speeds are reported separately. llama.cpp runs in a child process
-with passive OpenMP waits, as distill.export does, so torch's threads in this process cannot slow it.
+with passive OpenMP waits, as distill.export.pipeline does, so torch's threads in this process cannot slow it.
 Each runtime is timed at 1 thread and at all cores and its faster setting is kept (the table says
 which): decoding one token of a small model is a chain of tiny matrix products, and on 2 cores
 llama.cpp decoded the 56M default student at 205 tok/s with 1 thread and 85 tok/s with 2 (measured).
@@ -66,7 +66,7 @@ def hf_speed(model_dir: Path, ids: list[int], n: int, dtype: str, threads: int) 
     """transformers greedy generation: prefill = time to the first new token, decode = the rest per token."""
     import torch
 
-    from distill.models import load_causal_lm
+    from distill.models.loading import load_causal_lm
 
     torch.set_num_threads(threads)
     model = load_causal_lm(str(model_dir), dtype).eval()
@@ -200,8 +200,8 @@ def main() -> None:
     if not args.model_dir:
         ap.error("MODEL_DIR is required")
 
-    from distill.export import export_gguf
-    from distill.metrics import agreement
+    from distill.export.pipeline import export_gguf
+    from distill.evaluate.metrics import agreement
 
     model_dir = Path(args.model_dir)
     n = args.tokens

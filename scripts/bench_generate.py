@@ -69,12 +69,12 @@ SYSTEM = "You are a friendly customer support agent. Reply in one or two sentenc
 
 
 def build_data(tok, n: int):
-    from distill import default_task
+    from distill.data import builtin_task
     from distill.config import TaskConfig
-    from distill.prompts import answer_ids, prompt_ids
+    from distill.data.prompts import answer_ids, prompt_ids
 
     task = TaskConfig(type="generation", instruction=SYSTEM)
-    rows = default_task.make_examples(n_per_label=max(1, (n + 7) // 8))[:n]
+    rows = builtin_task.make_examples(n_per_label=max(1, (n + 7) // 8))[:n]
     rng = random.Random(0)
     seqs, positions, prompts = [], [], []
     for r in rows:
@@ -122,8 +122,8 @@ def compression(ref, seqs, positions, vocab_rows, ks, bits=None):
     import torch
     from safetensors.torch import save
 
-    from distill import cache as cache_mod
-    from distill import topk_codec
+    from distill.cache import store as cache_mod
+    from distill.cache import topk_codec
 
     ids = torch.cat([r[0] for r in ref])
     vals = torch.cat([r[1] for r in ref])
@@ -213,8 +213,8 @@ def time_engines(backends, spec, model_path, tok, rows, kmax, seqs, positions, p
         gc.collect()
 
     if "server" in backends:
-        from distill.teacher.serve import ServedTeacher
-        from distill.teacher.server import ServerTeacher
+        from distill.teacher.launch import ServedTeacher
+        from distill.teacher.remote import ServerTeacher
 
         t0 = time.perf_counter()
         with ServedTeacher(spec, model_path=model_path, max_logprobs=kmax,
@@ -228,7 +228,7 @@ def time_engines(backends, spec, model_path, tok, rows, kmax, seqs, positions, p
 
 def print_default_ratio(results: dict, spec) -> None:
     """What `auto` picks here, against the fastest backend measured in this run."""
-    from distill.teacher import pick_backend
+    from distill.teacher.backend import pick_backend
 
     default = pick_backend("auto", spec)
     for what in ("score_tok_s", "generate_tok_s"):
@@ -254,10 +254,11 @@ def main():
 
     import torch
 
-    from distill import cache as cache_mod
+    from distill.cache import store as cache_mod
     from distill.config import resolve_teacher
-    from distill.generate import model_vocab_rows, stop_ids
-    from distill.models import load_tokenizer, resolve_model_path
+    from distill.data.prompts import stop_ids
+    from distill.models.loading import model_vocab_rows
+    from distill.models.loading import load_tokenizer, resolve_model_path
     from distill.teacher.common import Sampling
     from distill.teacher.hf import HFTeacher
 

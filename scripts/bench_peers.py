@@ -106,9 +106,10 @@ def prepare(a) -> tuple[Path, dict]:
 
     import study_onpolicy as study
     from distill.config import StudentConfig, load_recipe, resolve_teacher
-    from distill.generate import run_generate
-    from distill.models import load_tokenizer, resolve_model_path
-    from distill.student import build_student, count_parameters, save_model
+    from distill.cache.generate import run_generate
+    from distill.models.loading import load_tokenizer, resolve_model_path
+    from distill.models.loading import count_parameters
+    from distill.student.build import build_student, save_model
 
     ns = argparse.Namespace(data=a.data, examples=a.examples, seed=a.seed, new_tokens=a.new_tokens, batch=a.batch,
                             steps=a.steps, layers=a.layers, loss=a.loss, on_loss=a.loss, lr=5e-4)
@@ -132,7 +133,7 @@ def prepare(a) -> tuple[Path, dict]:
 
 def held_out(cache) -> list:
     """The validation split's examples: never trained on (distill's one evaluation, at the end, picks nothing)."""
-    from distill import cache as cache_mod
+    from distill.cache import store as cache_mod
 
     data = cache_mod.load_split(cache, "validation")
     return [cache_mod.example_topk(data, i) for i in range(data["index"].numel())]
@@ -156,8 +157,9 @@ def peak_rss_mib() -> float:
 def child_distill(a, name: str) -> dict:
     import study_onpolicy as study
     from distill.config import load_recipe
-    from distill.models import load_causal_lm, load_tokenizer
-    from distill.train import loop, run_train
+    from distill.models.loading import load_causal_lm, load_tokenizer
+    from distill.train import loop
+    from distill.train import run_train
 
     times, cpu = [], []
     step = loop.train_step
@@ -202,7 +204,7 @@ def trl_dataset(a, tok):
     completion_mask over the response (TRL's ChatML collator reads these instead of tokenizing)."""
     from datasets import Dataset
 
-    from distill import cache as cache_mod
+    from distill.cache import store as cache_mod
 
     data = cache_mod.load_split(cache_dir(a), "train")
     rows = []
@@ -235,8 +237,8 @@ def child_trl(a, name: str) -> dict:
     from transformers import TrainerCallback
 
     from distill.config import load_recipe
-    from distill.generate import stop_ids
-    from distill.models import load_causal_lm, load_tokenizer
+    from distill.data.prompts import stop_ids
+    from distill.models.loading import load_causal_lm, load_tokenizer
 
     _, GKDConfig, GKDTrainer = import_trl()
     recipe = load_recipe(paths(a)["base"])
@@ -279,7 +281,7 @@ def child_trl(a, name: str) -> dict:
 
 def resolve_teacher_path(recipe) -> str:
     from distill.config import resolve_teacher
-    from distill.models import resolve_model_path
+    from distill.models.loading import resolve_model_path
 
     return resolve_model_path(resolve_teacher(recipe.teacher).source)
 
@@ -331,7 +333,7 @@ def main():
     lines.append(f"prepared in {time.time() - t:.0f} s (distill generate {info['generate_s']:.0f} s), load average "
                  f"{load_avg()}")
     from distill.config import load_recipe
-    from distill.models import load_causal_lm, load_tokenizer
+    from distill.models.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(paths(a)["student"]))
     start_kl = heldout_kl(load_causal_lm(str(paths(a)["student"])), info["cache"], tok.pad_token_id)

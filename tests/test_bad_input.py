@@ -397,7 +397,7 @@ def test_duplicates_are_dropped_with_a_warning(env, caplog):
     r = recipe_with(env, "dup", data_text=GOOD * 2 + "".join(
         json.dumps({"text": f"t{i}", "label": ["billing", "login", "delivery"][i % 3]}) + "\n" for i in range(20)))
     from distill.config import load_recipe
-    from distill.data import prepare_splits
+    from distill.data.splits import prepare_splits
 
     rec = load_recipe(r)
     with caplog.at_level("WARNING"):

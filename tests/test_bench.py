@@ -37,7 +37,7 @@ def test_test_split_is_read_only_by_evaluation(tmp_path, tiny_model):
 
 def test_bench_hf_and_gguf(tmp_path, tiny_model, smollm2_dir):
     pytest.importorskip("llama_cpp")
-    from distill.export import export_gguf
+    from distill.export.pipeline import export_gguf
 
     data = write_class_data(tmp_path / "d.jsonl", copies=2)
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "w", tiny_model)

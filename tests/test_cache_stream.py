@@ -24,11 +24,11 @@ import yaml
 
 from conftest import make_tiny_llama
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 from distill.config import load_recipe
 from distill.errors import DistillError, UsageError
-from distill.generate import run_generate
-from distill.synthetic_cache import write_synthetic_cache, write_synthetic_data
+from distill.cache.generate import run_generate
+from distill.cache.synthetic import write_synthetic_cache, write_synthetic_data
 from distill.train import run_train
 from distill.train.data import SHARES_ENV, TopkStream, _widened
 

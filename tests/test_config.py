@@ -116,7 +116,7 @@ def test_literal_outside_the_choices(tmp_path, recipe):
 
 
 def test_cli_choices_are_the_config_literals():
-    from distill.losses import DIVERGENCES
+    from distill.train.losses import DIVERGENCES
 
     assert typing.get_args(config.Loss) == DIVERGENCES
     opts = {p.name: p for p in cli.commands["train"].params}
@@ -278,7 +278,7 @@ def test_shipped_recipes_load_without_deprecations(caplog):
 
 def test_duplicate_and_malformed_labels_files(tmp_path):
     from distill.config import TaskConfig
-    from distill.data import label_set
+    from distill.data.read import label_set
 
     def labels(text, suffix):
         p = tmp_path / f"labels{suffix}"

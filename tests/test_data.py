@@ -5,13 +5,14 @@ from collections import Counter
 import pytest
 
 from distill.config import TaskConfig, load_recipe
-from distill.data import prepare_splits, read_rows, validate_rows
+from distill.data.splits import prepare_splits
+from distill.data.read import read_rows, validate_rows
 from distill.errors import UsageError
-from distill import default_task
+from distill.data import builtin_task
 
 
 def test_default_task_is_deterministic_varied_and_balanced():
-    a, b = default_task.make_examples(), default_task.make_examples()
+    a, b = builtin_task.make_examples(), builtin_task.make_examples()
     assert a == b
     assert len(a) >= 1000 and len({r["label"] for r in a}) >= 6
     assert len({r["text"] for r in a}) == len(a)
@@ -95,7 +96,7 @@ def test_extends_merges_sections(tmp_path):
 def test_subsets_are_stratified_exact_and_stable():
     """A subset of a file sorted by label (Banking77 is) keeps every class's share, has exactly n
     examples, and is the same every time."""
-    from distill.data import subset_indices
+    from distill.data.splits import subset_indices
 
     rows = [{"text": f"{c}{i}", "label": c} for c in "abcdefg" for i in range(10 + 3 * "abcdefg".index(c))]
     for n in (7, 20, 33, len(rows) - 1):

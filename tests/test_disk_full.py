@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 
 PROMPTS = [f"Tell me fact number {i} about the sea." for i in range(24)]
 

@@ -2,7 +2,7 @@
 
 The tiny models are random, but not with the default init. With std 0.02 everywhere the logits are
 flat (top-1 flips under any rounding) and quantization noise swamps the correlation, so nothing is
-learnt about the converter. Instead (measured on these shapes, see THRESHOLDS notes in distill.export):
+learnt about the converter. Instead (measured on these shapes, see THRESHOLDS notes in distill.export.pipeline):
 - embeddings N(0, 1): the residual stream carries the token, so the output distribution has a clear
   top-1 (the tied / near-tied output head);
 - attention q/k N(0, 0.1): sharp, position-dependent attention, so a wrong rotary layout moves the
@@ -22,10 +22,17 @@ import pytest
 
 from conftest import sigint_default, write_class_data, write_recipe
 from distill.errors import DistillError, UsageError
-from distill.export import (THRESHOLDS, Thresholds, export_gguf, gguf_tensor_types, probe_ids, reference_logits,
-                            transformers_logits)
-from distill.llamacpp import have_llama_cpp
-from distill.llamacpp import logits as llama_cpp_logits
+from distill.export.pipeline import (
+    THRESHOLDS,
+    Thresholds,
+    export_gguf,
+    gguf_tensor_types,
+    probe_ids,
+    reference_logits,
+    transformers_logits,
+)
+from distill.models.llamacpp import have_llama_cpp
+from distill.models.llamacpp import logits as llama_cpp_logits
 
 HAVE_LLAMA = have_llama_cpp()
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed "
@@ -121,7 +128,7 @@ def f16_export(tmp_path_factory, model_dir):
 
 
 def hf_logits(path: Path, ids_list):
-    from distill.models import load_causal_lm
+    from distill.models.loading import load_causal_lm
 
     model = load_causal_lm(str(path), "float32").eval()
     return reference_logits(model, ids_list)
@@ -278,8 +285,8 @@ def test_q4_k_m_calibrates_the_matrices_k_blocks_cannot_hold(tiny_model, tmp_pat
     import gguf
 
     from distill.config import load_recipe
-    from distill.data import prepare_splits
-    from distill.export import calibrated_iq4_nl, calibration_sequences, load_source, narrow_matrices
+    from distill.data.splits import prepare_splits
+    from distill.export.pipeline import calibrated_iq4_nl, calibration_sequences, load_source, narrow_matrices
 
     recipe = write_recipe(tmp_path / "r.yaml", write_class_data(tmp_path / "d.jsonl", copies=4), tmp_path / "w",
                           tiny_model)
@@ -321,7 +328,7 @@ def test_lora_adapter_is_merged(model_dir, tmp_path, tok):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from distill.models import load_causal_lm
+    from distill.models.loading import load_causal_lm
 
     base_dir = model_dir("llama")
     torch.manual_seed(1)
@@ -354,7 +361,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_wrong_rotary_layout_is_caught(arch, model_dir, tmp_path, monkeypatch):
     """The check is sharp enough to see a Q/K layout bug (llama not permuted, qwen2 permuted)."""
-    import distill.gguf_writer as gw
+    import distill.export.gguf_writer as gw
 
     if arch == "llama":
         monkeypatch.setattr(gw, "permute_rotary_rows", lambda w, n_heads: w)

@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.generate import run_generate
+from distill.cache.generate import run_generate
 
 PROMPTS = ["Name a colour.", "What is two plus two?", "Say hello in French.", "Give me a fruit.",
            "Count to three.", "Which animal barks?", "Opposite of hot?", "Capital of Italy?",

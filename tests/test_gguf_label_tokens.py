@@ -21,17 +21,17 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_llama, write_class_data, write_recipe
-from distill.llamacpp import have_llama_cpp, passive_openmp
+from distill.models.llamacpp import have_llama_cpp, passive_openmp
 
 passive_openmp()  # before llama.cpp (or torch) loads libgomp, when this module is imported first
 
 import torch  # noqa: E402
 
 from distill.config import load_recipe  # noqa: E402
-from distill.default_task import LABELS  # noqa: E402
-from distill.export import export_gguf  # noqa: E402
-from distill.label_tokens import add_label_tokens, label_token_ids  # noqa: E402
-from distill.prompts import encode_classification, end_of_turn_id, label_answers, prompt_ids  # noqa: E402
+from distill.data.builtin_task import LABELS  # noqa: E402
+from distill.export.pipeline import export_gguf  # noqa: E402
+from distill.models.label_tokens import add_label_tokens, label_token_ids  # noqa: E402
+from distill.data.prompts import encode_classification, end_of_turn_id, label_answers, prompt_ids  # noqa: E402
 
 needs_llama = pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python is not installed "
                                  "(pip install 'distill[llama]'): llama.cpp checks skipped")
@@ -44,7 +44,7 @@ NEAR_TIE = 0.03  # transformers' top-2 margin under which f16 arithmetic may pic
 @pytest.fixture(scope="module")
 def default_holdout(tmp_path_factory):
     """(recipe, labels, holdout examples) of the built-in default task."""
-    from distill.data import prepare_splits
+    from distill.data.splits import prepare_splits
 
     recipe = load_recipe(str(ROOT / "recipes" / "default.yaml"))
     splits = prepare_splits(recipe.task, tmp_path_factory.mktemp("work"), "recipes/default.yaml", with_holdout=True)
@@ -106,7 +106,7 @@ def test_label_tokens_are_user_defined_and_control_tokens_stay_control(label_tok
 def test_llama_cpp_tokenizes_and_prints_the_label_tokens(label_token_gguf):
     from transformers import AutoTokenizer
 
-    from distill.llamacpp import GGUFScorer
+    from distill.models.llamacpp import GGUFScorer
 
     model_dir, out, ids = label_token_gguf
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -123,8 +123,8 @@ def test_llama_cpp_tokenizes_and_prints_the_label_tokens(label_token_gguf):
 def test_gguf_predicts_the_labels_transformers_predicts(label_token_gguf, default_holdout):
     """Every holdout text of the default task, scored at one position: the embedded tokenizer gives
     transformers' prompts and label tokens, and the predictions agree (but on near ties)."""
-    from distill.evaluation import HFScorer
-    from distill.llamacpp import GGUFScorer
+    from distill.evaluate.evaluation import HFScorer
+    from distill.models.llamacpp import GGUFScorer
 
     model_dir, out, ids = label_token_gguf
     recipe, labels, holdout = default_holdout
@@ -151,8 +151,8 @@ def test_prefix_tree_scores_equal_one_eval_per_label(tmp_path, smollm2_dir, defa
     a fresh cache per text, the prompt evaluated, then each label evaluated after it."""
     from transformers import AutoTokenizer
 
-    from distill.llamacpp import GGUFScorer, KVSequence
-    from distill.scoring import trie_layout
+    from distill.models.llamacpp import GGUFScorer, KVSequence
+    from distill.models.scoring import trie_layout
 
     recipe, labels, holdout = default_holdout
     path = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=2, seed=5)
@@ -184,7 +184,7 @@ def one_eval_per_label(path, enc, answers) -> torch.Tensor:
     """GGUFScorer's scores before the prefix tree: each label's answer evaluated after the prompt."""
     import numpy as np
 
-    from distill.llamacpp import load_gguf
+    from distill.models.llamacpp import load_gguf
 
     llm = load_gguf(path, 512, seed=0)
     rows = []
@@ -210,8 +210,8 @@ def test_trained_student_answers_the_label_name_in_llama_cpp(tmp_path, smollm2_d
     prompt prints exactly the gold label's name, then ends the turn."""
     from transformers import AutoTokenizer
 
-    from distill.data import subset_indices
-    from distill.llamacpp import GGUFScorer
+    from distill.data.splits import subset_indices
+    from distill.models.llamacpp import GGUFScorer
     from distill.train import run_train
 
     model = make_tiny_llama(tmp_path / "m", smollm2_dir, layers=2, seed=1)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.gptq import block_scales, input_hessians, quantize_iq4_nl
+from distill.export.gptq import block_scales, input_hessians, quantize_iq4_nl
 
 gguf = pytest.importorskip("gguf")
 

@@ -14,9 +14,9 @@ import torch
 from conftest import make_tiny_llama, write_class_data, write_recipe
 
 from distill.config import TaskConfig, load_recipe
-from distill.label_tokens import add_label_tokens, label_token_ids
-from distill.prompts import encode_classification, end_of_turn_id, prompt_ids
-from distill.scoring import label_logprobs, trie_layout
+from distill.models.label_tokens import add_label_tokens, label_token_ids
+from distill.data.prompts import encode_classification, end_of_turn_id, prompt_ids
+from distill.models.scoring import label_logprobs, trie_layout
 
 LABELS = ["billing", "delivery", "login"]
 
@@ -103,7 +103,7 @@ def test_a_trained_student_answers_with_the_label_name(tmp_path, smollm2_dir):
     data = write_class_data(tmp_path / "d.jsonl")
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "w", model, alpha=0.0, epochs=40, lr=3e-3,
                           batch_size=2, train_examples=2, eval_examples=4, warmup_ratio=0.0)
-    from distill.data import subset_indices
+    from distill.data.splits import subset_indices
     from distill.train import run_train
 
     out = run_train(load_recipe(recipe))

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from distill.cli import cli
 from distill.config import TaskConfig
-from distill.data import normalize_text, overlap, prepare_splits, same_file, split_overlaps
+from distill.data.leakage import normalize_text, overlap, split_overlaps
+from distill.data.splits import prepare_splits, same_file
 from distill.errors import UsageError
 
 from conftest import CLASS_ROWS, write_class_data, write_recipe

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import DIVERGENCES, dense_kd, divergence, loss_kwargs, soft_label_kd, sparse_kd
+from distill.train.losses import DIVERGENCES, dense_kd, divergence, loss_kwargs, soft_label_kd, sparse_kd
 
 
 def dense_bucket_reference(teacher_logits, student_logits, k, kind, temperature=1.0, **kw):

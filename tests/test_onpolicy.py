@@ -22,10 +22,10 @@ import yaml
 
 from conftest import GEN_ROWS, ROOT, make_tiny_untied
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.generate import run_generate
+from distill.cache.generate import run_generate
 from distill.train import run_train
 
 
@@ -186,7 +186,7 @@ def test_fraction_zero_is_the_off_policy_run(gen, teacher_calls):
 def test_sampled_reverse_kl_is_unbiased_over_the_student_buckets():
     """Enumerating every bucket b the student could sample: sum_b q(b) * value(b) is the bucket reverse
     KL, and sum_b q(b) * grad(b) its gradient."""
-    from distill.losses import divergence, sampled_reverse_kl, student_buckets, teacher_buckets
+    from distill.train.losses import divergence, sampled_reverse_kl, student_buckets, teacher_buckets
 
     torch.manual_seed(0)
     V, k = 12, 4
@@ -253,7 +253,7 @@ def test_a_mixed_batch_has_no_ce_on_the_students_tokens(gen, on_loss):
 
     from transformers import AutoModelForCausalLM
 
-    from distill.losses import sampled_reverse_kl, sparse_kd
+    from distill.train.losses import sampled_reverse_kl, sparse_kd
     from distill.train.onpolicy import Round
 
     tmp, p = gen

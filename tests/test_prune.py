@@ -8,10 +8,11 @@ import torch
 import yaml
 
 from conftest import make_tiny_llama, write_class_data, write_recipe
-from distill import prune
+from distill.student import cut as prune
 from distill.config import StudentConfig, load_recipe
 from distill.errors import UsageError
-from distill.student import build_student, cut
+from distill.student.build import build_student
+from distill.student.cut import cut
 
 
 def tiny_gqa(layers=6, seed=0):
@@ -138,7 +139,7 @@ def dense_kl(teacher, student, seqs, positions) -> float:
 def heal_teacher(out, tok_dir) -> str:
     """A tiny teacher whose blocks matter: smaller embeddings and larger block outputs than
     make_tiny_llama's, so its next-token distributions are neither flat nor a copy of the input token."""
-    from distill.models import load_causal_lm
+    from distill.models.loading import load_causal_lm
 
     path = make_tiny_llama(out, tok_dir, layers=4, seed=3)
     model = load_causal_lm(path)
@@ -155,11 +156,12 @@ def test_healing_lowers_the_students_token_kl_on_held_out_texts(tmp_path, smollm
     """A classification file's texts under one fixed prompt (task.prompt) as a generation task; generate
     caches the teacher's top-k, train heals a student pruned by importance on it; on the validation
     texts (never trained on) the student's full-vocabulary KL to the teacher falls."""
-    from distill.data import prepare_splits, split_overlaps
-    from distill.generate import run_generate
-    from distill.models import load_causal_lm, load_tokenizer
-    from distill.prompts import encode_generation
-    from distill.prune import task_texts
+    from distill.data.splits import prepare_splits
+    from distill.data.leakage import split_overlaps
+    from distill.cache.generate import run_generate
+    from distill.models.loading import load_causal_lm, load_tokenizer
+    from distill.data.prompts import encode_generation
+    from distill.data.prompts import task_token_ids
     from distill.train import run_train
 
     teacher = heal_teacher(tmp_path / "t", smollm2_dir)
@@ -187,7 +189,7 @@ def test_healing_lowers_the_students_token_kl_on_held_out_texts(tmp_path, smollm
     held = encode_generation(tok, r.task, splits.validation, r.task.max_length)
     seqs, positions = [s for s, _ in held], [p for _, p in held]
     t_model = load_causal_lm(teacher).eval()
-    before = build_student(r.train.student, teacher, texts=task_texts(r.task, splits, tok, 128),
+    before = build_student(r.train.student, teacher, texts=task_token_ids(r.task, splits, tok, 128, 0),
                            pad_id=tok.pad_token_id).eval()  # the same plan, untrained
     healed = load_causal_lm(str(out)).eval()
     assert healed.config.num_hidden_layers == 2 and healed.config.intermediate_size == 128
@@ -200,7 +202,7 @@ def test_a_pruned_label_token_student_trains_saves_and_reloads(tmp_path, tiny_mo
     the label tokens and rows for them, and loads as an ordinary model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.label_tokens import label_token_ids
+    from distill.models.label_tokens import label_token_ids
     from distill.train import run_train
 
     data = write_class_data(tmp_path / "d.jsonl")

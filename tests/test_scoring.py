@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distill.scoring import label_logprobs, trie_batch, trie_layout
+from distill.models.scoring import label_logprobs, trie_batch, trie_layout
 
 VOCAB = 64
 PROMPTS = [[1, 5, 9, 30, 44], [7, 8], [3, 3, 3, 3, 3, 3, 3, 12]]  # different lengths: left padding
@@ -126,7 +126,7 @@ def test_predict_scores_sorts_by_length_and_returns_rows_in_input_order(model):
     """predict_scores batches prompts longest first; each row must still be its own prompt's scores."""
     from types import SimpleNamespace
 
-    from distill.evaluation import predict_scores
+    from distill.evaluate.evaluation import predict_scores
 
     labels = LABEL_SETS["shared_prefixes"]
     prompts = PROMPTS + [[4, 6], [9, 9, 9, 9, 9, 1], [2]]
@@ -169,7 +169,7 @@ SHARED_PROMPTS = [SHARED + [8, 12], SHARED + [3], SHARED + [3, 3, 3, 3, 20, 21]]
 
 
 def test_a_shared_prefix_is_run_once_with_the_same_scores(model):
-    from distill.scoring import last_logits, shared_prefix_len, target_logits
+    from distill.models.scoring import last_logits, shared_prefix_len, target_logits
 
     labels = LABEL_SETS["shared_prefixes"]
     seqs = [p + [40 + i] for i, p in enumerate(SHARED_PROMPTS)]
@@ -191,7 +191,7 @@ def test_a_shared_prefix_is_run_once_with_the_same_scores(model):
 
 def test_a_shared_prefix_passes_each_rows_gradient_back(model, monkeypatch):
     """A training step shares the prefix too: the weights' gradient equals feeding every row whole."""
-    import distill.scoring as scoring
+    import distill.models.scoring as scoring
 
     labels = LABEL_SETS["prefix_of_another"]
     grads = []
@@ -203,7 +203,7 @@ def test_a_shared_prefix_passes_each_rows_gradient_back(model, monkeypatch):
 
 
 def test_gradient_checkpointing_in_training_feeds_every_row_whole(model):
-    from distill.scoring import shared_prefix_len
+    from distill.models.scoring import shared_prefix_len
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:

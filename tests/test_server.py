@@ -25,11 +25,11 @@ import pytest
 import torch
 import yaml
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 from distill.config import TeacherSpec, load_recipe
 from distill.errors import DistillError, UsageError
-from distill.generate import run_generate
-from distill.teacher.serve import ServedTeacher, free_port
+from distill.cache.generate import run_generate
+from distill.teacher.launch import ServedTeacher, free_port
 
 from conftest import GEN_ROWS, make_tiny_llama, write_class_data, write_recipe
 
@@ -241,7 +241,7 @@ def test_server_soft_labels_match_transformers(served, tmp_path):
 def test_teacher_written_responses_are_captured_in_the_same_pass(served, tmp_path):
     """Rows without a response: the server's teacher writes one; the top k captured while sampling
     equals the transformers teacher's scoring of the finished sequence."""
-    from distill.models import load_tokenizer
+    from distill.models.loading import load_tokenizer
     from distill.teacher.hf import HFTeacher
 
     rows = [{"prompt": r["prompt"]} if i % 2 else r for i, r in enumerate(ROWS)]
@@ -268,7 +268,7 @@ def test_teacher_written_responses_are_captured_in_the_same_pass(served, tmp_pat
 def test_probe_refuses_wrong_model_small_max_logprobs_and_other_tokenizer(served, tmp_path, smollm2_dir):
     from transformers import AutoTokenizer
 
-    from distill.teacher.server import ServerTeacher
+    from distill.teacher.remote import ServerTeacher
 
     tok = AutoTokenizer.from_pretrained(served.model)
     spec = TeacherSpec(name="tiny-teacher", source=served.model, url=served.url)
@@ -292,7 +292,7 @@ def test_on_policy_round_scored_by_the_server_equals_the_transformers_scores(ser
     """Training with train.on_policy.fraction 1 and a teacher URL: the student (the padded-vocabulary
     teacher itself) samples every response, the server scores them into OUT/onpolicy, and those scores
     equal the transformers backend's on the same sequences."""
-    from distill.models import load_tokenizer
+    from distill.models.loading import load_tokenizer
     from distill.teacher.hf import HFTeacher
     from distill.train import run_train
 
@@ -371,7 +371,7 @@ def test_served_teacher_reports_a_server_that_dies_at_start(tmp_path):
 def test_unreachable_server_gives_up_after_retries_naming_the_url(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from distill.teacher.server import ServerTeacher
+    from distill.teacher.remote import ServerTeacher
 
     port = free_port()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -382,7 +382,7 @@ def test_unreachable_server_gives_up_after_retries_naming_the_url(smollm2_dir):
 
 
 def test_teacher_urls_are_parsed_and_checked():
-    from distill.teacher.server import normalize_url, spec_urls
+    from distill.teacher.remote import normalize_url, spec_urls
 
     spec = TeacherSpec(name="x", url="http://a:8000/v1/", urls=["http://b:8000", "http://a:8000"])
     assert spec_urls(spec) == ["http://a:8000", "http://b:8000"]
@@ -392,7 +392,7 @@ def test_teacher_urls_are_parsed_and_checked():
 
 
 def test_server_command_passes_the_scale_out_settings(tmp_path):
-    from distill.teacher.serve import server_args
+    from distill.teacher.launch import server_args
 
     spec = TeacherSpec(name="t", source=str(tmp_path), max_logprobs=128, tensor_parallel_size=4, data_parallel_size=2,
                        dtype="float16", max_model_len=2048, gpu_memory_utilization=0.7)
@@ -410,9 +410,9 @@ def test_data_parallel_engine_becomes_a_local_server_and_tp_reaches_the_engine(m
     """vLLM's offline engine refuses data parallelism in one process: backend vllm with
     data_parallel_size > 1 serves the teacher locally (--data-parallel-size) and talks to it."""
     pytest.importorskip("vllm")
-    import distill.teacher.serve as serve_mod
-    import distill.teacher.server as server_mod
-    from distill.teacher import make_backend, pick_backend
+    import distill.teacher.launch as serve_mod
+    import distill.teacher.remote as server_mod
+    from distill.teacher.backend import make_backend, pick_backend
     from distill.teacher.vllm_engine import engine_kwargs
 
     events = []
@@ -473,7 +473,7 @@ def test_serve_teacher_refuses_a_port_in_use_without_starting_vllm(tmp_path, mon
     port; vLLM is never started."""
     from click.testing import CliRunner
 
-    import distill.teacher.serve as serve_mod
+    import distill.teacher.launch as serve_mod
     from distill.cli import cli
 
     def no_server(*a, **kw):

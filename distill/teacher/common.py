@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import DistillError
+from distill.errors import DistillError
 
 
 @dataclass

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..models import load_causal_lm
-from ..scoring import label_logprobs, target_logits
-from .common import Generated, Sampling, tail_mass
+from distill.models.loading import load_causal_lm
+from distill.models.scoring import label_logprobs, target_logits
+from distill.teacher.common import Generated, Sampling, tail_mass
 
 
 class HFTeacher:

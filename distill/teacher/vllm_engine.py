@@ -23,8 +23,15 @@ import os
 
 import torch
 
-from ..config import TeacherSpec
-from .common import Generated, Sampling, one_token_labels, rows_from_entries, score_label_tokens, score_labels
+from distill.config import TeacherSpec
+from distill.teacher.common import (
+    Generated,
+    Sampling,
+    one_token_labels,
+    rows_from_entries,
+    score_label_tokens,
+    score_labels,
+)
 
 log = logging.getLogger(__name__)
 

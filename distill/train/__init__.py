@@ -10,6 +10,6 @@ Modules: loop (the loop and its named steps), setup (checks, student, optimizer,
 position derived from it), checkpoint (save and resume), distributed (ranks, collectives,
 DeepSpeed), reporting (swamp watch, best-model choice, logs and plot).
 """
-from .loop import run_train
+from distill.train.loop import run_train
 
 __all__ = ["run_train"]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
-from ..errors import DistillError, UsageError
-from ..fileio import atomic_write_text, fsync_file, fsync_tree, pause_point, ran_out_of_space
-from .distributed import barrier, is_deepspeed
+from distill.config import TrainConfig
+from distill.errors import DistillError, UsageError
+from distill.fileio import atomic_write_text, fsync_file, fsync_tree, pause_point, ran_out_of_space
+from distill.train.distributed import barrier, is_deepspeed
 
 log = logging.getLogger(__name__)
 

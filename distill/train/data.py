@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import cache as cache_mod
-from ..cache import TopkExample
-from ..errors import DistillError, UsageError
-from .distributed import all_reduce_sum
-from .state import DataOrder
+from distill.cache import store as cache_mod
+from distill.cache.store import TopkExample
+from distill.errors import DistillError, UsageError
+from distill.train.distributed import all_reduce_sum
+from distill.train.state import DataOrder
 
 WINDOW_SHARDS = 2  # pieces of shards shuffled together: the in-memory shuffle buffer
 SHARES_ENV = "DISTILL_TEST_DATA_SHARES"  # tests: one process draws the order of N processes (reads all shares)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from distill.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

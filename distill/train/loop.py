@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Recipe
-from ..losses import total_loss
-from ..student import count_parameters, dense_lora_copy, save_model
-from .checkpoint import list_checkpoints, remove_partial, set_rng_state
-from .onpolicy import OnPolicy, make_onpolicy
-from .distributed import all_reduce_sum, barrier, zero_stage
-from .reporting import SwampWatch, better, log_evaluation, step_record, write_run_files
-from .setup import Run, setup
-from .state import LoopState
+from distill.config import Recipe
+from distill.train.losses import total_loss
+from distill.models.loading import count_parameters
+from distill.student.build import dense_lora_copy, save_model
+from distill.train.checkpoint import list_checkpoints, remove_partial, set_rng_state
+from distill.train.onpolicy import OnPolicy, make_onpolicy
+from distill.train.distributed import all_reduce_sum, barrier, zero_stage
+from distill.train.reporting import SwampWatch, better, log_evaluation, step_record, write_run_files
+from distill.train.setup import Run, setup
+from distill.train.state import LoopState
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def finish(run: Run, state: LoopState, op: OnPolicy | None = None) -> None:
         if op is not None:
             summary["on_policy"] = op.summary()
         write_run_files(run.out_dir, summary, state.history)
-        from ..model_card import write_model_card
+        from distill.models.model_card import write_model_card
 
         write_model_card(run.out_dir, summary, run.recipe)
     for tracker in run.acc.trackers:  # not acc.end_training(): that also ends the process group

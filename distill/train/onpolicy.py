@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import cache as cache_mod
-from ..cache import TopkExample
-from ..config import Recipe, resolve_teacher
-from ..errors import DistillError, UsageError
-from ..fileio import pause_point, sha256_file
-from ..losses import SAMPLED, loss_kwargs, sampled_reverse_kl, sparse_kd
-from ..models import resolve_model_path, tokenizer_hash
-from ..scoring import target_logits
+from distill.cache import store as cache_mod
+from distill.cache.store import TopkExample
+from distill.config import Recipe, resolve_teacher
+from distill.errors import DistillError, UsageError
+from distill.fileio import pause_point, sha256_file
+from distill.train.losses import SAMPLED, loss_kwargs, sampled_reverse_kl, sparse_kd
+from distill.models.loading import resolve_model_path, tokenizer_hash
+from distill.models.scoring import target_logits
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +140,17 @@ class OnPolicy:
 
     def __init__(self, recipe: Recipe, tok, out_dir: Path, cache_dir: Path, fingerprint: str,
                  teacher_urls: list[str] | None = None):
-        from ..generate import model_vocab_rows, stop_ids, versions
-        from ..teacher import pick_backend
+        from distill.data.prompts import stop_ids
+        from distill.models.loading import model_vocab_rows
+        from distill.versions import versions
+        from distill.teacher.backend import pick_backend
 
         self.recipe, self.cfg, self.tok = recipe, recipe.train, tok
         self.dir = out_dir / "onpolicy"
         self.k = cache_mod.read_manifest(cache_dir).k or recipe.generate.k
         self.spec = resolve_teacher(recipe.teacher)
         if teacher_urls:
-            from ..teacher.server import normalize_url
+            from distill.teacher.remote import normalize_url
 
             self.spec.url, self.spec.urls, self.spec.backend = None, [normalize_url(u) for u in teacher_urls], "server"
         self.backend = pick_backend(None if teacher_urls else recipe.generate.backend, self.spec)
@@ -202,7 +204,7 @@ class OnPolicy:
 
     def _teacher(self):
         if self.engine is None:
-            from ..teacher import make_backend
+            from distill.teacher.backend import make_backend
 
             log.info("on-policy: loading teacher %s with the %s backend", self.spec.name, self.backend)
             self.engine = make_backend(self.backend, self.spec, self.model_path, self.k, tok=self.tok,

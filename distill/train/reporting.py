@@ -6,9 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import TrainConfig
-from ..fileio import atomic_write_bytes, atomic_write_text
-from ..losses import total_loss
+from distill.config import TrainConfig
+from distill.fileio import atomic_write_bytes, atomic_write_text
+from distill.train.losses import total_loss
 
 log = logging.getLogger(__name__)
 

@@ -14,22 +14,31 @@ from pathlib import Path
 
 import torch
 
-from ..config import Recipe, TrainConfig, resolve_teacher, stopping_metric, validate_recipe
-from ..data import prepare_splits, split_overlaps, warn_overlaps
-from ..errors import UsageError
-from ..fileio import directory_lock
-from ..label_tokens import add_label_tokens
-from ..losses import loss_kwargs
-from ..models import load_tokenizer, resolve_model_path
-from ..prune import task_texts
-from ..student import add_lora, build_student, check_quantization, count_parameters
-from .checkpoint import Checkpointer, config_for_resume
-from .distributed import (all_gather, configure_deepspeed, dist_info, is_deepspeed, make_accelerator,
-                          single_process_cpu_launch_note, zero_stage)
-from .reporting import tracker_config
-from .data import data_order
-from .state import DataOrder
-from .tasks import make_task
+from distill.config import Recipe, TrainConfig, resolve_teacher, stopping_metric, validate_recipe
+from distill.data.splits import prepare_splits
+from distill.data.leakage import split_overlaps, warn_overlaps
+from distill.errors import UsageError
+from distill.fileio import directory_lock
+from distill.models.label_tokens import add_label_tokens
+from distill.train.losses import loss_kwargs
+from distill.models.loading import load_tokenizer, resolve_model_path
+from distill.data.prompts import task_token_ids
+from distill.models.loading import count_parameters
+from distill.student.build import add_lora, build_student, check_quantization
+from distill.train.checkpoint import Checkpointer, config_for_resume
+from distill.train.distributed import (
+    all_gather,
+    configure_deepspeed,
+    dist_info,
+    is_deepspeed,
+    make_accelerator,
+    single_process_cpu_launch_note,
+    zero_stage,
+)
+from distill.train.reporting import tracker_config
+from distill.train.data import data_order
+from distill.train.state import DataOrder
+from distill.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +142,7 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
                          "best epoch on it")
     base_path = resolve_model_path(resolve_teacher(init_from or recipe.teacher).source)
     tok = load_tokenizer(cfg.student.model and resolve_model_path(cfg.student.model) or base_path)
-    texts = None if cfg.student.model else task_texts(recipe.task, splits, tok, cfg.student.importance_examples,
+    texts = None if cfg.student.model else task_token_ids(recipe.task, splits, tok, cfg.student.importance_examples,
                                                        recipe.task.split.seed)  # importance and throughput
     model = build_student(cfg.student, base_path, gradient_checkpointing=cfg.gradient_checkpointing,
                           texts=texts, pad_id=tok.pad_token_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reporting import SwampWatch
+from distill.train.reporting import SwampWatch
 
 
 @dataclass

@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import cache as cache_mod
-from ..cache import TopkExample
-from ..config import Recipe
-from ..data import labelled_indices, subset_indices
-from ..errors import UsageError
-from ..losses import soft_label_kd, sparse_kd, total_loss
-from ..metrics import classification_metrics
-from ..models import tokenizer_hash
-from ..label_tokens import label_token_ids
-from ..prompts import encode_classification, encode_generation, end_of_turn_id
-from ..scoring import label_logprobs, last_logits, target_logits
-from .data import InMemory, TopkStream, read_examples
-from .distributed import sharded
+from distill.cache import store as cache_mod
+from distill.cache.store import TopkExample
+from distill.config import Recipe
+from distill.data.splits import labelled_indices, subset_indices
+from distill.errors import UsageError
+from distill.train.losses import soft_label_kd, sparse_kd, total_loss
+from distill.evaluate.metrics import classification_metrics
+from distill.models.loading import tokenizer_hash
+from distill.models.label_tokens import label_token_ids
+from distill.data.prompts import encode_classification, encode_generation, end_of_turn_id
+from distill.models.scoring import label_logprobs, last_logits, target_logits
+from distill.train.data import InMemory, TopkStream, read_examples
+from distill.train.distributed import sharded
 
 
 def make_task(recipe: Recipe, splits, tok, model, cache_dir: Path):

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import TeacherSpec
-from ..errors import DistillError, UsageError
+from distill.config import TeacherSpec
+from distill.errors import DistillError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ServedTeacher:
         return f"http://{host}:{self.port}"
 
     def command(self) -> list[str]:
-        from ..models import resolve_model_path
+        from distill.models.loading import resolve_model_path
 
         path = self.model_path or resolve_model_path(self.spec.source)
         return server_args(self.spec, path, self.host, self.port, self.max_logprobs) + self.extra_args

@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Recipe
-from .data import overlap, prepare_splits, read_rows, same_file, subset_indices, validate_rows, warn_overlaps
-from .errors import UsageError
-from .fileio import atomic_write_bytes, atomic_write_text
-from .metrics import classification_metrics
-from .prompts import encode_classification
-from .scoring import label_logprobs
+from distill.config import Recipe
+from distill.data.leakage import overlap, warn_overlaps
+from distill.data.splits import prepare_splits, same_file, subset_indices
+from distill.data.read import read_rows, validate_rows
+from distill.errors import UsageError
+from distill.fileio import atomic_write_bytes, atomic_write_text
+from distill.evaluate.metrics import classification_metrics
+from distill.data.prompts import encode_classification
+from distill.models.scoring import label_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,8 @@ def few_shot_examples(train: list[dict], labels: list[str], shots: int) -> list[
 
 def load_for_eval(model_ref: str):
     """A model directory (full weights, or a LoRA adapter merged into its base), a hub id, or a teacher spec."""
-    from .config import resolve_teacher
-    from .models import load_model, load_tokenizer
+    from distill.config import resolve_teacher
+    from distill.models.loading import load_model, load_tokenizer
 
     ref = resolve_teacher(model_ref).source if Path(model_ref).suffix in (".yaml", ".yml") else model_ref
     model, tokenizer_dir = load_model(ref, "float32")
@@ -121,7 +123,7 @@ class HFScorer:
 def make_scorer(model_ref: str, tokenizer_dir: str | None = None):
     """llama.cpp for a .gguf file, transformers for anything else."""
     if str(model_ref).endswith(".gguf"):
-        from .llamacpp import GGUFScorer
+        from distill.models.llamacpp import GGUFScorer
 
         return GGUFScorer(model_ref, tokenizer_dir)
     return HFScorer(model_ref)
@@ -221,7 +223,7 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
         for ex, p, s in zip(examples, y_pred, scores)))
     report["out_dir"] = str(out_dir)
     if Path(model_ref).is_dir():  # the model card of a model distill trained shows its measured figures
-        from .model_card import add_evaluation
+        from distill.models.model_card import add_evaluation
 
         add_evaluation(Path(model_ref), _data_name(split, data, shots, limit), report)
     return report

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fileio import atomic_write_text
+from distill.fileio import atomic_write_text
 
 EVAL_HEADING = "## Evaluation (`distill eval`)"
 EVAL_HEADER = "| data | examples | accuracy | macro-F1 | weighted F1 |\n| --- | ---: | ---: | ---: | ---: |"

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from distill.errors import UsageError
+from distill.models.loading import count_parameters
+from distill.config import StudentConfig
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +203,6 @@ def make_plan(cfg, config, importance: Importance | None) -> Plan:
         if cfg.layer_selection == "importance":
             layers = rank_blocks(importance, cfg.num_layers)
         else:
-            from .student import evenly_spaced_layers
-
             layers = evenly_spaced_layers(n, cfg.num_layers)
     else:
         layers = list(range(n))
@@ -319,27 +319,62 @@ def describe(plan: Plan, config) -> str:
     return ", ".join(parts)
 
 
-def task_texts(task, splits, tok, n: int, seed: int = 0) -> list[list[int]]:
-    """Token ids of n training texts (a seeded sample, stratified by label for classification) as the task
-    presents them to the model: classification prompts; generation prompts with their responses where
-    the data has them."""
-    import random
+def evenly_spaced_layers(n_total: int, n_keep: int) -> list[int]:
+    """n_keep layer indices spread over n_total, first and last included (DistilBERT-style init)."""
+    if not 1 <= n_keep <= n_total:
+        raise UsageError(f"train.student.num_layers: expected 1..{n_total}, got {n_keep}")
+    if n_keep == 1:
+        return [0]
+    return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
 
-    from .data import subset_indices
-    from .prompts import answer_ids, prompt_ids
 
-    if task.type == "classification":
-        chosen = subset_indices(splits.train, n, seed)
-    else:  # not the first n: a file's rows are often grouped by topic
-        chosen = sorted(random.Random(seed).sample(range(len(splits.train)), min(n, len(splits.train))))
-    out = []
-    for i in chosen:
-        ex = splits.train[i]
-        if task.type == "classification":
-            ids = prompt_ids(tok, task, splits.labels, ex["text"])
-        else:
-            ids = prompt_ids(tok, task, None, ex["prompt"])
-            if ex.get("response") is not None:
-                ids = ids + answer_ids(tok, task, None, ex["response"])
-        out.append(ids[: task.max_length])
-    return out
+def keep_layers(model, layers: list[int]):
+    """Drop every decoder layer not in `layers`, in place, and fix the config to match."""
+    decoder = model.get_decoder()
+    n = len(decoder.layers)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"train.student.from_teacher_layers: {bad} out of range; the teacher has {n} layers (0..{n - 1})")
+    decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in layers])
+    for new_idx, layer in enumerate(decoder.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_idx
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
+def cut(model, cfg: StudentConfig, texts: list[list[int]] | None = None, pad_id: int = 0, plan=None):
+    """Cut the teacher `model` in place to the student `cfg` asks for: its layers (evenly spaced, listed,
+    or the most important on `texts`), MLP channels and heads. Logs the parameter count and, with
+    `texts`, the forward throughput against the teacher's. The plan is kept as `model.distill_plan`."""
+
+    if plan is None and not (cfg.from_teacher_layers or cfg.num_layers or needs_importance(cfg)):
+        return model
+    importance = None
+    if plan is None and needs_importance(cfg):
+        if not texts:
+            raise UsageError("train.student: importance-ranked layers and width pruning are measured on the task's "
+                             "training texts, and none were given")
+        importance = measure_importance(model, texts, pad_id)
+        log.info("student: block importance (1 - cos(input, output)) on %d training texts: %s", len(texts),
+                 " ".join(f"{i}:{v:.3f}" for i, v in enumerate(importance.blocks)))
+    plan = plan or broadcast_plan(make_plan(cfg, model.config, importance))
+    n_teacher, teacher_tps = count_parameters(model), None
+    if texts:
+        teacher_tps = forward_tokens_per_second(model, texts, pad_id)
+    n_total = model.config.num_hidden_layers
+    keep_layers(model, plan.layers)
+    prune_widths(model, plan)
+    model.distill_plan = plan
+    n = count_parameters(model)
+    log.info("student: %s (%d of %d teacher layers): %.1fM parameters, %.0f%% of the teacher's %.1fM",
+             describe(plan, model.config), len(plan.layers), n_total, n / 1e6, 100 * n / n_teacher, n_teacher / 1e6)
+    if teacher_tps:
+        tps = forward_tokens_per_second(model, texts, pad_id)
+        log.info("student: forward %.0f tokens/s against the teacher's %.0f (%.2fx), on %d of the training texts",
+                 tps, teacher_tps, tps / teacher_tps, min(len(texts), 16))
+    return model

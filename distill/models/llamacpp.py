@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DistillError, UsageError
+from distill.errors import DistillError, UsageError
 
 
 def have_llama_cpp() -> bool:
@@ -137,7 +137,7 @@ class GGUFScorer:
     kind = "llama.cpp"
 
     def __init__(self, path: str, tokenizer_dir: str | None = None, n_ctx: int = 1024, n_threads: int | None = None):
-        from .models import load_tokenizer
+        from distill.models.loading import load_tokenizer
 
         require_llama_cpp(f"{path}: scoring a GGUF file")
         gguf = Path(path)
@@ -235,7 +235,7 @@ def run_job(request: dict) -> dict:
         passive_openmp(env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            env.get("PYTHONPATH")]))
-        code = f"from distill.llamacpp import _job; _job({str(req)!r})"
+        code = f"from distill.models.llamacpp import _job; _job({str(req)!r})"
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -246,7 +246,7 @@ def run_job(request: dict) -> dict:
 
 def _job(request_path: str) -> None:
     """Child-process side of run_job: quantize a file or compute logits, results into an .npz."""
-    from .fileio import pause_point
+    from distill.fileio import pause_point
 
     request = json.loads(Path(request_path).read_text())
     pause_point("llama_job")

@@ -12,9 +12,9 @@ import logging
 import re
 from dataclasses import dataclass
 
-from .config import TaskConfig
-from .errors import UsageError
-from .label_tokens import label_token_ids
+from distill.config import TaskConfig
+from distill.errors import UsageError
+from distill.models.label_tokens import label_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -183,4 +183,43 @@ def encode_generation(tok, task, examples, max_length):
         p = generation_prompt(tok, task, ex, max_length)
         seq = (p + answer_ids(tok, task, None, ex["response"]))[:max_length]
         out.append((seq, list(range(len(p), len(seq)))))
+    return out
+
+
+def task_token_ids(task, splits, tok, n: int, seed: int, with_answers: bool = False) -> list[list[int]]:
+    """Token ids of n training examples as the task presents them to the model: the one sample that both
+    importance measurement (prompts) and GPTQ calibration (prompts with their answers) read. Classification
+    takes a seeded sample stratified by label; generation a seeded sample of rows (not the first n: a
+    file's rows are often grouped by topic), with the response where the data has one."""
+    import random
+
+    from distill.data.splits import subset_indices
+
+    labels = splits.labels if task.type == "classification" else None
+    if labels:
+        chosen = subset_indices(splits.train, n, seed)
+    else:
+        chosen = sorted(random.Random(seed).sample(range(len(splits.train)), min(n, len(splits.train))))
+    out = []
+    for i in chosen:
+        ex = splits.train[i]
+        if labels:
+            ids = prompt_ids(tok, task, labels, ex["text"])
+            answer = ex.get("label") if with_answers else None
+        else:
+            ids = prompt_ids(tok, task, None, ex["prompt"])
+            answer = ex.get("response")
+            answer = answer if (with_answers or task.type != "classification") else None
+        if answer is not None:
+            ids = ids + answer_ids(tok, task, labels, answer)
+        out.append(ids[: task.max_length])
+    return out
+
+
+def stop_ids(tok) -> list[int]:
+    """Tokens that end a teacher-written response: end of turn and end of sequence."""
+    out = []
+    for t in (end_of_turn_id(tok), tok.eos_token_id):
+        if isinstance(t, int) and t >= 0 and t not in out:
+            out.append(t)
     return out

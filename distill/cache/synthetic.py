@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cache as cache_mod
-from . import topk_codec
-from .config import Recipe, resolve_teacher
-from .data import prepare_splits
-from .errors import UsageError
-from .models import load_tokenizer, resolve_model_path, tokenizer_hash
+from distill.cache import store as cache_mod
+from distill.cache import topk_codec
+from distill.config import Recipe, resolve_teacher
+from distill.data.splits import prepare_splits
+from distill.errors import UsageError
+from distill.models.loading import load_tokenizer, resolve_model_path, tokenizer_hash
 
 
 def write_synthetic_data(path: str | Path, n: int) -> Path:

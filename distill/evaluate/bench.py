@@ -20,20 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Recipe
-from .errors import DistillError, UsageError
-from .evaluation import eval_examples
-from .fileio import atomic_write_bytes, atomic_write_text, pause_point
-from .metrics import agreement, classification_metrics
-from .models import size_on_disk
+from distill.config import Recipe
+from distill.errors import DistillError, UsageError
+from distill.evaluate.evaluation import eval_examples
+from distill.fileio import atomic_write_bytes, atomic_write_text, pause_point
+from distill.evaluate.metrics import agreement, classification_metrics
+from distill.models.loading import size_on_disk
 
 
 def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q):
     """Child process: score the holdout and time it; report through the queue `q`."""
     import torch
 
-    from .evaluation import make_scorer
-    from .prompts import encode_classification
+    from distill.evaluate.evaluation import make_scorer
+    from distill.data.prompts import encode_classification
 
     try:
         torch.manual_seed(0)

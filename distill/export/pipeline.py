@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llamacpp
-from .errors import DistillError, UsageError
-from .fileio import fsync_file, pause_point, pid_alive
-from .gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
-from .llamacpp import have_llama_cpp, require_llama_cpp
-from .models import adapter_base, is_adapter, load_model, size_on_disk
+from distill.models import llamacpp
+from distill.errors import DistillError, UsageError
+from distill.fileio import fsync_file, pause_point, pid_alive
+from distill.export.gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
+from distill.models.llamacpp import have_llama_cpp, require_llama_cpp
+from distill.models.loading import adapter_base, is_adapter, load_model, size_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ def calibrated_iq4_nl(model, narrow: dict[str, str], calibration) -> dict:
     from gguf import GGMLQuantizationType
     from tqdm import tqdm
 
-    from .gptq import input_hessians, quantize_iq4_nl
-    from .gguf_writer import hf_tensors
+    from distill.export.gptq import input_hessians, quantize_iq4_nl
+    from distill.export.gguf_writer import hf_tensors
 
     modules = sorted({p.rsplit(".", 1)[0] for p in narrow.values()})
     hessians = input_hessians(model, calibration, modules)
@@ -239,9 +239,9 @@ def calibration_sequences(model_dir: Path, recipe_path, tokenizer, n: int = CALI
     The recipe is `recipe_path`, else the one the model was trained with (its training.json). Only the
     training split is read: the holdout stays untouched until the quantized model is evaluated on it.
     """
-    from .config import load_recipe
-    from .data import prepare_splits, subset_indices
-    from .prompts import answer_ids, prompt_ids
+    from distill.config import load_recipe
+    from distill.data.splits import prepare_splits
+    from distill.data.prompts import task_token_ids
 
     if recipe_path is None:
         meta = model_dir / "training.json"
@@ -254,15 +254,7 @@ def calibration_sequences(model_dir: Path, recipe_path, tokenizer, n: int = CALI
     recipe = load_recipe(recipe_path)
     task = recipe.task
     splits = prepare_splits(task, recipe.workdir, recipe.path or str(recipe_path))
-    labels = splits.labels if task.type == "classification" else None
-    train = splits.train
-    seqs = []
-    for i in subset_indices(train, n, task.split.seed, "label" if labels else None):
-        ex = train[i]
-        answer = ex.get("label") if labels else ex.get("response")
-        ids = prompt_ids(tokenizer, task, labels, ex["text"])
-        seqs.append(ids + (answer_ids(tokenizer, task, labels, answer) if answer else []))
-    return seqs
+    return task_token_ids(task, splits, tokenizer, n, task.split.seed, with_answers=True)
 
 
 def gguf_tensor_types(path: Path) -> dict[str, int]:

@@ -50,9 +50,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save
 
-from . import topk_codec
-from .errors import DistillError, UsageError
-from .fileio import atomic_write_bytes, atomic_write_text, directory_lock, sha256_file
+from distill.cache import topk_codec
+from distill.errors import DistillError, UsageError
+from distill.fileio import atomic_write_bytes, atomic_write_text, directory_lock, sha256_file
 
 FORMAT_VERSION = 2
 IDENTITY_KEYS = ("kind", "teacher", "tokenizer_hash", "k", "data_fingerprint", "labels", "max_length", "responses")

@@ -30,9 +30,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import TeacherSpec
-from ..errors import DistillError, UsageError
-from .common import Generated, Sampling, one_token_labels, rows_from_entries, score_label_tokens, score_labels
+from distill.config import TeacherSpec
+from distill.errors import DistillError, UsageError
+from distill.teacher.common import (
+    Generated,
+    Sampling,
+    one_token_labels,
+    rows_from_entries,
+    score_label_tokens,
+    score_labels,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError, one_line
+from distill.errors import UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +192,28 @@ def tokenizer_hash(tok) -> str:
     vocab = tok.get_vocab()
     blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def count_parameters(model) -> int:
+    """Parameters of a model (or an iterable of parameters), counting ZeRO-3-partitioned ones in full."""
+    params = model.parameters() if hasattr(model, "parameters") else model
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+
+
+def model_vocab_rows(model_path: str) -> int:
+    """Rows of the model's output layer, read from its config (can exceed the tokenizer's size: padded vocabularies)."""
+    cfg = Path(model_path) / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size", 0))
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).vocab_size)
+
+
+def vocab_rows_or_tokenizer(model_path: str, tok) -> int:
+    """`model_vocab_rows`, or the tokenizer's size for a directory without a model config."""
+    try:
+        return model_vocab_rows(model_path)
+    except Exception:  # noqa: BLE001 - a tokenizer-only directory: the tokenizer's size is all we know
+        return len(tok)

@@ -1,0 +1,177 @@
+"""Seeded, stratified train / validation / holdout splits and their fingerprint: every later stage reads
+the split files written here, never the user's file."""
+from __future__ import annotations
+
+
+import csv
+import hashlib
+import json
+import logging
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.config import TaskConfig
+from distill.data.read import label_set, read_rows, validate_rows
+from distill.errors import UsageError
+from distill.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "holdout")
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    validation: list[dict]
+    holdout: list[dict]
+    labels: list[str] | None
+    fingerprint: str
+
+    def get(self, name: str) -> list[dict]:
+        if name not in SPLITS:
+            raise UsageError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def labelled_indices(task: TaskConfig, splits: Splits) -> list[int] | None:
+    """The training examples whose labels a run may use (`task.labelled_examples`: the seeded stratified
+    sample `subset_indices` draws, the same in every stage), or None when every one is labelled. The
+    splits, their fingerprint and the cache are those of all the texts: the budget only decides where
+    training reads a gold label."""
+    if task.type != "classification" or not task.labelled_examples:
+        return None
+    return subset_indices(splits.train, task.labelled_examples, task.split.seed)
+
+
+def _take_per_class(examples: list[dict], key: str | None, seed: int, count) -> list[int]:
+    """Sorted indices of `count(cls, size)` examples of each class: every class shuffled, in sorted
+    class order, by one generator seeded with `seed` (the same draw for the same data and seed)."""
+    import random
+
+    by_class: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_class.setdefault(str(ex.get(key, "")), []).append(i)
+    rng = random.Random(seed)
+    taken = []
+    for cls in sorted(by_class):
+        idx = by_class[cls][:]
+        rng.shuffle(idx)
+        taken += idx[: count(cls, len(idx))]
+    return sorted(taken)
+
+
+def subset_indices(examples: list[dict], n: int | None, seed: int, key: str | None = "label") -> list[int]:
+    """Indices (in order) of an n-example subset: for labelled examples a seeded stratified sample, each
+    class keeping its share (largest remainders first), so a subset of a file sorted by label (as
+    Banking77 is) still covers every class; without `key`, the first n."""
+    from collections import Counter
+
+    if not n or n >= len(examples):
+        return list(range(len(examples)))
+    if key is None:
+        return list(range(n))
+    sizes = Counter(str(ex.get(key, "")) for ex in examples)
+    exact = {c: n * size / len(examples) for c, size in sizes.items()}
+    quota = {c: int(x) for c, x in exact.items()}
+    for c in sorted(sizes, key=lambda c: (-(exact[c] - quota[c]), c))[: n - sum(quota.values())]:
+        quota[c] += 1
+    return _take_per_class(examples, key, seed, lambda cls, size: quota[cls])
+
+
+def _stratified_split(examples, fraction, seed, key):
+    """Deterministic stratified split: each class keeps its share; returns (rest, taken)."""
+
+    def count(cls, size):
+        n = int(round(size * fraction))
+        return 1 if fraction > 0 and n == 0 and size > 1 else n
+
+    taken = set(_take_per_class(examples, key, seed, count))
+    rest = [ex for i, ex in enumerate(examples) if i not in taken]
+    took = [ex for i, ex in enumerate(examples) if i in taken]
+    return rest, took
+
+
+def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "recipe",
+                   with_holdout: bool = False) -> Splits:
+    """Load, validate and split the data; write `workdir/data/*.jsonl` and `split.json`.
+
+    The split is a pure function of the data and the split settings, so every command (and every
+    rank of a distributed run) sees the same examples; the fingerprint ties caches to it.
+    An official test file (`task.holdout_data`) is opened only when `with_holdout` is set, which
+    only evaluation does: training and generation never read it (`split_overlaps` reads its texts,
+    when the file exists, only to compare them with the training split). A holdout file that is the
+    training data itself is refused.
+    """
+    _refuse_holdout_is_data(task, recipe_src)
+    rows = read_rows(task.data)
+    labels = label_set(task, recipe_src)
+    examples = validate_rows(rows, task, labels, task.data)
+    if task.type == "classification" and labels is None:
+        labels = sorted({ex["label"] for ex in examples})
+    key = "label" if task.type == "classification" else "__none__"
+    sp = task.split
+    if task.holdout_data:
+        holdout = validate_rows(read_rows(task.holdout_data), task, labels, task.holdout_data) if with_holdout else []
+        rest = examples
+    else:
+        rest, holdout = _stratified_split(examples, sp.holdout, sp.seed, key)
+    train, validation = _stratified_split(rest, sp.validation / max(1e-9, 1 - (0 if task.holdout_data else sp.holdout)),
+                                          sp.seed + 1, key)
+    for name, split in (("train", train), ("validation", validation), ("holdout", holdout)):
+        for i, ex in enumerate(split):
+            ex["id"] = f"{name}-{i:06d}"
+    fp = fingerprint({"train": train, "validation": validation, "labels": labels, "type": task.type,
+                      "holdout": task.holdout_data or holdout})
+    splits = Splits(train, validation, holdout, labels, fp)
+    out = Path(workdir) / "data"
+    meta_path = out / "split.json"
+    if meta_path.exists():
+        try:
+            if json.loads(meta_path.read_text()).get("fingerprint") == fp:
+                return splits
+        except json.JSONDecodeError:
+            pass
+    for name in ("train", "validation") + (("holdout",) if not task.holdout_data else ()):
+        atomic_write_text(out / f"{name}.jsonl",
+                          "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in splits.get(name)))
+    atomic_write_text(meta_path, json.dumps({
+        "fingerprint": fp, "source": task.data, "holdout_source": task.holdout_data or task.data,
+        "labels": labels, "sizes": {n: len(splits.get(n)) for n in SPLITS if n != "holdout" or not task.holdout_data},
+    }, indent=2))
+    return splits
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two data references name one file: the same built-in, the same path once resolved, or
+    two files with the same bytes (a copy of the training data is still the training data)."""
+    a, b = str(a), str(b)
+    if a.startswith("builtin:") or b.startswith("builtin:"):
+        return a == b
+    pa, pb = Path(a).resolve(), Path(b).resolve()
+    if pa == pb:
+        return True
+    if not (pa.is_file() and pb.is_file()) or pa.stat().st_size != pb.stat().st_size:
+        return False
+    return _sha256(pa) == _sha256(pb)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _refuse_holdout_is_data(task: TaskConfig, src: str) -> None:
+    if task.holdout_data and same_file(task.holdout_data, task.data):
+        raise UsageError(f"{src}: task.holdout_data: {task.holdout_data} is the training data (task.data: "
+                         f"{task.data}); give a separate test file, or drop holdout_data to split one off")
+
+
