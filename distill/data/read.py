@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distill.config import TaskConfig
 from distill.data import builtin_task
+from distill.data.sampling import subset_indices
 from distill.errors import UsageError
 
 log = logging.getLogger(__name__)
