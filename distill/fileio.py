@@ -130,6 +130,29 @@ def pause_point(name: str) -> None:
         time.sleep(float(secs))
 
 
+def open_lock_file(path: str | Path):
+    """Open (creating if needed) a lock file for reading and writing without following a link: a
+    symlink or a hard link planted under the lock's name would make the writer truncate someone
+    else's file, so anything but a plain file with one name is refused."""
+    import stat
+
+    path = Path(path)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{path}: is a symbolic link; a lock file must be a plain file "
+                             "(remove the link and run the same command again)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise UsageError(f"{path}: is not a plain file with a single name; a lock file must be one "
+                         "(remove it and run the same command again)")
+    return os.fdopen(fd, "r+")
+
+
 @contextlib.contextmanager
 def directory_lock(directory: str | Path, refusal: str):
     """Hold DIRECTORY/.lock while writing there; a second writer is refused with `refusal` (which may
@@ -138,7 +161,7 @@ def directory_lock(directory: str | Path, refusal: str):
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    f = open(directory / ".lock", "a+")
+    f = open_lock_file(directory / ".lock")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,3 +176,84 @@ def directory_lock(directory: str | Path, refusal: str):
         yield
     finally:
         f.close()
+
+
+# What distill writes into an output directory, by command: a model directory (train), its checkpoints
+# and on-policy rounds, a cache (generate), an eval report set, a bench report. A directory holding
+# anything else holds a user's files, and a run must not mix its outputs into them.
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+               "tokenizer.model", "README.md", "training.json", "train_log.jsonl", "training.png",
+               "checkpoints", "onpolicy"}
+REPORT_FILES = {"report.json", "confusion.csv", "confusion.png", "predictions.jsonl",
+                "bench.json", "bench.md", "bench.png"}
+CACHE_FILES = {"manifest.json"}
+# Files only distill writes: a directory must hold one of them to count as distill's (a user's
+# downloaded model has config.json and README.md, but no training.json, checkpoints or lock).
+SIGNATURE_FILES = {"training.json", "train_log.jsonl", "checkpoints", "onpolicy", "manifest.json",
+                   "report.json", "predictions.jsonl", "bench.json", ".lock"}
+
+
+def _distill_name(name: str) -> bool:
+    """Whether `name`, an entry of an output directory, is one distill writes there."""
+    import re
+
+    if name in MODEL_FILES or name in REPORT_FILES or name in CACHE_FILES or name in (".lock", ".manifest.lock"):
+        return True
+    return bool(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors"  # sharded weights
+                             r"|\w+-\d{5}\.safetensors"  # cache shards
+                             r"|\.worker-\d+"  # generate --worker locks
+                             r"|\.tmp[-\w.]*|\..+\.tmp|\.report-[-\w.]*", name))  # unfinished writes
+
+
+def root_like(path: Path) -> bool:
+    """'/', a directory right below it (/tmp, /usr, /home), the home directory or one above it."""
+    resolved = path.resolve()
+    home = Path.home().resolve()
+    return len(resolved.parts) <= 2 or resolved == home or resolved in home.parents
+
+
+def check_output_dir(path, option: str = "--out") -> Path:
+    """Refuse an output directory that would write over a user's files or somewhere no run belongs:
+    '' (an unset shell variable), '/', the home directory and other root-like paths, a file, and an
+    existing directory holding anything distill did not write (its own outputs may be replaced: a
+    run resumed or repeated). Returns the path."""
+    text = "" if path is None else str(path)
+    if not text.strip():
+        raise UsageError(f"{option} '': an empty path; name the output directory")
+    p = Path(text).expanduser()
+    if root_like(p):
+        raise UsageError(f"{option} {text}: a root or home directory; name a directory of its own for the output")
+    if p.is_symlink() and not p.exists():
+        raise UsageError(f"{option} {text}: is a link to nothing; name a directory")
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option} {text}: is a file, not a directory")
+    if p.is_dir():
+        names = sorted(os.listdir(p))
+        foreign = [n for n in names if not _distill_name(n)]
+        if foreign or (names and not SIGNATURE_FILES.intersection(names)):
+            what = f"holds {foreign[0]!r}, which" if foreign else "holds files that"
+            raise UsageError(f"{option} {text}: the directory {what} distill did not write; "
+                             "name a new or empty directory (or one a previous distill run wrote)")
+    return p
+
+
+def check_output_file(path, option: str = "--out", magic: bytes = b"GGUF") -> Path:
+    """Refuse an output file path that is empty, root-like, a directory, or an existing file that does
+    not start with `magic` (a file distill wrote before may be replaced, a user's may not)."""
+    text = "" if path is None else str(path)
+    if not text.strip():
+        raise UsageError(f"{option} '': an empty path; name the file to write")
+    p = Path(text).expanduser()
+    if root_like(p) or p.is_dir():
+        raise UsageError(f"{option} {text}: is a directory; name the file to write")
+    if p.is_symlink():
+        raise UsageError(f"{option} {text}: is a symbolic link; name a plain file to write")
+    if p.exists():
+        with open(p, "rb") as f:
+            head = f.read(len(magic))
+        if head != magic:
+            raise UsageError(f"{option} {text}: an existing file that is not a {magic.decode(errors='replace')} "
+                             "file distill wrote; name a new file")
+    return p
