@@ -11,8 +11,23 @@ from pathlib import Path
 
 import click
 
+from distill.cli_options import (
+    EVAL_NAME,
+    POSITIVE,
+    RECIPE_RULE,
+    SEED,
+    SET,
+    check_out,
+    limit_option,
+    out_option,
+    recipe_argument,
+    recipe_option,
+    refuse_empty_recipe,
+    teacher_url_option,
+    tokenizer_option,
+)
 from distill.config import Backend, Loss
-from distill.errors import UsageError, describe
+from distill.errors import DistillError, UsageError, describe
 
 
 def friendly_errors(fn):
@@ -27,7 +42,7 @@ def friendly_errors(fn):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted; run the same command again to resume", err=True)
+            click.echo(f"interrupted; {interrupt_advice()}", err=True)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - the CLI boundary: every error becomes one line
             if _debug():
@@ -37,6 +52,29 @@ def friendly_errors(fn):
             sys.exit(code)
 
     return wrapper
+
+
+# What to run after Ctrl-C or SIGTERM: always a command that continues or redoes the work, never one that
+# throws finished work away.
+INTERRUPT_ADVICE = {
+    "generate": "run the same command again to resume (finished shards are kept)",
+    "eval": "run the same command again to evaluate afresh",
+    "export": "run the same command again to export afresh",
+    "bench": "run the same command again to measure afresh",
+    "doctor": "run the same command again",
+}
+
+
+def interrupt_advice() -> str:
+    """The resuming command for this command. A train without --resume starts afresh and removes the
+    checkpoints of the interrupted run, so its advice is the same command with --resume."""
+    ctx = click.get_current_context(silent=True)
+    name = ctx.command.name if ctx else None
+    if name == "train":
+        if ctx.params.get("resume"):
+            return "run the same command again (with its --resume) to continue from the newest checkpoint"
+        return "add --resume to the same command to continue from the newest checkpoint"
+    return INTERRUPT_ADVICE.get(name, "run the same command again")
 
 
 def _debug() -> bool:
@@ -57,36 +95,39 @@ def _sigterm_interrupts() -> None:
         signal.signal(signal.SIGTERM, on_term)
 
 
-@click.group()
+@click.group(epilog=RECIPE_RULE + " `distill COMMAND --help` documents every option.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.option("--debug", is_flag=True, help="Print the traceback of an error (also: DISTILL_DEBUG=1).")
+@click.option("--trust-remote-code", is_flag=True, envvar="DISTILL_TRUST_REMOTE_CODE",
+              help="Let a model directory's own Python code (config.json auto_map) run when it is loaded; "
+                   "off by default because that code runs with your rights (also: DISTILL_TRUST_REMOTE_CODE=1).")
 @click.version_option(package_name="distill")
-def cli(verbose, debug):
-    """Distill a large teacher model into a small student: generate -> train -> eval -> export -> bench."""
+@friendly_errors
+def cli(verbose, debug, trust_remote_code):
+    """Distill a large teacher model into a small student: generate -> train -> eval -> export -> bench.
+
+    \b
+    Examples:
+      # the main job on the built-in task: cache the teacher's answers, then train the student on them
+      distill generate recipes/default.yaml && distill train recipes/default.yaml
+      # score the student on the recipe's holdout split
+      distill eval runs/default/student --recipe recipes/default.yaml
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if trust_remote_code:
+        _allow_remote_code()
 
 
-RECIPE = click.argument("recipe", type=click.Path(dir_okay=False))
-SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                   help="Set any recipe key, the value read as YAML and checked like the file's (repeatable), "
-                        "e.g. --set train.lora.r=16 --set train.lora.target_modules=[q_proj,v_proj].")
-POSITIVE = click.IntRange(min=1)
+def _allow_remote_code() -> None:
+    """--trust-remote-code: the one switch models/loading reads before handing trust_remote_code to transformers."""
+    from distill.models import loading
 
-
-def refuse_empty_recipe(recipe_path) -> None:
-    """An empty recipe (or one of comments only) would silently run the defaults (the built-in data,
-    the default teacher, runs/default): almost surely the wrong file, so it is refused."""
-    import yaml
-
-    p = Path(recipe_path)
-    try:
-        empty = p.is_file() and yaml.safe_load(p.read_text(encoding="utf-8")) in (None, {})
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # load_recipe names the problem
-    if empty:
-        raise UsageError(f"{p}: the recipe is empty; expected a mapping of keys (name, workdir, teacher, task, "
-                         "generate, train); see recipes/ for examples")
+    allow = getattr(loading, "allow_remote_code", None)
+    if allow is None:
+        raise DistillError("--trust-remote-code: this distill cannot run a model's own code "
+                           "(distill.models.loading.allow_remote_code is missing)")
+    allow()
 
 
 def _load(recipe_path, sets=(), overrides=None):
@@ -98,21 +139,20 @@ def _load(recipe_path, sets=(), overrides=None):
 
 
 @cli.command()
-@RECIPE
+@recipe_argument()
 @click.option("--teacher", help="Teacher spec (YAML), model directory, hub id or server URL; default: the recipe's.")
 @click.option("--backend", type=click.Choice(typing.get_args(Backend)), help="Teacher backend.")
-@click.option("--out", type=click.Path(file_okay=False), help="Cache directory (default: WORKDIR/cache).")
+@out_option("Cache directory (default: WORKDIR/cache).")
 @click.option("--k", type=POSITIVE, help="Top-k log-probabilities per position (token-level tasks).")
 @click.option("--batch-size", type=POSITIVE, help="Examples per teacher call.")
-@click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
-              help="A running vLLM server of the teacher (`distill serve-teacher`); repeat to spread the work over several.")
+@teacher_url_option("A running vLLM server of the teacher (`distill serve-teacher`).")
 @click.option("--worker", metavar="I/N", callback=lambda ctx, param, v: _worker(v),
               help="Be worker I of N sharing --out (machines on one filesystem): write only shards I mod N; "
                    "finish with a run without --worker, which checks and completes the cache.")
 @SET
 @friendly_errors
 def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker, sets):
-    """Run the teacher over the train and validation splits and cache its distributions.
+    """Run the teacher over the train and validation splits of RECIPE and cache its distributions.
 
     Classification: soft labels (the teacher's log-probability of every label). Generation: top-k
     log-probabilities at every response position plus the tail mass; rows without a response get one
@@ -120,6 +160,7 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker,
     """
     from distill.cache.generate import run_generate
 
+    check_out(out)
     r = _load(recipe, sets, {"generate.batch_size": batch_size})
     path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
                         worker=worker)
@@ -158,9 +199,9 @@ def serve_teacher(teacher_spec, port, host):
 
 
 @cli.command()
-@RECIPE
+@recipe_argument()
 @click.option("--cache", type=click.Path(file_okay=False), help="Teacher cache (default: WORKDIR/cache).")
-@click.option("--out", type=click.Path(file_okay=False), help="Model directory to write (default: WORKDIR/student).")
+@out_option("Model directory to write (default: WORKDIR/student).")
 @click.option("--init-from", help="Model to build the student from (default: the recipe's teacher).")
 @click.option("--alpha", type=float, help="Weight of the distillation term (0 = supervised fine-tuning only).")
 @click.option("--temperature", type=float, help="Distillation temperature T.")
@@ -170,31 +211,32 @@ def serve_teacher(teacher_spec, port, host):
 @click.option("--num-layers", type=int, help="Keep this many teacher layers, evenly spaced.")
 @click.option("--train-examples", type=int,
               help="Train on a stratified, seeded sample of N training examples (generation tasks: the first N).")
-@click.option("--seed", type=int, help="Random seed.")
+@SEED
 @click.option("--loss", type=click.Choice(typing.get_args(Loss)),
               help="Divergence of the distillation term (train.loss).")
 @click.option("--max-steps", type=int, help="Cap on optimizer steps (the schedule is fitted to it).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints (without it, "
+                                             "train starts afresh and removes the checkpoints of an earlier run).")
 @click.option("--stop-after-steps", type=POSITIVE,
               help="Stop after N optimizer steps with a checkpoint, schedule unchanged (continue with --resume).")
-@click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
-              help="On-policy training (train.on_policy.fraction > 0): a vLLM server of the teacher that scores the "
-                   "student's samples; repeat to spread the work over several.")
+@teacher_url_option("On-policy training (train.on_policy.fraction > 0): a vLLM server of the teacher that scores "
+                    "the student's samples.")
 @SET
 @friendly_errors
 def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_size, num_layers, train_examples, seed,
           loss, max_steps, resume, stop_after_steps, teacher_urls, sets):
-    """Train a student from the teacher cache: alpha*T^2*D + (1-alpha)*CE, best epoch saved.
+    """Train a student of RECIPE from the teacher cache: alpha*T^2*D + (1-alpha)*CE, best epoch saved.
 
     D is train.loss (forward KL by default). Multi-process: `accelerate launch --config_file
     recipes/accelerate/ddp.yaml --num_processes N -m distill train RECIPE` (or zero2.yaml, zero3.yaml).
     """
     from distill.train import run_train
 
+    check_out(out)
     r = _load(recipe, sets, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
-                       "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
-                       "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
-                       "train.max_steps": max_steps})
+                             "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
+                             "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
+                             "train.max_steps": max_steps})
     path = run_train(r, cache=cache, out=out, init_from=init_from, resume=resume, stop_after_steps=stop_after_steps,
                      teacher_urls=list(teacher_urls) or None)
     if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run
@@ -203,21 +245,21 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
-              help="Recipe whose task (labels, instruction, splits) defines the evaluation.")
+@recipe_option(True, "Recipe whose task (labels, instruction, splits) defines the evaluation.")
 @click.option("--split", default="holdout", show_default=True, type=click.Choice(["holdout", "validation", "train"]))
 @click.option("--data", type=click.Path(dir_okay=False), help="Score this file instead of a split.")
 @click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Few-shot examples from the training split (baseline mode).")
-@click.option("--name", help="Name for the report directory (default: the model's directory name).")
-@click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: WORKDIR/eval/NAME for the holdout; NAME-train, NAME-validation, NAME-<data file stem>, with -Nshot and -limitN added, for the others).")
+@EVAL_NAME
+@out_option("Report directory (default: WORKDIR/eval/NAME for the holdout; NAME-train, NAME-validation, "
+            "NAME-<data file stem>, with -Nshot and -limitN added, for the others).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Examples scored per batch.")
-@click.option("--limit", type=POSITIVE, help="Score a stratified sample of N examples (seeded: the same N every time).")
-@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for a .gguf MODEL "
-              "(default: the GGUF's own directory if it has one, else the tokenizer inside the GGUF).")
+@limit_option("Score a stratified sample of N examples")
+@tokenizer_option("Tokenizer directory for a .gguf MODEL (default: the GGUF's own directory if it has one, else "
+                  "the tokenizer inside the GGUF).")
 @SET
 @friendly_errors
-def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limit, tokenizer, sets):
+def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, tokenizer, sets):
     """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) by scoring every label.
 
     Writes report.json (accuracy, per-class precision/recall/F1, macro and weighted F1), confusion
@@ -229,7 +271,8 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
         passive_openmp()
     from distill.evaluate.evaluation import format_report, run_eval
 
-    r = _load(recipe_path, sets)
+    check_out(out)
+    r = _load(recipe, sets)
     report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
                       batch_size=batch_size, limit=limit, tokenizer=tokenizer)
     click.echo(format_report(report, list(report["per_class"])))
@@ -240,16 +283,16 @@ def eval_cmd(model, recipe_path, split, data, shots, name, out, batch_size, limi
 @click.option("--format", "fmt", default="gguf", show_default=True, type=click.Choice(["gguf"]), help="Output format.")
 @click.option("--quant", default="q4_k_m", show_default=True, type=click.Choice(["f16", "q8_0", "q4_0", "q4_k_m"]),
               help="Weight type (q4_k_m needs llama-cpp-python).")
-@click.option("--out", required=True, type=click.Path(), help="GGUF file to write.")
-@click.option("--verify-with", default="auto", show_default=True, type=click.Choice(["auto", "llama_cpp", "transformers"]),
+@out_option("GGUF file to write.", file=True, required=True)
+@click.option("--verify-with", default="auto", show_default=True,
+              type=click.Choice(["auto", "llama_cpp", "transformers"]),
               help="Runtime that reloads the file to compare logits (auto: llama.cpp when installed).")
 @click.option("--no-verify", is_flag=True, help="Skip the logit comparison with the source model.")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
-              help="Recipe whose training split calibrates q4_k_m (default: the one in MODEL_DIR/training.json).")
+@recipe_option(False, "Recipe whose training split calibrates q4_k_m (default: the one in MODEL_DIR/training.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @SET
 @friendly_errors
-def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, as_json, sets):
+def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_json, sets):
     """Export MODEL_DIR (a model directory or a LoRA adapter, merged into its base) to GGUF for llama.cpp.
 
     The written file is reloaded and its logits compared with the source model at every position of a
@@ -257,18 +300,19 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, 
     """
     import json
 
-    from distill.export.pipeline import export_gguf, format_export_report
+    from distill.export.pipeline import check_out_outside_source, export_gguf, format_export_report
 
-    if sets and not recipe_path:
+    if sets and not recipe:
         raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
-    recipe = _load(recipe_path, sets) if recipe_path else None
-    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with, recipe=recipe)
+    check_out_outside_source(Path(out), Path(model_dir))  # the more telling refusal first
+    check_out(out, file=True)
+    r = _load(recipe, sets) if recipe else None
+    report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with, recipe=r)
     click.echo(json.dumps(report, indent=2) if as_json else format_export_report(report))
 
 
 @cli.command()
-@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
-              help="Recipe whose task (labels, instruction, splits) defines the holdout.")
+@recipe_argument()
 @click.option("--teacher", required=True, help="Teacher: model directory, hub id, teacher spec or .gguf.")
 @click.option("--student", "students", multiple=True, required=True, help="Student (repeatable): directory or .gguf.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
@@ -276,13 +320,13 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe_path, 
               help="Batch size for the throughput figure.")
 @click.option("--latency-examples", default=32, show_default=True, type=POSITIVE,
               help="Examples timed one by one for latency.")
-@click.option("--limit", type=POSITIVE, help="Use a stratified sample of N holdout examples (seeded).")
-@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer directory for .gguf models.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: WORKDIR/bench).")
+@limit_option("Use a stratified sample of N holdout examples")
+@tokenizer_option()
+@out_option("Output directory (default: WORKDIR/bench).")
 @SET
 @friendly_errors
-def bench(recipe_path, teacher, students, data, batch_size, latency_examples, limit, tokenizer, out, sets):
-    """Teacher vs students on one holdout: quality, agreement, size, latency, throughput, memory.
+def bench(recipe, teacher, students, data, batch_size, latency_examples, limit, tokenizer, out, sets):
+    """Teacher vs students on the holdout of RECIPE: quality, agreement, size, latency, throughput, memory.
 
     Writes bench.md (table), bench.json and bench.png (quality vs latency).
     """
@@ -291,34 +335,38 @@ def bench(recipe_path, teacher, students, data, batch_size, latency_examples, li
     passive_openmp()  # inherited by the per-model processes
     from distill.evaluate.bench import run_bench
 
-    report = run_bench(_load(recipe_path, sets), teacher, list(students), data=data, batch_size=batch_size,
+    check_out(out)
+    r = _load(recipe, sets)
+    report = run_bench(r, teacher, list(students), data=data, batch_size=batch_size,
                        latency_examples=latency_examples, limit=limit, out=out, tokenizer=tokenizer)
     click.echo((Path(report["out_dir"]) / "bench.md").read_text())
     click.echo(f"written to {report['out_dir']} (bench.md, bench.json, bench.png)")
 
 
 @cli.command()
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe to check (keys, data, labels).")
+@recipe_argument(required=False)
 @click.option("--teacher", help="Teacher spec, model directory or server URL (default: the recipe's).")
-@click.option("--cache", type=click.Path(file_okay=False), help="Teacher cache to check (default: the recipe's, if any).")
+@click.option("--cache", type=click.Path(file_okay=False),
+              help="Teacher cache to check (default: the recipe's, if any).")
 @click.option("--student", help="Student model whose tokenizer must match the cache.")
 @click.option("--no-estimate", is_flag=True, help="Skip timing the teacher for the generate estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @SET
 @friendly_errors
-def doctor(recipe_path, teacher, cache, student, no_estimate, as_json, sets):
-    """Check the environment, a teacher, a recipe and a cache; estimate disk and time for generate.
+def doctor(recipe, teacher, cache, student, no_estimate, as_json, sets):
+    """Check the environment, a teacher, a RECIPE (optional) and a cache; estimate disk and time for generate.
 
     Exits 1 when any check fails.
     """
     from distill.doctor import format_rows, rows_json, run_doctor
 
-    if sets and not recipe_path:
-        raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
-    if recipe_path:
-        refuse_empty_recipe(recipe_path)
-    recipe = _load(recipe_path, sets) if sets else recipe_path  # without --set, a bad recipe is a failed check
-    rows, ok = run_doctor(recipe, teacher, cache, student, estimate=not no_estimate)
+    if sets and not recipe:
+        raise UsageError("--set changes a recipe, and none is given; add it as the first argument: "
+                         "distill doctor RECIPE --set KEY=VALUE")
+    if recipe:
+        refuse_empty_recipe(recipe)
+    checked = _load(recipe, sets) if sets else recipe  # without --set, a bad recipe is a failed check
+    rows, ok = run_doctor(checked, teacher, cache, student, estimate=not no_estimate)
     click.echo(rows_json(rows) if as_json else format_rows(rows))
     if not ok:
         sys.exit(1)

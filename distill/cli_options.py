@@ -1,0 +1,121 @@
+"""Options several `distill` commands share, written once so that each means the same everywhere, and the
+checks on what a user types that no module behind the CLI could make (an unset shell variable, a name that
+climbs out of its directory)."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+
+from distill.errors import UsageError
+from distill.fileio import check_output_dir, check_output_file
+
+RECIPE_RULE = ("The recipe is the first argument of every command without a MODEL argument (generate, train, bench, "
+               "doctor); eval and export, whose first argument is the model, take it as --recipe RECIPE.")
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take an unsigned 32-bit seed
+
+
+class FileName(click.ParamType):
+    """A value that becomes one file or directory name (eval's report directory): a separator or `..`
+    would put the output somewhere else than the directory it belongs in."""
+
+    name = "name"
+
+    def convert(self, value, param, ctx):
+        why = name_problem(str(value))
+        if why:
+            self.fail(f"{str(value)!r} {why}; expected a plain name (no path separator, no '..')", param, ctx)
+        return str(value)
+
+
+def name_problem(text: str) -> str | None:
+    """Why `text` cannot be a file name inside a directory (None when it can)."""
+    if not text.strip():
+        return "is empty"
+    for bad in ("/", os.sep, os.altsep or "/", "..", "\0"):
+        if bad in text:
+            return f"contains {bad!r}"
+    return "is the current directory" if text == "." else None
+
+
+RECIPE_PATH = click.Path(dir_okay=False)
+POSITIVE = click.IntRange(min=1)
+SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                   help="Set any recipe key, the value read as YAML and checked like the file's (repeatable), "
+                        "e.g. --set train.lora.r=16 --set train.lora.target_modules=[q_proj,v_proj].")
+SEED = click.option("--seed", type=click.IntRange(0, SEED_MAX), help=f"Random seed (0 to {SEED_MAX}).")
+EVAL_NAME = click.option("--name", type=FileName(),
+                         help="Name for the report directory (default: the model's directory name); a plain name.")
+
+
+def out_option(help: str, file: bool = False, required: bool = False):
+    """--out: where the command writes (checked by `check_out`)."""
+    return click.option("--out", type=click.Path(file_okay=file, dir_okay=not file), required=required, help=help)
+
+
+def teacher_url_option(help: str):
+    """--teacher-url URL (repeatable): running vLLM servers of the teacher."""
+    return click.option("--teacher-url", "teacher_urls", multiple=True, metavar="URL",
+                        help=help + " Repeat to spread the work over several.")
+
+
+def tokenizer_option(help: str = "Tokenizer directory for .gguf models."):
+    return click.option("--tokenizer", type=click.Path(file_okay=False), help=help)
+
+
+def limit_option(help: str):
+    return click.option("--limit", type=POSITIVE, help=help + " (seeded: the same N every time).")
+
+
+def recipe_option(required: bool, help: str):
+    """--recipe RECIPE, the spelling of the commands whose first argument is a MODEL (eval, export)."""
+    return click.option("--recipe", "recipe", required=required, type=RECIPE_PATH, help=help)
+
+
+def recipe_argument(required: bool = True):
+    """RECIPE as the first argument (commands without a MODEL argument). `--recipe RECIPE`, the older
+    spelling of bench and doctor, still works with a one-line deprecation warning."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def merged(*args, recipe=None, recipe_flag=None, **kwargs):
+            ctx = click.get_current_context()
+            if recipe is not None and recipe_flag is not None:
+                raise click.UsageError("the recipe is given twice; give it once, as the first argument", ctx)
+            if recipe_flag is not None:
+                click.echo(f"warning: --recipe is deprecated for `{ctx.command_path}`: give the recipe as its first "
+                           f"argument ({ctx.command_path} RECIPE ...)", err=True)
+                recipe = recipe_flag
+            if recipe is None and required:
+                raise click.UsageError("Missing argument 'RECIPE' (a recipe file, e.g. recipes/default.yaml).", ctx)
+            return fn(*args, recipe=recipe, **kwargs)
+
+        metavar = "RECIPE" if required else "[RECIPE]"  # parsed as optional so that --recipe can stand in
+        merged = click.argument("recipe", required=False, type=RECIPE_PATH, metavar=metavar)(merged)
+        return click.option("--recipe", "recipe_flag", type=RECIPE_PATH, hidden=True)(merged)
+
+    return decorate
+
+
+def check_out(out, file: bool = False) -> None:
+    """A given --out must not be empty (`--out $UNSET`), root-like or a user's own directory or file:
+    a run would scatter its outputs there, and a later run's clean-up of its own outputs start there."""
+    if out is not None:
+        (check_output_file if file else check_output_dir)(out, "--out")
+
+
+def refuse_empty_recipe(recipe_path) -> None:
+    """An empty recipe (or one of comments only) would silently run the defaults (the built-in data,
+    the default teacher, runs/default): almost surely the wrong file, so it is refused."""
+    import yaml
+
+    p = Path(recipe_path)
+    try:
+        empty = p.is_file() and yaml.safe_load(p.read_text(encoding="utf-8")) in (None, {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_recipe names the problem
+    if empty:
+        raise UsageError(f"{p}: the recipe is empty; expected a mapping of keys (name, workdir, teacher, task, "
+                         "generate, train); see recipes/ for examples")
