@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from distill.errors import DistillError, describe
+from distill.errors import DistillError, describe, one_line, redact
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -46,14 +46,18 @@ def check_environment() -> list[tuple[str, str, str]]:
 
 
 def check_recipe(recipe_path: str):
-    """Load the recipe, read and split the data; returns (rows, recipe, splits)."""
+    """Load the recipe, read and split the data; returns (rows, recipe, splits). Read-only: the splits are
+    made in a temporary directory (prepare_splits writes the split files), never in the work directory."""
+    import tempfile
+
     from distill.config import load_recipe
-    from distill.data.splits import prepare_splits
     from distill.data.leakage import split_overlaps
+    from distill.data.splits import prepare_splits
 
     r = load_recipe(recipe_path)
     rows = [("recipe", OK, f"{recipe_path}: keys valid")]
-    splits = prepare_splits(r.task, r.workdir, recipe_path)
+    with tempfile.TemporaryDirectory(prefix="distill-doctor-") as scratch:
+        splits = prepare_splits(r.task, scratch, recipe_path)
     sizes = ", ".join(f"{n} {len(splits.get(n))}" for n in ("train", "validation")) + (
         f", holdout {'(official file, read only by eval)' if r.task.holdout_data else len(splits.holdout)}")
     rows.append(("data", OK, f"{r.task.data}: {sizes}; fingerprint {splits.fingerprint}"))
@@ -80,17 +84,23 @@ def check_teacher(ref: str, k: int):
 
 
 def probe_url(url: str, timeout: float = 5.0) -> list[str]:
-    """The models a server lists at /v1/models: one request, a short timeout, no retries (a doctor
-    should say at once that nothing listens, not retry for a minute)."""
+    """The models a server lists at /v1/models: one request, its whole answer within a short timeout, no
+    retries (a doctor should say at once that nothing listens, not retry for a minute); authenticated as
+    generate is, and named without the URL's credentials."""
     import requests
 
+    from distill.teacher.common import TransientError, fetch, server_auth
+
+    url, auth = server_auth(url)
     try:
-        r = requests.get(url + "/v1/models", timeout=timeout)
-    except requests.exceptions.RequestException as e:
-        raise DistillError(f"{url}: no teacher server answers ({type(e).__name__}); start one with "
-                           "`distill serve-teacher` or check the url") from None
+        r = fetch(requests, "GET", url + "/v1/models", timeout, **auth)
+    except TransientError as e:
+        why = f"no answer within {timeout:g} s" if e.timed_out else "cannot connect"
+        raise DistillError(f"{url}: no teacher server answers ({why}); start one with `distill serve-teacher` or "
+                           "check the url") from None
     if r.status_code != 200:
-        raise DistillError(f"{url}/v1/models: HTTP {r.status_code}; not a vLLM (OpenAI-compatible) server")
+        raise DistillError(f"{url}/v1/models: HTTP {r.status_code}; not a vLLM (OpenAI-compatible) server"
+                           + ("; set DISTILL_TEACHER_API_KEY to its --api-key" if r.status_code == 401 else ""))
     try:
         return [str(m["id"]) for m in r.json()["data"]]
     except (ValueError, KeyError, TypeError):
@@ -102,10 +112,11 @@ def check_server_teacher(spec, k: int) -> list:
     local tokenizer (the spec's `tokenizer` or `source`) the full probe generate runs follows
     (the served model, max_logprobs >= k, the tokenizer agreeing)."""
     from distill.models.loading import load_tokenizer, resolve_model_path
+    from distill.teacher.common import split_credentials
     from distill.teacher.remote import ServerTeacher, spec_urls
 
     urls = spec_urls(spec)
-    served = {u: probe_url(u) for u in urls}
+    served = {split_credentials(u)[0]: probe_url(u) for u in urls}
     listed = "; ".join(f"{u} serves {', '.join(names) or 'nothing'}" for u, names in served.items())
     tok_ref = spec.tokenizer or spec.source
     if not tok_ref:
@@ -124,8 +135,8 @@ def check_cache(cache_dir: str):
     m = cache_mod.read_manifest(cache_dir)
     bad = [s["file"] for s in m.shards if not (Path(cache_dir) / s["file"]).is_file()
            or sha256_file(Path(cache_dir) / s["file"]) != s["sha256"]]
-    rows = [("cache", FAIL if bad else OK,
-             f"{cache_dir}: {m.kind}, {len(m.shards)} shards, complete {m.complete}" + (f"; corrupt: {bad}" if bad else ", checksums ok"))]
+    rows = [("cache", FAIL if bad else OK, f"{cache_dir}: {m.kind}, {len(m.shards)} shards, complete {m.complete}"
+             + (f"; corrupt: {bad}" if bad else ", checksums ok"))]
     return rows, m
 
 
@@ -137,22 +148,42 @@ def check_student(student: str, manifest) -> tuple[str, str, str]:
 
     path = resolve_model_path(student)
     causal_lm_config(path)
+    broken = _unreadable_weights(path)
+    if broken:
+        return "student", FAIL, f"{student}: {broken}"
     same = tokenizer_hash(load_tokenizer(path)) == manifest.tokenizer_hash
     if same:
         return "student", OK, f"{student}: tokenizer matches the cache's ({manifest.tokenizer_hash})"
     if manifest.kind == "soft_labels":
         return "student", OK, (f"{student}: another tokenizer than the cache's ({manifest.tokenizer_hash}); fine for "
                                "soft labels, a distribution over label names that any student can learn")
-    return "student", FAIL, (f"{student}: tokenizer differs from the cache's ({manifest.tokenizer_hash}); a top-k cache "
-                             "holds the teacher's token ids, so the student must share the teacher's tokenizer")
+    return "student", FAIL, (f"{student}: tokenizer differs from the cache's ({manifest.tokenizer_hash}); a top-k "
+                             "cache holds the teacher's token ids, so the student must share the teacher's tokenizer")
+
+
+def _unreadable_weights(path) -> str | None:
+    """What is wrong with a model directory's safetensors files (a truncated or corrupt file), or None:
+    each file's header is read and checked to cover the file, as loading it would."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files and not any(Path(path).glob("*.bin")):
+        return "no weights (no *.safetensors file)"
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except (SafetensorError, OSError) as e:
+            return f"{f.name}: unreadable weights ({one_line(e)})"
+    return None
 
 
 def estimate_generate(recipe, splits, model_path, tok, probe_examples: int = 4):
     """Time the teacher on a few examples and extrapolate to the whole generate run; size the cache."""
     import torch
 
-    from distill.models.loading import load_causal_lm
     from distill.data.prompts import encode_classification, encode_generation
+    from distill.models.loading import load_causal_lm
     from distill.models.scoring import label_logprobs
 
     n = sum(len(splits.get(s)) for s in recipe.generate.splits)
@@ -207,12 +238,14 @@ def run_doctor(recipe_path=None, teacher=None, cache=None, student=None, estimat
         rows += more
         if estimate and recipe and path:
             rows += _attempt(rows, "estimate", lambda: estimate_generate(recipe, splits, path, tok)) or []
-    cdir = cache or (str(recipe.workdir_path / "cache") if recipe and (recipe.workdir_path / "cache" / "manifest.json").is_file() else None)
+    found = recipe and (recipe.workdir_path / "cache" / "manifest.json").is_file()
+    cdir = cache or (str(recipe.workdir_path / "cache") if found else None)
     res = _attempt(rows, "cache", lambda: check_cache(cdir)) if cdir else None
     if res:
         rows += res[0]
         if student:
             rows += _attempt(rows, "student", lambda: [check_student(student, res[1])]) or []
+    rows = [(name, status, redact(detail)) for name, status, detail in rows]  # no URL credentials, no API key
     return rows, not any(r[1] == FAIL for r in rows)
 
 

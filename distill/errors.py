@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class DistillError(Exception):
@@ -39,8 +40,26 @@ _PATH_LOCALS = ("checkpoint_file", "resolved_archive_file", "file", "filename", 
                 "p", "f", "pretrained_model_name_or_path", "model_id")
 
 
+# The user:password@ part of any URL in a text (scheme://USERINFO@host): credentials given in a teacher URL.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+# Environment variables that hold a teacher server's API key (distill's, then vLLM's own).
+API_KEY_VARS = ("DISTILL_TEACHER_API_KEY", "VLLM_API_KEY")
+
+
+def redact(text) -> str:
+    """`text` without secrets: the user:password of every URL in it removed (`http://u:p@h/v1` ->
+    `http://h/v1`), and the value of a teacher API key from the environment replaced by `***`.
+    The one redaction every manifest, log line, doctor row and error line goes through."""
+    out = _USERINFO.sub(r"\1", str(text))
+    for var in API_KEY_VARS:
+        key = os.environ.get(var)
+        if key and len(key) >= 4:
+            out = out.replace(key, "***")
+    return out
+
+
 def one_line(text, limit: int = 600) -> str:
-    text = " ".join(str(text).split())
+    text = " ".join(redact(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -115,6 +134,11 @@ def _library_error(e: BaseException) -> str | None:
 
 def describe(e: BaseException) -> tuple[int, str]:
     """The exit status and the one line (without "error: ") for an exception that reached the CLI."""
+    code, line = _describe(e)
+    return code, redact(line)
+
+
+def _describe(e: BaseException) -> tuple[int, str]:
     if isinstance(e, DistillError):
         return e.exit_code, str(e)
     if isinstance(e, OSError):

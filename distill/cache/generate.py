@@ -20,7 +20,6 @@ run's cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -31,12 +30,12 @@ from tqdm import tqdm
 
 from distill.cache import store as cache_mod
 from distill.config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher, validate_recipe
-from distill.data.splits import prepare_splits
 from distill.data.leakage import split_overlaps, warn_overlaps
-from distill.errors import UsageError
+from distill.data.prompts import encode_classification, encode_generation, generation_prompt, stop_ids
+from distill.data.splits import prepare_splits
+from distill.errors import UsageError, redact
 from distill.fileio import pause_point
 from distill.models.loading import load_tokenizer, resolve_model_path, tokenizer_hash, vocab_rows_or_tokenizer
-from distill.data.prompts import encode_classification, encode_generation, generation_prompt, stop_ids
 from distill.teacher.backend import make_backend, pick_backend
 from distill.teacher.common import Sampling
 from distill.versions import versions
@@ -58,7 +57,8 @@ def sampling_settings(gen: GenerateConfig) -> Sampling:
 def _teacher_for_run(spec: TeacherSpec, backend: str | None, urls) -> tuple[TeacherSpec, str | None]:
     if urls:
         if backend not in (None, "auto", "server"):
-            raise UsageError(f"--teacher-url sends the work to a server; it cannot be combined with --backend {backend}")
+            raise UsageError("--teacher-url sends the work to a server; it cannot be combined with "
+                             f"--backend {backend}")
         from distill.teacher.remote import normalize_url
 
         spec.url, spec.urls, spec.backend = None, [normalize_url(u) for u in urls], "server"
@@ -122,7 +122,7 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
 
     cache_dir = Path(out or recipe.workdir_path / "cache")
     wanted = cache_mod.Manifest(
-        kind=kind, teacher=str(spec.source or spec.url or ",".join(spec.urls or [])),
+        kind=kind, teacher=redact(spec.source or spec.url or ",".join(spec.urls or [])),
         tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab_rows, k=gen.k if kind == "topk" else None,
         data_fingerprint=splits.fingerprint, labels=splits.labels, max_length=task.max_length,
         backend=backend_name, versions=versions(), responses=responses,
@@ -190,7 +190,7 @@ class _Job:
 
     def teacher(self):
         if self.engine is None:
-            log.info("loading teacher %s with the %s backend", self.spec.name, self.backend)
+            log.info("loading teacher %s with the %s backend", redact(self.spec.name), self.backend)
             self.engine = make_backend(self.backend, self.spec, self.model_path, self.k, tok=self.tok,
                                        vocab_rows=self.vocab_rows)
             self.manifest.backend = self.backend

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +52,14 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save
 
 from distill.cache import topk_codec
-from distill.errors import DistillError, UsageError
-from distill.fileio import atomic_write_bytes, atomic_write_text, directory_lock, sha256_file
+from distill.cache.topk_codec import _AUX, TopkExample, decode_topk, example_topk, pack_topk  # noqa: F401
+from distill.errors import DistillError, UsageError, redact
+from distill.fileio import atomic_write_bytes, atomic_write_text, directory_lock, open_lock_file, sha256_file
+from distill.teacher.common import shard_problem
 
 FORMAT_VERSION = 2
 IDENTITY_KEYS = ("kind", "teacher", "tokenizer_hash", "k", "data_fingerprint", "labels", "max_length", "responses")
 DEFAULT_CODEC = {"name": topk_codec.NAME, "bits": topk_codec.DEFAULT_BITS}
-_AUX = ("index", "input_ids", "seq_offsets", "positions", "pos_offsets")
 
 
 @dataclass
@@ -84,23 +86,108 @@ class Manifest:
     workers: int | None = None  # N while `generate --worker I/N` runs share the cache, until a final run completes it
 
     def identity(self) -> dict:
-        return {k: getattr(self, k) for k in IDENTITY_KEYS}
+        """What must match to resume; the teacher compared as stored (without URL credentials)."""
+        return {k: redact(self.teacher) if k == "teacher" else getattr(self, k) for k in IDENTITY_KEYS}
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest:
+    """The manifest, checked before anything trusts it: a JSON object of the known keys, shard entries
+    with their checksums and plain file names inside the cache, and a `k` (label count) that the first
+    shard on disk agrees with. A manifest edited by hand is refused in one line."""
     path = Path(cache_dir) / "manifest.json"
     if not path.is_file():
         raise UsageError(f"{cache_dir}: not a teacher cache (no manifest.json); run `distill generate` first")
     try:
         data = json.loads(path.read_text())
-        data.pop("max_token_id", None)  # written by earlier versions, never read
-        return Manifest(**data)
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DistillError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: expected a JSON object, got a {type(data).__name__}; the manifest is damaged")
+    data.pop("max_token_id", None)  # written by earlier versions, never read
+    try:
+        m = Manifest(**data)
+    except TypeError as e:
+        raise DistillError(f"{path}: unreadable manifest ({e})") from None
+    _check_fields(path, m)
+    for i, entry in enumerate(m.shards):
+        _check_entry(path, i, entry)
+    _check_first_shard(path, m)
+    return m
+
+
+_FIELD_TYPES = {"kind": str, "teacher": str, "tokenizer_hash": str, "vocab_size": int, "data_fingerprint": str,
+                "max_length": int, "shards": list, "complete": dict, "split_sizes": dict, "codec": dict}
+_ENTRY_TYPES = {"file": str, "split": str, "number": int, "start": int, "count": int, "sha256": str}
+_SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _check_fields(path: Path, m: Manifest) -> None:
+    for key, kind in _FIELD_TYPES.items():
+        if not _is(getattr(m, key), kind):
+            raise DistillError(f"{path}: {key}: expected a {kind.__name__}, got {getattr(m, key)!r:.60}")
+    if m.kind not in ("soft_labels", "topk"):
+        raise DistillError(f"{path}: kind: expected soft_labels or topk, got {m.kind!r:.60}")
+    if m.kind == "topk" and not (_is(m.k, int) and m.k >= 1):
+        raise DistillError(f"{path}: k: expected a whole number >= 1 for a top-k cache, got {m.k!r:.60}")
+    if m.labels is not None and not (isinstance(m.labels, list) and all(isinstance(x, str) for x in m.labels)):
+        raise DistillError(f"{path}: labels: expected a list of label names, got {m.labels!r:.60}")
+
+
+def _check_entry(path: Path, i: int, s) -> None:
+    """One shard entry: every key of its type, a SHA-256, and a file name that cannot leave the cache."""
+    where = f"{path}: shards[{i}]"
+    if not isinstance(s, dict):
+        raise DistillError(f"{where}: expected an object, got {s!r:.60}")
+    for key, kind in _ENTRY_TYPES.items():
+        if not _is(s.get(key), kind):
+            what = "missing" if key not in s else f"expected a {kind.__name__}, got {s[key]!r:.60}"
+            raise DistillError(f"{where}.{key}: {what}; the manifest was edited or damaged")
+    if not _SHARD_FILE.fullmatch(s["file"]) or ".." in s["file"]:
+        raise DistillError(f"{where}.file {s['file']!r:.80}: expected a shard file name inside the cache "
+                           "(SPLIT-NNNNN.safetensors), not a path")
+    if not re.fullmatch(r"[0-9a-f]{64}", s["sha256"]):
+        raise DistillError(f"{where}.sha256: expected a SHA-256 (64 hex digits), got {s['sha256']!r:.80}")
+    if min(s["number"], s["start"], s["count"]) < 0:
+        raise DistillError(f"{where}: number, start and count must be >= 0")
+
+
+def _check_first_shard(path: Path, m: Manifest) -> None:
+    """The first shard on disk holds the manifest's k (top-k) or one column per label (soft labels): a k
+    edited by hand would otherwise be believed. Only the shard's header is read; a shard that cannot be
+    read is left to the checksum checks (and regenerated)."""
+    from safetensors import safe_open
+
+    for s in m.shards:
+        shard = path.parent / s["file"]
+        if not shard.is_file():
+            continue
+        try:
+            with safe_open(str(shard), "pt") as h:
+                keys = set(h.keys())
+                if m.kind == "topk" and "tk_shape" in keys:
+                    have, what = int(h.get_tensor("tk_shape")[1]), ("k", m.k)
+                elif m.kind == "topk" and "topk_ids" in keys:
+                    have, what = h.get_slice("topk_ids").get_shape()[1], ("k", m.k)
+                elif m.kind == "soft_labels" and "label_logprobs" in keys and m.labels is not None:
+                    have, what = h.get_slice("label_logprobs").get_shape()[1], ("the label count", len(m.labels))
+                else:
+                    return
+        except (SafetensorError, OSError, IndexError):
+            return
+        if have != what[1]:
+            raise DistillError(f"{path}: {what[0]} is {what[1]}, but shard {s['file']} holds {have}; the manifest "
+                               "was edited: restore it, or generate into a new directory")
+        return
 
 
 def write_manifest(cache_dir: str | Path, m: Manifest) -> None:
-    atomic_write_text(Path(cache_dir) / "manifest.json", json.dumps(m.__dict__, indent=1))
+    """Write the manifest atomically; the teacher is stored without URL credentials (errors.redact)."""
+    atomic_write_text(Path(cache_dir) / "manifest.json", json.dumps({**m.__dict__, "teacher": redact(m.teacher)},
+                                                                     indent=1))
 
 
 def open_for_writing(cache_dir: str | Path, wanted: Manifest, worker: tuple[int, int] | None = None) -> Manifest:
@@ -162,7 +249,7 @@ def manifest_lock(cache_dir: str | Path):
     cache never lose each other's records."""
     import fcntl
 
-    with open(Path(cache_dir) / ".manifest.lock", "a+") as f:
+    with open_lock_file(Path(cache_dir) / ".manifest.lock") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         yield
 
@@ -173,7 +260,8 @@ def writer_lock(cache_dir: str | Path, worker: tuple[int, int] | None = None):
     A worker (I, N) holds `.lock` shared (other workers may write beside it; a run without --worker,
     which holds it exclusively, may not) and `.worker-I.lock` exclusively (one process per I)."""
     if worker is None:
-        return directory_lock(cache_dir, "another `distill generate` ({holder}) is writing this cache; wait for it or stop it")
+        return directory_lock(cache_dir, "another `distill generate` ({holder}) is writing this cache; wait for it "
+                              "or stop it")
     return _worker_locks(Path(cache_dir), worker)
 
 
@@ -182,13 +270,14 @@ def _worker_locks(cache_dir: Path, worker: tuple[int, int]):
     import fcntl
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "a+") as shared:
+    with open_lock_file(cache_dir / ".lock") as shared:
         try:
             fcntl.flock(shared.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             shared.seek(0)
-            raise UsageError(f"{cache_dir}: a `distill generate` without --worker ({shared.read().strip() or 'another process'}) "
-                             "is writing this cache; wait for it or stop it") from None
+            holder = shared.read().strip() or "another process"
+            raise UsageError(f"{cache_dir}: a `distill generate` without --worker ({holder}) is writing this cache; "
+                             "wait for it or stop it") from None
         with directory_lock(cache_dir / f".worker-{worker[0]}", f"worker {worker[0]}/{worker[1]} is already "
                             "running ({holder}); give each worker its own I"):
             yield
@@ -214,6 +303,8 @@ def write_shard(cache_dir: str | Path, m: Manifest, split: str, number: int, sta
     cache_dir = Path(cache_dir)
     name = shard_name(split, number)
     count = int(tensors["index_zi"][0]) if encoded else int(tensors["index"].numel())
+    if not encoded:
+        _check_numbers(m, split, number, tensors)
     if m.kind == "topk" and m.codec and not encoded:
         tensors = encode_topk(tensors, m)
     atomic_write_bytes(cache_dir / name, save({k: v.contiguous() for k, v in tensors.items()}))
@@ -231,29 +322,23 @@ def write_shard(cache_dir: str | Path, m: Manifest, split: str, number: int, sta
         write_manifest(cache_dir, m)
 
 
+def _check_numbers(m: Manifest, split: str, number: int, tensors: dict[str, torch.Tensor]) -> None:
+    problem = shard_problem(m.kind, tensors, m.vocab_size)
+    if problem:
+        raise DistillError(f"teacher backend {m.backend or '?'} ({redact(m.teacher)}): {split} shard {number}: "
+                           f"{problem}; nothing of this shard was cached")
+
+
 def encode_topk(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, torch.Tensor]:
     name = m.codec.get("name")
     if name not in topk_codec.PACKERS:  # a cache keeps the codec it was started with
         raise DistillError(f"cache codec {name!r} is unknown to this distill (known: {', '.join(topk_codec.PACKERS)})")
     vocab = max(m.vocab_size or 0, int(tensors["topk_ids"].max()) + 1 if tensors["topk_ids"].numel() else 1)
     out = topk_codec.encode(tensors["topk_ids"], tensors["topk_logprobs"], tensors["tail_mass"], vocab,
-                            bits=int(m.codec.get("bits", topk_codec.DEFAULT_BITS)), preset=int(m.codec.get("preset", 6)),
-                            name=name)
+                            bits=int(m.codec.get("bits", topk_codec.DEFAULT_BITS)),
+                            preset=int(m.codec.get("preset", 6)), name=name)
     for key in _AUX:
         out[key + "_z"], out[key + "_zi"] = topk_codec.pack_ints(tensors[key], name)
-    return out
-
-
-def decode_topk(stored: dict[str, torch.Tensor], ranked: bool = True) -> dict[str, torch.Tensor]:
-    """A stored top-k shard (encoded or plain) -> the plain tensors `pack_topk` made. `ranked=False`:
-    each position's k (id, log-prob) pairs in the codec's stored order, not rank order (topk_codec.decode)."""
-    if not topk_codec.is_encoded(stored):
-        return stored
-    ids, vals, tail = topk_codec.decode(stored, ranked)
-    out = {"topk_ids": ids, "topk_logprobs": vals, "tail_mass": tail}
-    for key in _AUX:
-        narrow = key in ("input_ids", "positions")
-        out[key] = topk_codec.unpack_ints(stored[key + "_z"], stored[key + "_zi"], torch.int32 if narrow else torch.int64)
     return out
 
 
@@ -317,7 +402,8 @@ def split_shards(cache_dir: str | Path, m: Manifest, split: str) -> list[dict]:
     """A complete split's shard entries in order, checked to cover its examples once each (no gap, no
     overlap, the split's recorded size); files are not read."""
     if not m.complete.get(split):
-        raise UsageError(f"{cache_dir}: split '{split}' is incomplete; run the same `distill generate` again to finish it")
+        raise UsageError(f"{cache_dir}: split '{split}' is incomplete; run the same `distill generate` again to "
+                         "finish it")
     shards = sorted((s for s in m.shards if s["split"] == split), key=lambda s: s["number"])
     if not shards:
         raise UsageError(f"{cache_dir}: no shards for split '{split}'")
@@ -344,7 +430,8 @@ def load_split(cache_dir: str | Path, split: str, expect_count: int | None = Non
     parts = [read_verified_shard(cache_dir, s, m.kind) for s in split_shards(cache_dir, m, split)]
     out = _concat(parts, m.kind)
     if expect_count is not None and out["index"].numel() != expect_count:
-        raise DistillError(f"{cache_dir}: split '{split}' has {out['index'].numel()} examples, the data has {expect_count}")
+        raise DistillError(f"{cache_dir}: split '{split}' has {out['index'].numel()} examples, the data has "
+                           f"{expect_count}")
     return out
 
 
@@ -361,41 +448,3 @@ def _concat(parts, kind):
             base += int(p[off_key][-1])
         out[off_key] = torch.cat(chunks)
     return out
-
-
-@dataclass(frozen=True)
-class TopkExample:
-    """One example of a top-k split: its token ids, the target positions (tokens the student must
-    predict) and, per target, the teacher's top-k ids [n, k], log-probabilities [n, k] and tail mass [n]."""
-
-    sequence: torch.Tensor | list[int]
-    positions: torch.Tensor | list[int]
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    tail_mass: torch.Tensor
-
-
-def example_topk(data: dict, i: int) -> TopkExample:
-    """The i-th example of a loaded top-k split."""
-    s0, s1 = int(data["seq_offsets"][i]), int(data["seq_offsets"][i + 1])
-    p0, p1 = int(data["pos_offsets"][i]), int(data["pos_offsets"][i + 1])
-    return TopkExample(data["input_ids"][s0:s1], data["positions"][p0:p1], data["topk_ids"][p0:p1],
-                       data["topk_logprobs"][p0:p1], data["tail_mass"][p0:p1])
-
-
-def pack_topk(examples: list[TopkExample], start: int) -> dict[str, torch.Tensor]:
-    """The tensors of a top-k shard holding `examples`, the split's examples from number `start` on."""
-    seq_off, pos_off = [0], [0]
-    for e in examples:
-        seq_off.append(seq_off[-1] + len(e.sequence))
-        pos_off.append(pos_off[-1] + len(e.positions))
-    return {
-        "index": torch.arange(start, start + len(examples), dtype=torch.long),
-        "input_ids": torch.tensor([t for e in examples for t in e.sequence], dtype=torch.int32),
-        "seq_offsets": torch.tensor(seq_off, dtype=torch.long),
-        "positions": torch.tensor([t for e in examples for t in e.positions], dtype=torch.int32),
-        "pos_offsets": torch.tensor(pos_off, dtype=torch.long),
-        "topk_ids": torch.cat([torch.as_tensor(e.topk_ids, dtype=torch.int32) for e in examples]),
-        "topk_logprobs": torch.cat([torch.as_tensor(e.topk_logprobs, dtype=torch.float32) for e in examples]),
-        "tail_mass": torch.cat([torch.as_tensor(e.tail_mass, dtype=torch.float32) for e in examples]),
-    }

@@ -10,7 +10,7 @@ per position, as a teacher's top k are, so shards compress to about what a teach
 is a pure function of (seed, split, shard number): an interrupted write resumes like generate.
 
 `distinct=R` makes the top-k numbers of shard j those of shard j mod R (the example numbers stay each
-shard's own), so a large cache costs R shards' encoding (slow: LZMA (codec tkq2) ~10k tokens/s on 2 cores, zlib (tkq3) ~4x that)
+shard's own), so a large cache costs R shards' encoding (the slow part)
 and the rest is writing; every shard is still its own checksummed file, decoded on its own.
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ def write_synthetic_cache(recipe: Recipe, out: str | Path | None = None, targets
     wanted = cache_mod.Manifest(
         kind="topk", teacher=f"synthetic (seed {seed})", tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab, k=k,
         data_fingerprint=sp.fingerprint, labels=sp.labels, max_length=prompt + targets + targets // 2,
-        backend="synthetic", codec=dict(cache_mod.DEFAULT_CODEC, name=codec, **({"preset": preset} if preset != 6 else {})),
+        backend="synthetic",
+        codec=dict(cache_mod.DEFAULT_CODEC, name=codec, **({"preset": preset} if preset != 6 else {})),
         shard_size=recipe.generate.shard_size)
     with cache_mod.writer_lock(cache_dir):
         m = cache_mod.open_for_writing(cache_dir, wanted)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import lzma
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ def _pack(a: np.ndarray, preset: int = 6, packer: int = DEFLATE) -> torch.Tensor
         filters = _FILTERS if preset == 6 else [{"id": lzma.FILTER_LZMA2, "preset": preset}]
         raw = lzma.compress(data, format=lzma.FORMAT_RAW, filters=filters)
     elif packer == DEFLATE:
-        raw = min((_deflate(data, max(1, preset), strategy) for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_RLE)), key=len)
+        raw = min((_deflate(data, max(1, preset), strategy) for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_RLE)),
+                  key=len)
     else:
         raise ValueError(f"unknown block compressor {packer}")
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
@@ -191,7 +193,8 @@ def encode(ids, logprobs, tail, vocab_size: int, bits: int = DEFAULT_BITS, prese
         "tk_top": torch.from_numpy(top.view(np.int16).copy()),
         "tk_span": torch.from_numpy(span16.view(np.int16).copy()),
         "tk_tail": torch.from_numpy(tail.astype(np.float16).view(np.int16).copy()),
-        "tk_shape": torch.tensor([n, k, planes, bits, table.size] + ([packer] if packer != LZMA else []), dtype=torch.int64),
+        "tk_shape": torch.tensor([n, k, planes, bits, table.size] + ([packer] if packer != LZMA else []),
+                                 dtype=torch.int64),
     }
 
 
@@ -307,7 +310,7 @@ def _expanded(spans: np.ndarray, bits: int) -> np.ndarray:
     distinct spans occur; the table's pages are touched only for those), so each is expanded once;
     threads that meet an unknown span at once compute the same row."""
     levels = (1 << bits) - 2
-    grid = lambda s: _expand(np.broadcast_to(np.arange(levels + 1) / levels, (s.size, levels + 1)),
+    grid = lambda s: _expand(np.broadcast_to(np.arange(levels + 1) / levels, (s.size, levels + 1)),  # noqa: E731
                              s.view(np.float16).astype(np.float64)[:, None])
     if bits > 8:
         return grid(spans)
@@ -350,3 +353,58 @@ def bucket_kl(ref_ids, ref_logprobs, ref_tail, ids, logprobs, tail, temperature:
         raise ValueError("the decoded rows hold other token ids than the reference")
     pe = p.exp()
     return torch.where(pe > 0, pe * (p - q), torch.zeros_like(pe)).sum(-1)
+
+
+# -- the cache's top-k examples and shard tensors (cache/store.py re-exports these) ---------------------
+_AUX = ("index", "input_ids", "seq_offsets", "positions", "pos_offsets")
+
+
+def decode_topk(stored: dict[str, torch.Tensor], ranked: bool = True) -> dict[str, torch.Tensor]:
+    """A stored top-k shard (encoded or plain) -> the plain tensors `pack_topk` made. `ranked=False`:
+    each position's k (id, log-prob) pairs in the codec's stored order, not rank order (topk_codec.decode)."""
+    if not is_encoded(stored):
+        return stored
+    ids, vals, tail = decode(stored, ranked)
+    out = {"topk_ids": ids, "topk_logprobs": vals, "tail_mass": tail}
+    for key in _AUX:
+        narrow = key in ("input_ids", "positions")
+        out[key] = unpack_ints(stored[key + "_z"], stored[key + "_zi"], torch.int32 if narrow else torch.int64)
+    return out
+
+
+@dataclass(frozen=True)
+class TopkExample:
+    """One example of a top-k split: its token ids, the target positions (tokens the student must
+    predict) and, per target, the teacher's top-k ids [n, k], log-probabilities [n, k] and tail mass [n]."""
+
+    sequence: torch.Tensor | list[int]
+    positions: torch.Tensor | list[int]
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_mass: torch.Tensor
+
+
+def example_topk(data: dict, i: int) -> TopkExample:
+    """The i-th example of a loaded top-k split."""
+    s0, s1 = int(data["seq_offsets"][i]), int(data["seq_offsets"][i + 1])
+    p0, p1 = int(data["pos_offsets"][i]), int(data["pos_offsets"][i + 1])
+    return TopkExample(data["input_ids"][s0:s1], data["positions"][p0:p1], data["topk_ids"][p0:p1],
+                       data["topk_logprobs"][p0:p1], data["tail_mass"][p0:p1])
+
+
+def pack_topk(examples: list[TopkExample], start: int) -> dict[str, torch.Tensor]:
+    """The tensors of a top-k shard holding `examples`, the split's examples from number `start` on."""
+    seq_off, pos_off = [0], [0]
+    for e in examples:
+        seq_off.append(seq_off[-1] + len(e.sequence))
+        pos_off.append(pos_off[-1] + len(e.positions))
+    return {
+        "index": torch.arange(start, start + len(examples), dtype=torch.long),
+        "input_ids": torch.tensor([t for e in examples for t in e.sequence], dtype=torch.int32),
+        "seq_offsets": torch.tensor(seq_off, dtype=torch.long),
+        "positions": torch.tensor([t for e in examples for t in e.positions], dtype=torch.int32),
+        "pos_offsets": torch.tensor(pos_off, dtype=torch.long),
+        "topk_ids": torch.cat([torch.as_tensor(e.topk_ids, dtype=torch.int32) for e in examples]),
+        "topk_logprobs": torch.cat([torch.as_tensor(e.topk_logprobs, dtype=torch.float32) for e in examples]),
+        "tail_mass": torch.cat([torch.as_tensor(e.tail_mass, dtype=torch.float32) for e in examples]),
+    }

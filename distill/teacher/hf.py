@@ -64,7 +64,7 @@ class HFTeacher:
             pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True, **kwargs)
         new = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1)  # [B, steps, V], raw: before temperature / top-p (on the model's device)
+        logits = torch.stack(out.logits, dim=1)  # [B, steps, V], raw: before temperature / top-p (on its device)
         stops = set(sampling.stop_ids)
         res = []
         for b in range(len(prompts)):

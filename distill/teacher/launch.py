@@ -27,6 +27,7 @@ from pathlib import Path
 
 from distill.config import TeacherSpec
 from distill.errors import DistillError, UsageError
+from distill.teacher.common import TransientError, api_key, fetch, server_auth
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ class ServedTeacher:
         cmd = self.command()
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.spec.cpu_kvcache_space_gib))
+        key = api_key()
+        if key:  # vLLM's --api-key, through the environment: never on a command line others can read
+            env["VLLM_API_KEY"] = key
         env.update(self.env)
         log.info("starting: %s", " ".join(cmd))
         out = None
@@ -147,22 +151,26 @@ class ServedTeacher:
         return self
 
     def wait_healthy(self) -> None:
+        """Until `GET /health` answers 200; every probe's whole answer within the time left, so a server
+        that accepts connections and never answers ends start-up within start_timeout."""
         import requests
 
         deadline = time.monotonic() + self.start_timeout
+        url, auth = server_auth(self.url)
         while True:
             code = self.proc.poll()
             if code is not None:
                 raise DistillError(f"vLLM server exited with status {code} before it was ready{self._log_tail()}")
+            left = deadline - time.monotonic()
             try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                if left > 0 and fetch(requests, "GET", url + "/health", min(5.0, left), **auth).status_code == 200:
                     return
-            except requests.RequestException:
+            except TransientError:
                 pass
             if time.monotonic() > deadline:
                 raise DistillError(f"vLLM server at {self.url} not healthy after {self.start_timeout:.0f} s"
                                    f"{self._log_tail()}")
-            time.sleep(1.0)
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
     def _log_tail(self) -> str:
         if not self.log_file or not self.log_file.is_file():

@@ -12,15 +12,26 @@ Everything goes through `POST /v1/completions` with token-id prompts, so no text
 - teacher-written responses: sampling settings and `logprobs: K` with `return_tokens_as_token_ids`, so
   the response tokens and the top K at each are captured in the same pass.
 
-Requests run concurrently (a thread pool), each sent to the least busy server; connection errors,
-timeouts and 5xx answers are retried with exponential backoff (on another server when there are
-several). Before any work a probe checks every server: the model it serves (`/v1/models`), that it
-allows `max_logprobs >= K` (a one-token request asking for K), and that its tokenizer splits probe
-texts exactly as the local tokenizer does (`/tokenize`).
+Requests run concurrently (a thread pool), each sent to the least busy server; connection errors
+and 5xx answers are retried with exponential backoff (on another server when there are several). Every
+request has a deadline for its whole answer (`DISTILL_TEACHER_TIMEOUT`, default 300 s): a server that
+accepts a request and never answers, or stops mid-body, is not asked again for it (another server is,
+when there are several), so a run ends within about that time with one clear line, its finished shards
+kept for the same command to resume. Before any work a probe checks every server: the model it serves
+(`/v1/models`), that it allows `max_logprobs >= K` (a one-token request asking for K), and that its
+tokenizer splits probe texts exactly as the local tokenizer does (`/tokenize`).
+
+Secrets: an API key from `DISTILL_TEACHER_API_KEY` (else `VLLM_API_KEY`, the variable `vllm serve`
+reads for `--api-key`) goes as `Authorization: Bearer`; a URL's `user:password@` goes as HTTP basic
+auth. Neither is ever part of a URL distill shows or stores (`errors.redact`).
+
+Numbers at the door: every answer is parsed strictly (common.checked_logprob, checked_token): a
+log-probability that is not a JSON number, not finite or above 0, a token id outside the vocabulary,
+a position asked for and missing, is a DistillError naming the server, before anything is cached.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import re
 import threading
@@ -31,14 +42,24 @@ from pathlib import Path
 import torch
 
 from distill.config import TeacherSpec
-from distill.errors import DistillError, UsageError
-from distill.teacher.common import (
+from distill.errors import DistillError, UsageError, redact
+from distill.teacher.common import (  # noqa: F401 - TransientError, split_credentials: this module's API too
+    TIMEOUT_VAR,
+    Answer,
     Generated,
     Sampling,
+    TransientError,
+    checked_logprob,
+    checked_positions,
+    checked_token,
+    fetch,
     one_token_labels,
+    request_timeout,
     rows_from_entries,
     score_label_tokens,
     score_labels,
+    server_auth,
+    split_credentials,
 )
 
 log = logging.getLogger(__name__)
@@ -47,17 +68,11 @@ PROBE_TEXTS = [
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
     "  Ünïcödé → déjà vu, naïve café; 東京 🙂 tabs\tand\nnewlines  ",
 ]
-
-
-class TransientError(Exception):
-    """A failure worth retrying: no connection, a timeout, a 5xx answer."""
-
-
 def normalize_url(url: str) -> str:
     """`http://host:8000`, `http://host:8000/` and `http://host:8000/v1` all mean the server root."""
     u = url.strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", u):
-        raise UsageError(f"teacher url {url!r}: expected http://HOST:PORT (optionally ending in /v1)")
+        raise UsageError(f"teacher url {redact(url)!r}: expected http://HOST:PORT (optionally ending in /v1)")
     if u.endswith("/v1"):
         u = u[: -len("/v1")]
     return u
@@ -77,8 +92,10 @@ def spec_urls(spec: TeacherSpec) -> list[str]:
 
 
 class _Server:
-    def __init__(self, base: str):
-        self.base = base
+    """One server: `base` is its URL without credentials (all that is shown), `auth` what authenticates."""
+
+    def __init__(self, url: str):
+        self.base, self.auth = server_auth(url)
         self.busy = 0
         self.failures = 0
 
@@ -88,21 +105,24 @@ class ServerTeacher:
 
     def __init__(self, spec: TeacherSpec, tok, k: int, vocab_rows: int | None = None, urls=None,
                  model_path: str | None = None, concurrency: int = 4, per_request: int = 4,
-                 timeout: float = 600.0, retries: int = 6, backoff: float = 0.5, probe: bool = True):
+                 timeout: float | None = None, retries: int = 6, backoff: float = 0.5, probe: bool = True):
         import requests
 
         self._requests = requests
         urls = urls or spec_urls(spec)
         if not urls:
-            raise UsageError(f"teacher {spec.name}: backend server needs a url (teacher spec `url:` or --teacher-url)")
+            raise UsageError(f"teacher {redact(spec.name)}: backend server needs a url (teacher spec `url:` or "
+                             "--teacher-url)")
         self.servers = [_Server(u) for u in urls]
         self.spec, self.tok, self.k = spec, tok, k
         self.model_path = model_path
         self._turn = 0
         self.vocab_limit = len(tok)
         self.pad_rows = max(0, (vocab_rows or 0) - self.vocab_limit)
+        self.id_limit = self.vocab_limit + self.pad_rows  # ids at or above: outside the model's vocabulary
         self.per_request = max(1, per_request)
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout = timeout if timeout is not None else request_timeout(spec)
+        self.retries, self.backoff = retries, backoff
         self._lock = threading.Lock()
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency) * len(self.servers),
@@ -112,7 +132,11 @@ class ServerTeacher:
         self.max_model_len: int | None = None
         if probe:
             for s in self.servers:
-                self._probe(s)
+                try:
+                    self._probe(s)
+                except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                    raise DistillError(f"{s.base}: malformed answer to the start-up probe ({type(e).__name__}: "
+                                       f"{str(e)[:200]})") from None
         # ask for a few more tokens than k when padded rows may take places in the top k
         self.k_request = k if not self.pad_rows else min(k + self.pad_rows, self.max_logprobs or k)
 
@@ -123,19 +147,16 @@ class ServerTeacher:
             s = self._local.session = self._requests.Session()
         return s
 
-    def _once(self, server: _Server, method: str, path: str, payload=None, timeout=None):
-        url = server.base + path
-        try:
-            r = self._session().request(method, url, json=payload, timeout=timeout or self.timeout)
-        except self._requests.exceptions.RequestException as e:  # connection refused, reset, timeout
-            raise TransientError(f"{url}: {type(e).__name__}: {e}") from None
+    def _once(self, server: _Server, method: str, path: str, payload=None) -> Answer:
+        r = fetch(self._session(), method, server.base + path, self.timeout, payload, **server.auth)
         if r.status_code >= 500 or r.status_code == 429:
-            raise TransientError(f"{url}: HTTP {r.status_code}: {r.text[:300]}")
+            raise TransientError(f"{server.base}{path}: HTTP {r.status_code}: {r.text[:300]}")
         return r
 
-    def _pick(self, avoid: set) -> _Server:
+    def _pick(self, avoid: set, dead: set) -> _Server:
         with self._lock:
-            pool = [s for s in self.servers if s.base not in avoid] or self.servers
+            live = [s for s in self.servers if s.base not in dead]
+            pool = [s for s in live if s.base not in avoid] or live
             self._turn += 1  # least busy first; among equals, take turns
             n = len(self.servers)
             s = min(pool, key=lambda s: (s.busy, (self.servers.index(s) - self._turn) % n))
@@ -143,14 +164,16 @@ class ServerTeacher:
             return s
 
     def _call(self, method: str, path: str, payload=None, server: _Server | None = None):
-        """One request with retries; returns (server, response). Non-transient answers are returned."""
+        """One request with retries; returns (server, answer). Non-transient answers are returned. A
+        request that timed out is not sent to that server again (to another one, if any)."""
         avoid: set = set()
+        dead: set = set()  # servers this request timed out on
         delay = self.backoff
         last = None
         for attempt in range(self.retries + 1):
             s = server
             if s is None:
-                s = self._pick(avoid)
+                s = self._pick(avoid, dead)
             else:
                 with self._lock:
                     s.busy += 1
@@ -160,6 +183,12 @@ class ServerTeacher:
                 last = e
                 with self._lock:
                     s.failures += 1
+                if e.timed_out:
+                    dead.add(s.base)
+                    if server is not None or len(dead) == len(self.servers):
+                        raise DistillError(f"teacher server {e}: the server accepted the request but did not "
+                                           f"answer in time; raise {TIMEOUT_VAR} (seconds) if it is only slow; "
+                                           "finished work is kept, the same command resumes") from None
                 if server is None and len(self.servers) > 1:
                     avoid.add(s.base)
                     if len(avoid) == len(self.servers):
@@ -173,13 +202,16 @@ class ServerTeacher:
                     s.busy -= 1
         raise DistillError(f"teacher server: giving up after {self.retries + 1} attempts: {last}")
 
-    def _json(self, server: _Server, r, what: str):
+    def _json(self, server: _Server, r: Answer, what: str) -> dict:
         if r.status_code != 200:
             raise DistillError(f"{server.base}{what}: HTTP {r.status_code}: {_error_text(r)}")
         try:
-            return r.json()
-        except json.JSONDecodeError:
+            data = r.json()
+        except ValueError:
             raise DistillError(f"{server.base}{what}: not a JSON answer: {r.text[:200]!r}") from None
+        if not isinstance(data, dict):
+            raise DistillError(f"{server.base}{what}: expected a JSON object, got {type(data).__name__}")
+        return data
 
     # -- start-up probe ------------------------------------------------------------------------
     def _probe(self, s: _Server) -> None:
@@ -268,16 +300,17 @@ class ServerTeacher:
                                  "point the teacher spec at the same model")
 
     # -- work ----------------------------------------------------------------------------------
-    def _completions(self, payloads: list[dict]) -> list[list[dict]]:
-        """Send the payloads concurrently; each answer's choices, in prompt order."""
+    def _completions(self, payloads: list[dict]) -> list[tuple[str, list[dict]]]:
+        """Send the payloads concurrently; each answer's server and choices, in prompt order."""
         def one(p):
             s, r = self._call("POST", "/v1/completions", p)
             data = self._json(s, r, "/v1/completions")
-            choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
-            n = len(p["prompt"]) if p["prompt"] and isinstance(p["prompt"][0], list) else 1
-            if len(choices) != n:
-                raise DistillError(f"{s.base}/v1/completions: asked for {n} completions, got {len(choices)}")
-            return choices
+            with _answer_from(s.base):
+                choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
+                n = len(p["prompt"]) if p["prompt"] and isinstance(p["prompt"][0], list) else 1
+                if len(choices) != n:
+                    raise DistillError(f"asked for {n} completions, got {len(choices)}")
+            return s.base, choices
 
         return list(self._pool.map(one, payloads))
 
@@ -288,27 +321,21 @@ class ServerTeacher:
                              f"{self.max_model_len}; lower task.max_length or serve with a larger max_model_len")
 
     def _prompt_logprobs(self, seqs, n_logprobs: int):
+        """Per sequence, per position, the checked [(id, log-prob, rank)] (None at position 0)."""
         self._check_len(seqs)
         payloads = [{"model": self.model, "prompt": [list(map(int, s)) for s in seqs[i:i + self.per_request]],
                      "max_tokens": 1, "echo": True, "prompt_logprobs": n_logprobs, "temperature": 0.0}
                     for i in range(0, len(seqs), self.per_request)]
         out = []
-        for choices in self._completions(payloads):
+        for base, choices in self._completions(payloads):
             for c in choices:
-                plp = c.get("prompt_logprobs")
-                if plp is None:
-                    raise DistillError("teacher server: the answer has no prompt_logprobs (not a vLLM server?)")
-                out.append(plp)
+                with _answer_from(base):
+                    out.append(checked_positions(c.get("prompt_logprobs"), len(seqs[len(out)]), self.id_limit))
         return out
 
     def topk(self, seqs, positions, k):
-        res = []
-        for s, pos, plp in zip(seqs, positions, self._prompt_logprobs(seqs, self.k_request)):
-            if len(plp) != len(s):
-                raise DistillError(f"teacher server: {len(plp)} prompt log-probabilities for {len(s)} tokens")
-            entries = [[(int(t), e["logprob"], e.get("rank")) for t, e in (plp[p] or {}).items()] for p in pos]
-            res.append(rows_from_entries(entries, k, self.vocab_limit, self.k_request))
-        return res
+        return [rows_from_entries([plp[p] for p in pos], k, self.vocab_limit, self.k_request)
+                for pos, plp in zip(positions, self._prompt_logprobs(seqs, self.k_request))]
 
     def _next_logprobs(self, prompts, ids):
         """One sequence per prompt: the log-probabilities of exactly `ids` at the position after it."""
@@ -319,10 +346,12 @@ class ServerTeacher:
                      "return_tokens_as_token_ids": True}
                     for i in range(0, len(prompts), self.per_request)]
         out = []
-        for choices in self._completions(payloads):
+        for base, choices in self._completions(payloads):
             for c in choices:
-                top = ((c.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
-                out.append({_token_id(t): v for t, v in top.items()})
+                with _answer_from(base):
+                    top = ((c.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+                    out.append({_token_id(t, self.id_limit): checked_logprob(v, f"label token {t}")
+                                for t, v in top.items()})
         return out
 
     def label_logprobs(self, prompts, label_ids) -> torch.Tensor:
@@ -344,35 +373,55 @@ class ServerTeacher:
                 body["allowed_token_ids"] = list(range(self.vocab_limit))
             payloads.append(body)
         out = []
-        for (c,) in self._completions(payloads):
-            lp = c.get("logprobs") or {}
-            toks = lp.get("tokens") or []
-            response = [_token_id(t) for t in toks]
-            entries = [[(_token_id(t), v, None) for t, v in (top or {}).items()]
-                       for top in lp.get("top_logprobs") or []]
-            if len(entries) != len(response):
-                raise DistillError("teacher server: the answer's logprobs do not cover every generated token")
-            ids, vals, tail = rows_from_entries(entries, k, self.vocab_limit, self.k_request)
-            out.append(Generated(response, ids, vals, tail))
+        for base, (c,) in self._completions(payloads):
+            with _answer_from(base):
+                out.append(self._generated(c, k))
         return out
+
+    def _generated(self, c: dict, k: int) -> Generated:
+        """One choice of a sampling request: the response's tokens and the checked top k at each."""
+        lp = c.get("logprobs") or {}
+        response = [_token_id(t, self.vocab_limit) for t in lp.get("tokens") or []]
+        tops = lp.get("top_logprobs") or []
+        if len(tops) != len(response):
+            raise DistillError("the answer's logprobs do not cover every generated token")
+        entries = []
+        for i, top in enumerate(tops):
+            if not isinstance(top, dict) or not top:
+                raise DistillError(f"response token {i}: no log-probabilities")
+            entries.append([(_token_id(t, self.id_limit), checked_logprob(v, f"response token {i}"), None)
+                            for t, v in top.items()])
+        ids, vals, tail = rows_from_entries(entries, k, self.vocab_limit, self.k_request)
+        return Generated(response, ids, vals, tail)
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _answer_from(base: str):
+    """Whatever is wrong with an answer of server `base` becomes one DistillError naming the server."""
+    try:
+        yield
+    except DistillError as e:
+        raise DistillError(f"teacher server {base}/v1/completions: bad answer: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise DistillError(f"teacher server {base}/v1/completions: malformed answer ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+
+
 def _actual_logprob(entry, tok: int) -> float:
-    """A label token's log-probability in one position's prompt_logprobs entry (keys are id strings)."""
-    found = (entry or {}).get(str(tok))
-    if found is None:
-        raise DistillError(f"teacher server: no log-probability for label token {tok}")
-    return found["logprob"]
+    """A label token's log-probability in one position's checked entries."""
+    for t, lp, _ in entry or ():
+        if t == tok:
+            return lp
+    raise DistillError(f"teacher server: no log-probability for label token {tok}")
 
 
-def _token_id(t: str) -> int:
+def _token_id(t: str, id_limit: int) -> int:
     if isinstance(t, str) and t.startswith("token_id:"):
-        return int(t[len("token_id:"):])
-    raise DistillError(f"teacher server: expected a token as 'token_id:N', got {t!r} "
-                       "(return_tokens_as_token_ids ignored?)")
+        return checked_token(t[len("token_id:"):], id_limit, "token")
+    raise DistillError(f"expected a token as 'token_id:N', got {str(t)[:40]!r} (return_tokens_as_token_ids ignored?)")
 
 
 def _error_text(r) -> str:
