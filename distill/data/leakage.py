@@ -1,10 +1,6 @@
 """Leakage checks: texts of the holdout (or of an evaluated file) that the training split also has."""
 from __future__ import annotations
 
-
-import csv
-import hashlib
-import json
 import logging
 import unicodedata
 from dataclasses import dataclass, field

@@ -8,13 +8,17 @@ turn; the response tokens are the targets.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 from distill.config import TaskConfig
-from distill.errors import UsageError
-from distill.models.label_tokens import label_token_ids
+from distill.errors import UsageError, one_line
+from distill.models.label_tokens import end_of_turn_id, label_token_ids  # noqa: F401 (end_of_turn_id: used from here)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,55 @@ log = logging.getLogger(__name__)
 # A rendered template's content slots: private-use characters around the message index.
 _SLOT = "\ue000{}\ue001"
 _SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+# Seconds one rendering of a chat template may take: a real one takes milliseconds; a template is code from
+# the model directory, and one that loops would otherwise hold every command that encodes a prompt.
+TEMPLATE_TIMEOUT_S = 10.0
+
+
+class _TemplateTimeout(BaseException):
+    """Raised by the alarm inside a rendering; a BaseException so no `except Exception` in a template's
+    filters or in transformers swallows it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Interrupt the block after `seconds` (SIGALRM, so the main thread only: Python runs a signal's
+    handler between bytecodes, which ends a template's loop). Elsewhere the block runs unbounded. A timer
+    already set by the caller is restored with its remaining time."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _TemplateTimeout
+
+    start = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-3), old_interval)
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text for `messages`, within `TEMPLATE_TIMEOUT_S`: a template that loops, recurses
+    or fails is one error naming the tokenizer, not a hang or a traceback."""
+    name = getattr(tok, "name_or_path", "") or "the model"
+    try:
+        with _deadline(TEMPLATE_TIMEOUT_S):
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except _TemplateTimeout:
+        raise UsageError(f"{name}: the tokenizer's chat template did not finish rendering within "
+                         f"{TEMPLATE_TIMEOUT_S:g} s (a loop that never ends?); fix its chat_template") from None
+    except Exception as e:  # noqa: BLE001 - the template is code from the model directory: name it, one line
+        raise UsageError(f"{name}: the tokenizer's chat template failed to render ({type(e).__name__}: "
+                         f"{one_line(e, 200)}); fix its chat_template") from None
 
 
 def _has_template(tok) -> bool:
@@ -40,7 +93,7 @@ def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int
     """A chat through the model's template: the template's own text tokenized as the template says,
     each message's content as plain text (`text_ids`), so no row of data can forge a turn."""
     marked = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
-    rendered = tok.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    rendered = render_chat(tok, marked, add_generation_prompt)
     parts = _SLOT_RE.split(rendered)
     if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
         raise UsageError("the tokenizer's chat template rewrites message contents; distill cannot place the text")
@@ -77,39 +130,53 @@ def prompt_ids(tok, task: TaskConfig, labels, user_text, shots=()) -> list[int]:
 
 def answer_ids(tok, task: TaskConfig, labels, answer: str) -> list[int]:
     """Token ids of `answer` as the assistant turn, end-of-turn token included, trailing newline not."""
-    if _has_template(tok):
-        probe = "x"
-        p = prompt_ids(tok, task, labels, probe)
-        system = system_text(task, labels)
+    return _answers_ids(tok, task, labels, [answer])[0]
+
+
+def _answers_ids(tok, task: TaskConfig, labels, answers: list[str]) -> list[list[int]]:
+    """`answer_ids` of several answers after one prompt, the prompt encoded once."""
+    if not _has_template(tok):
+        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        return [text_ids(tok, " " + answer) + end for answer in answers]
+    probe = "x"
+    p = prompt_ids(tok, task, labels, probe)
+    system = system_text(task, labels)
+    end = end_of_turn_id(tok)
+    out = []
+    for answer in answers:
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": probe}, {"role": "assistant", "content": answer}]
         full = chat_ids(tok, msgs, add_generation_prompt=False)
         if full[: len(p)] != p:
-            raise ValueError("the chat template does not extend the prompt with the answer; cannot score labels")
+            raise UsageError(f"{getattr(tok, 'name_or_path', '') or 'the model'}: the chat template does not extend "
+                             "the prompt with the answer; cannot score labels")
         ids = full[len(p):]
-        end = end_of_turn_id(tok)
         if end is not None and end in ids:
             ids = ids[: ids.index(end) + 1]
-        return ids
-    ids = text_ids(tok, " " + answer)
-    return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        out.append(ids)
+    return out
 
 
 def label_answers(tok, task: TaskConfig, labels: list[str]) -> list[list[int]]:
     """What is scored for each label: its label token alone when the model has label tokens (one
-    position after the prompt), else its full assistant answer (scored over a prefix tree)."""
+    position after the prompt), else its full assistant answer (scored over a prefix tree). Labels
+    that are the tokenizer's own tokens are refused (`label_tokens.check_label_collisions`)."""
     tokens = label_token_ids(tok, labels)
     if tokens is not None:
         return [[t] for t in tokens]
-    return [answer_ids(tok, task, labels, lab) for lab in labels]
+    return _answers_ids(tok, task, labels, labels)
 
 
-def end_of_turn_id(tok):
-    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id and i is not None and i >= 0:
-            return i
-    return tok.eos_token_id
+def _check_fixed_part(task: TaskConfig, labels, n: int, max_length: int | None, shots, with_answer: bool) -> None:
+    """Refuse a max_length that the prompt without its text (and, `with_answer`, the longest answer) fills."""
+    if max_length is None or (n <= max_length if with_answer else n < max_length):
+        return
+    listed = bool(labels) and task.list_labels_in_prompt
+    parts = ["the instruction"] + ([f"the list of {len(labels)} labels"] if listed else []) + (
+        [f"{len(shots)} few-shot examples"] if shots else [])
+    raise UsageError(f"task.max_length: {max_length} tokens cannot hold any text: the prompt without it "
+                     f"({', '.join(parts)}){' and the longest label answer' if with_answer else ''} need {n}; "
+                     "raise task.max_length" + (", or set task.list_labels_in_prompt: false" if listed else ""))
 
 
 @dataclass
@@ -125,8 +192,11 @@ def encode_classification(tok, task, labels, examples, max_length: int | None = 
 
     `max_length` bounds the prompt plus its longest answer, the tokens a causal model sees at once.
     """
-    label_ids = label_answers(tok, task, labels)
     shot_pairs = [(s["text"], s["label"]) for s in shots]
+    fixed = len(prompt_ids(tok, task, labels, [], shot_pairs))
+    _check_fixed_part(task, labels, fixed, max_length, shot_pairs, False)  # before the answers: each costs a prompt
+    label_ids = label_answers(tok, task, labels)
+    _check_fixed_part(task, labels, fixed + max(len(x) for x in label_ids), max_length, shot_pairs, True)
     out, cut_by_tokens = [], []
     budget = None if max_length is None else max_length - max(len(x) for x in label_ids)
     for ex in examples:
@@ -160,8 +230,8 @@ def _truncate_prompt(tok, task, labels, text, budget, shots=()) -> tuple[list[in
         ids = prompt_ids(tok, task, labels, text_ids(tok, text)[:max(room, 0)], shots)
     else:
         ids = prompt_ids(tok, task, labels, " ".join(words[:lo]), shots)
-    if len(ids) > budget:
-        raise ValueError(f"the instruction and label list alone need {len(ids)} tokens; max_length is too small")
+    if len(ids) > budget:  # (encode_classification checked that the prompt without text fits)
+        raise ValueError(f"the prompt without its text needs {len(ids)} tokens, over the budget of {budget}")
     return ids, by_tokens
 
 

@@ -2,13 +2,10 @@
 the split files written here, never the user's file."""
 from __future__ import annotations
 
-
-import csv
 import hashlib
 import json
 import logging
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import TaskConfig
@@ -63,9 +60,10 @@ def _stratified_split(examples, fraction, seed, key):
     return rest, took
 
 
-def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "recipe",
-                   with_holdout: bool = False) -> Splits:
-    """Load, validate and split the data; write `workdir/data/*.jsonl` and `split.json`.
+def prepare_splits(task: TaskConfig, workdir: str | Path | None, recipe_src: str = "recipe",
+                   with_holdout: bool = False, write: bool = True) -> Splits:
+    """Load, validate and split the data; unless `write` is False, write `workdir/data/*.jsonl` and
+    `split.json` (read-only commands such as `distill doctor` check the data without writing).
 
     The split is a pure function of the data and the split settings, so every command (and every
     rank of a distributed run) sees the same examples; the fingerprint ties caches to it.
@@ -95,22 +93,28 @@ def prepare_splits(task: TaskConfig, workdir: str | Path, recipe_src: str = "rec
     fp = fingerprint({"train": train, "validation": validation, "labels": labels, "type": task.type,
                       "holdout": task.holdout_data or holdout})
     splits = Splits(train, validation, holdout, labels, fp)
-    out = Path(workdir) / "data"
+    if write:
+        _write_splits(task, splits, Path(workdir) / "data")
+    return splits
+
+
+def _write_splits(task: TaskConfig, splits: Splits, out: Path) -> None:
+    """The split files and `split.json`, unless `split.json` already names these splits' fingerprint."""
     meta_path = out / "split.json"
-    if meta_path.exists():
-        try:
-            if json.loads(meta_path.read_text()).get("fingerprint") == fp:
-                return splits
-        except json.JSONDecodeError:
-            pass
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and meta.get("fingerprint") == splits.fingerprint:
+            return
+    except (OSError, ValueError):  # missing, unreadable or not JSON: written anew below
+        pass
     for name in ("train", "validation") + (("holdout",) if not task.holdout_data else ()):
         atomic_write_text(out / f"{name}.jsonl",
                           "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in splits.get(name)))
     atomic_write_text(meta_path, json.dumps({
-        "fingerprint": fp, "source": task.data, "holdout_source": task.holdout_data or task.data,
-        "labels": labels, "sizes": {n: len(splits.get(n)) for n in SPLITS if n != "holdout" or not task.holdout_data},
+        "fingerprint": splits.fingerprint, "source": task.data, "holdout_source": task.holdout_data or task.data,
+        "labels": splits.labels,
+        "sizes": {n: len(splits.get(n)) for n in SPLITS if n != "holdout" or not task.holdout_data},
     }, indent=2))
-    return splits
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

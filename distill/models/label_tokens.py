@@ -9,10 +9,13 @@ The tokens are added as special tokens, so a label name (or a control token) ins
 tokenized as plain text (prompts.py tokenizes user content with `split_special_tokens`) and a row
 cannot produce a new label token. A label whose text is already one token of the vocabulary (SmolLM2
 has `delivery` and `login`, for example) keeps that token, since a tokenizer gives one text one id:
-its row is shared with the word, which a data row can still contain. Greedy decoding still prints the label name: `tok.decode(ids)` shows it, and the
-GGUF exporter types the tokens as user-defined so llama.cpp prints them too. Their embedding (and,
-when untied, output) rows start as the mean of the rows of the label text's own tokens, so the
-student starts out knowing what each label says.
+its row is shared with the word, which a data row can still contain. Greedy decoding still prints the
+label name: `tok.decode(ids)` shows it, and the GGUF exporter types the tokens as user-defined so
+llama.cpp prints them too. Their embedding (and, when untied, output) rows start as the mean of the
+rows of the label text's own tokens, so the student starts out knowing what each label says.
+
+A label must not be one of the tokenizer's own added tokens (`check_label_collisions`): a label
+`<|im_end|>` would become the end-of-turn id, and a label equal to another added token would share its row.
 """
 from __future__ import annotations
 
@@ -20,11 +23,58 @@ import logging
 
 import torch
 
+from distill.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
+def end_of_turn_id(tok):
+    """The id that ends an assistant turn: the chat markers of the common templates, else end of sequence."""
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None and i >= 0:
+            return i
+    return tok.eos_token_id
+
+
+def control_tokens(tok) -> dict[str, str]:
+    """The tokenizer's own control tokens, text -> what it is: its special tokens (bos, eos, pad, unk and
+    the extra ones), the end-of-turn token, and every added token its chat template writes."""
+    out = {t: "a special token" for t in tok.all_special_tokens}
+    template = getattr(tok, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates
+        template = " ".join(map(str, template.values()))
+    for t in tok.added_tokens_decoder.values():
+        if t.content in template:
+            out.setdefault(t.content, "a token of the chat template")
+    eot = end_of_turn_id(tok)
+    if eot is not None:
+        out[tok.convert_ids_to_tokens(eot)] = "the end-of-turn token"
+    return out
+
+
+def check_label_collisions(tok, labels: list[str]) -> None:
+    """Refuse labels that are tokens of the tokenizer's own: a control token (as a label token it would be
+    the end of turn, or the padding), or, when the labels are not all label tokens already (a model that
+    distill gave label tokens has one added token per label), any added token, whose row the label's
+    token would share."""
+    controls = control_tokens(tok)
+    for lab in labels:
+        if lab in controls:
+            raise UsageError(f"label {lab!r} is {controls[lab]} of the tokenizer (id "
+                             f"{tok.convert_tokens_to_ids(lab)}); as a label it would be read as that control "
+                             "token: rename the label")
+    added = {t.content: i for i, t in tok.added_tokens_decoder.items()}
+    shared = [lab for lab in labels if lab in added]
+    if shared and len(shared) < len(labels):
+        raise UsageError(f"label {shared[0]!r} is already a token of the tokenizer (added token id {added[shared[0]]}) "
+                         "and its label token would share that token's row: rename the label")
+
+
 def label_token_ids(tok, labels: list[str]) -> list[int] | None:
-    """The ids of the label tokens when the tokenizer has one added token for every label, else None."""
+    """The ids of the label tokens when the tokenizer has one added token for every label, else None.
+    Labels that collide with the tokenizer's own tokens are refused (`check_label_collisions`)."""
+    check_label_collisions(tok, labels)
     added = {t.content: i for i, t in tok.added_tokens_decoder.items()}
     ids = [added.get(lab) for lab in labels]
     return None if any(i is None for i in ids) else ids
