@@ -1,0 +1,80 @@
+"""Greedy decoding of holdout prompts, the same way for every runtime: a model directory through a teacher
+backend (transformers, the vLLM engine, vLLM servers: whatever writes the teacher's responses writes a
+student's too), a `.gguf` through llama.cpp. Evaluation and bench score what this returns.
+
+Greedy decoding ends a response at its first stop token (kept out of the returned text) or after
+`max_new_tokens`; prompts are decoded in batches of similar length, and returned in their own order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from distill.teacher.common import Sampling
+
+
+class ResponseWriter(Protocol):
+    """What decoding needs of a backend: `generate_topk` as every teacher backend has it."""
+
+    def generate_topk(self, prompts, k, sampling: Sampling, seeds): ...
+
+
+@dataclass
+class Decoded:
+    """Greedy responses (token ids, stop token removed) and the tokens decoded, for a throughput figure."""
+
+    responses: list[list[int]]
+    new_tokens: int
+    seconds: float
+
+
+def _strip_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for j, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:j]
+    return tokens
+
+
+def greedy_backend(engine: ResponseWriter, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                   batch_size: int = 16, desc: str | None = None) -> Decoded:
+    """Greedy responses of a teacher backend to `prompts`, batched by prompt length (less padding)."""
+    import time
+
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop_ids=list(stop_ids))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int] | None] = [None] * len(prompts)
+    new_tokens, start = 0, time.perf_counter()
+    with tqdm(total=len(prompts), desc=desc or "decoding", unit="response", disable=desc is None) as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            written = engine.generate_topk([prompts[i] for i in idx], 1, sampling, [0] * len(idx))
+            for i, g in zip(idx, written):
+                new_tokens += len(g.response)
+                out[i] = _strip_stop(list(g.response), set(stop_ids))
+            bar.update(len(idx))
+    return Decoded(out, new_tokens, time.perf_counter() - start)
+
+
+def greedy_gguf(path: str | Path, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                n_ctx: int = 1024, desc: str | None = None) -> Decoded:
+    """Greedy responses of a GGUF model through llama.cpp, one prompt at a time (its binding has no batch
+    decoding); the KV cache is reused across a shared prompt prefix by llama-cpp-python itself."""
+    import time
+
+    from distill.models.llamacpp import import_llama_cpp
+
+    llm = import_llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+    stops, out, new_tokens = set(stop_ids), [], 0
+    start = time.perf_counter()
+    for p in tqdm(prompts, desc=desc or "decoding", unit="response", disable=desc is None):
+        toks: list[int] = []
+        for t in llm.generate(list(p), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            toks.append(int(t))
+            if t in stops or len(toks) >= max_new_tokens:
+                break
+        new_tokens += len(toks)
+        out.append(_strip_stop(toks, stops))
+    return Decoded(out, new_tokens, time.perf_counter() - start)
