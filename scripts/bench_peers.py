@@ -19,9 +19,10 @@ batch, steps and on-policy sampling (temperature 1, top-p 1, --new-tokens). What
 trainer's own design: distill's divergence is over the teacher's top-k + a tail bucket, TRL's over the
 whole vocabulary; distill's logits are computed only at response positions.
 
-Per run: the median of its step times, wall-clock and the process's CPU time (distill: the loop's
-train_step, the round's sampling and scoring included; TRL: on_step_begin to on_step_end), its peak RSS (ru_maxrss of the child, read when
-training returns, before the held-out scoring), and the held-out KL after the last step: the mean per
+Per run: the median of its step times, wall-clock and the process's CPU time (distill: step_seconds and
+step_cpu_seconds of its train_log.jsonl, the trainer's own clock over each step, the round's sampling and
+scoring included; TRL: on_step_begin to on_step_end), its peak RSS (the child's, read when training
+returns, before the held-out scoring), and the held-out KL after the last step: the mean per
 target token of KL(teacher || student) over the teacher's top-k buckets (T = 1) on the validation
 split's teacher-written responses (study_onpolicy.token_kl; never trained on, and distill's one
 evaluation, at the end of its run, selects nothing). Then the ratios against the issue's targets:
@@ -38,17 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from benchlib import ROOT, add_data_flag, load_avg, peak_rss_mib, versions
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -63,7 +61,7 @@ GKD_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}  # jsd: jsd_beta (the same gen
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/banking77/train.jsonl"))
+    add_data_flag(ap, "banking77/train.jsonl", "the Banking77 training file whose messages are the prompts")
     ap.add_argument("--examples", type=int, default=96, help="Banking77 messages sampled (train/validation/holdout)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
@@ -102,13 +100,12 @@ def paths(a) -> dict:
 
 def prepare(a) -> tuple[Path, dict]:
     """The recipe, the cache (distill generate, resumed when already there) and the starting student."""
+    import study_onpolicy as study
     import yaml
 
-    import study_onpolicy as study
-    from distill.config import StudentConfig, load_recipe, resolve_teacher
     from distill.cache.generate import run_generate
-    from distill.models.loading import load_tokenizer, resolve_model_path
-    from distill.models.loading import count_parameters
+    from distill.config import StudentConfig, load_recipe, resolve_teacher
+    from distill.models.loading import count_parameters, load_tokenizer, resolve_model_path
     from distill.student.build import build_student, save_model
 
     ns = argparse.Namespace(data=a.data, examples=a.examples, seed=a.seed, new_tokens=a.new_tokens, batch=a.batch,
@@ -150,34 +147,22 @@ def heldout_kl(model, cache, pad) -> float:
 # the children: one run each, its memory its own
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def child_distill(a, name: str) -> dict:
     import study_onpolicy as study
+
     from distill.config import load_recipe
     from distill.models.loading import load_causal_lm, load_tokenizer
-    from distill.train import loop
     from distill.train import run_train
 
-    times, cpu = [], []
-    step = loop.train_step
-
-    def timed(*args, **kw):  # the loop's own step, timed (distill train has no per-step clock)
-        t, c = time.perf_counter(), time.process_time()
-        out = step(*args, **kw)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        return out
-
-    loop.train_step = timed
     recipe = study.mode_recipe(paths(a)["base"], "off" if LAMBDA[name] == 0 else "on")
     t = time.time()
     out = run_train(load_recipe(recipe), out=str(a.work / f"student-{name}"))
     wall = time.time() - t
     rss = peak_rss_mib()
     info = json.loads((out / "training.json").read_text())
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "step_seconds" in r]
+    times, cpu = [r["step_seconds"] for r in steps], [r["step_cpu_seconds"] for r in steps]  # the trainer's clock
     best = (info.get("best") or {}).get("step")
     if best != info["steps"]:
         raise SystemExit(f"bench_peers: {out}: the saved weights are step {best}'s, not the last step's "
@@ -275,8 +260,8 @@ def child_trl(a, name: str) -> dict:
     rss = peak_rss_mib()
     steps = trainer.state.global_step
     kl = heldout_kl(trainer.model, cache_dir(a), tok.pad_token_id)
-    return {"run": name, "step_s": clock.times, "cpu_s": clock.cpu, "peak_rss_mib": rss, "wall_s": wall, "steps": steps, "kl": kl,
-            "gkd": dict(settings)}
+    return {"run": name, "step_s": clock.times, "cpu_s": clock.cpu, "peak_rss_mib": rss, "wall_s": wall,
+            "steps": steps, "kl": kl, "gkd": dict(settings)}
 
 
 def resolve_teacher_path(recipe) -> str:
@@ -299,20 +284,6 @@ def child(a) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the parent: prepare once, run each in its own process, report
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "accelerate", "datasets"):
-        out[p] = md.version(p)
-    out["trl"] = TRL_VERSION
-    return out
 
 
 def main():
@@ -359,11 +330,12 @@ def report(a, recipe, info, start_kl, n_hold, results, lines) -> str:
     cfg = recipe.train
     div = (f"jsd beta {cfg.jsd_beta}" if cfg.loss == "jsd" else cfg.loss)
     gkd = gkd_settings(a, recipe)
-    v = versions()
+    v = {**versions("accelerate", "datasets"), "trl": TRL_VERSION}
     lines += [
         f"versions: {', '.join(f'{k} {x}' for k, x in v.items())}",
-        f"teacher: {recipe.teacher} ({info['teacher_path']}, {teacher_dtype(recipe)}); student: {info['student_layers']} "
-        f"of its layers, {info['student_parameters'] / 1e6:.1f}M parameters, fp32, from {paths(a)['student']}",
+        f"teacher: {recipe.teacher} ({info['teacher_path']}, {teacher_dtype(recipe)}); student: "
+        f"{info['student_layers']} of its layers, {info['student_parameters'] / 1e6:.1f}M parameters, fp32, from "
+        f"{paths(a)['student']}",
         f"task: {a.examples} Banking77 messages from {a.data}, teacher-written replies (at most {a.new_tokens} tokens, "
         f"T {recipe.generate.temperature}, top-p {recipe.generate.top_p}), top-{recipe.generate.k} cache "
         f"{info['cache']}; max_length {recipe.task.max_length}",
@@ -392,8 +364,9 @@ def report(a, recipe, info, start_kl, n_hold, results, lines) -> str:
                      f"{cpu[name]:.2f} | {r['peak_rss_mib']:.0f} | {r['kl']:.4f} | {r['wall_s']:.0f} | {r['load']} |")
     lines += ["", "Step times are wall-clock on a shared machine; CPU s/step (this process's CPU time over the step, "
               "all its threads) is less sensitive to other processes' load. Ratios: TRL's over distill's."]
-    for ours, theirs, target, what in (("distill-off", "trl-gkd-0", 1.5, "off-policy (λ 0): distill at least 1.5x faster"),
-                                       ("distill-on", "trl-gkd-1", 1.0, "on-policy (λ 1): distill no slower")):
+    for ours, theirs, target, what in (
+            ("distill-off", "trl-gkd-0", 1.5, "off-policy (λ 0): distill at least 1.5x faster"),
+            ("distill-on", "trl-gkd-1", 1.0, "on-policy (λ 1): distill no slower")):
         if ours in results and theirs in results:
             x, xc = med[theirs] / med[ours], cpu[theirs] / cpu[ours]
             kl_ok = results[ours]["kl"] <= results[theirs]["kl"]

@@ -9,9 +9,11 @@ one position), on the default task and on Banking77, in one run.
 For each task: prompt tokens per text, answer tokens fed per text and logits rows computed per text
 (packed vs trie), then texts/s of label_logprobs under torch.no_grad on the real 135M teacher for
 each layout and dtype (one warm-up batch each, then --batches timed batches of the same texts,
-the two layouts interleaved), the ratio, and the largest score difference between the layouts. Banking77's own teacher is a
-fine-tune of the same 135M model (same tokenizer and shape), so the base model stands in for it.
-The label-token rows use the same model with distill's label tokens added (distill/label_tokens.py)
+the two layouts interleaved), the ratio, and the largest score difference between the layouts.
+Banking77's own teacher is a fine-tune of the same 135M model (same tokenizer and shape), so the base
+model stands in for it; its data is read from --data (default ../shared/data/banking77, beside the
+repository). The label-token rows use the same model with distill's label tokens added
+(distill/models/label_tokens.py)
 and time, against a forward over the prompt alone (logits at its last position): eval (label_logprobs,
 no_grad) and a training step (forward + backward of the trainer's own ClassificationTask.scores_and_ce:
 the prompt, the gold label token, end of turn), beside a training step of the packed and trie layouts.
@@ -27,20 +29,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import types
-import sys
 import time
+import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from benchlib import ROOT, add_data_flag
+
+from distill.models.scoring import label_logprobs, trie_layout
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-
-from distill.models.scoring import label_logprobs, trie_layout  # noqa: E402
-
 TASKS = {"default": "recipes/default.yaml", "banking77": "recipes/banking77.yaml"}
+DATA_SETS = {"banking77": "banking77"}  # tasks whose data --data points at, by their folder under ../shared/data
+
+
+def load_task_recipe(name: str, data: Path | None):
+    """A task's recipe; for Banking77 its data, labels and holdout read from the folder --data names."""
+    from distill.config import load_recipe
+
+    sets = []
+    if name in DATA_SETS and data is not None:
+        sets = [f"task.data={data / 'train.jsonl'}", f"task.holdout_data={data / 'test.jsonl'}",
+                f"task.labels_file={data / 'labels.json'}"]
+    return load_recipe(ROOT / TASKS[name], sets)
 
 
 # ---- OLD PACKED LAYOUT, copied from distill/scoring.py before the prefix tree (issue 13 item 2). ----
@@ -93,16 +104,13 @@ def old_label_logprobs(model, prompts, label_ids, pad_id):
 # ---- end of the old layout ----
 
 
-def task_prompts(recipe_path: str, tok, n: int):
-    """The first `n` texts of a recipe's data, encoded as distill encodes them, and the label answers."""
-    from distill.config import load_recipe
-    from distill.data.read import label_set, read_rows, validate_rows
+def task_prompts(name: str, tok, n: int, data: Path | None):
+    """The first `n` texts of a task's data, encoded as distill encodes them, and the label answers."""
     from distill.data.prompts import encode_classification
 
-    recipe = load_recipe(ROOT / recipe_path)
+    recipe = load_task_recipe(name, data)
     task = recipe.task
-    examples = validate_rows(read_rows(task.data), task, label_set(task, recipe_path), task.data)
-    labels = label_set(task, recipe_path) or sorted({ex["label"] for ex in examples})
+    labels, examples = _labels_and_rows(recipe, TASKS[name])
     enc, label_ids = encode_classification(tok, task, labels, examples[:n], max_length=recipe.task.max_length)
     return [e.prompt for e in enc], label_ids
 
@@ -124,7 +132,7 @@ def compare(model, prompts, label_ids, pad_id, batch_size):
 
 
 def bench_task(name, tok, models, args):
-    prompts, label_ids = task_prompts(TASKS[name], tok, args.batch_size * args.batches)
+    prompts, label_ids = task_prompts(name, tok, args.batch_size * args.batches, args.data)
     layout = trie_layout(label_ids)
     packed_tok = sum(len(x) for x in label_ids)
     print(f"\n{name}: {len(label_ids)} labels, {len(prompts)} texts")
@@ -167,17 +175,17 @@ def bench_label_tokens(name, tok_path, model, args):
     """The label-token student against a forward (and a training step) over the prompt alone."""
     import copy
 
+    from distill.data.prompts import end_of_turn_id
     from distill.models.label_tokens import add_label_tokens
     from distill.models.loading import load_tokenizer
-    from distill.data.prompts import end_of_turn_id
     from distill.train.tasks import ClassificationTask
 
     base_tok = load_tokenizer(tok_path)
-    prompts_full, answers_full = task_prompts(TASKS[name], base_tok, args.batch_size * args.batches)
+    prompts_full, answers_full = task_prompts(name, base_tok, args.batch_size * args.batches, args.data)
     tok, student = load_tokenizer(tok_path), copy.deepcopy(model)
-    labels = _labels(name)
+    labels = _labels(name, args.data)
     add_label_tokens(student, tok, labels)
-    prompts, answers = task_prompts(TASKS[name], tok, args.batch_size * args.batches)
+    prompts, answers = task_prompts(name, tok, args.batch_size * args.batches, args.data)
     assert all(len(a) == 1 for a in answers) and prompts == prompts_full
     pad, B = tok.pad_token_id, args.batch_size
     batches = [list(range(i, min(len(prompts), i + B))) for i in range(0, len(prompts), B)]
@@ -201,8 +209,8 @@ def bench_label_tokens(name, tok_path, model, args):
         return step
 
     def label_token_step(idx):
-        scores, ce = ClassificationTask.scores_and_ce(task, student, [types.SimpleNamespace(prompt=prompts[i]) for i in idx],
-                                                      golds[idx])
+        items = [types.SimpleNamespace(prompt=prompts[i]) for i in idx]
+        scores, ce = ClassificationTask.scores_and_ce(task, student, items, golds[idx])
         return ce + scores.sum() * 0
 
     def no_grad(fn):
@@ -217,7 +225,8 @@ def bench_label_tokens(name, tok_path, model, args):
         "prompt_step": lambda idx: (prompt_only(idx, grad=True), student.zero_grad(set_to_none=True)),
         "label_token_step": train_step(label_token_step),
         "trie_step": train_step(lambda idx: label_logprobs(student, [prompts[i] for i in idx], answers_full, pad)),
-        "packed_step": train_step(lambda idx: old_label_logprobs(student, [prompts[i] for i in idx], answers_full, pad)),
+        "packed_step": train_step(
+            lambda idx: old_label_logprobs(student, [prompts[i] for i in idx], answers_full, pad)),
     }, batches, args.rounds)
     n_prompt = sum(map(len, prompts)) / len(prompts)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
@@ -226,8 +235,10 @@ def bench_label_tokens(name, tok_path, model, args):
     print(f"  float32 eval     texts/s: prompt-only forward {B / med['prompt']:7.2f}   label-token eval "
           f"{B / med['eval']:7.2f}   cost {_ratio(times, 'eval', 'prompt'):.2f}x the prompt alone (target <= 1.3)")
     print(f"  float32 training texts/s: prompt-only step {B / med['prompt_step']:7.2f}   label-token step "
-          f"{B / med['label_token_step']:7.2f}   cost {_ratio(times, 'label_token_step', 'prompt_step'):.2f}x (target <= 1.3)")
-    print(f"  float32 training texts/s: trie step {B / med['trie_step']:.2f}, packed step {B / med['packed_step']:.2f}: "
+          f"{B / med['label_token_step']:7.2f}   cost {_ratio(times, 'label_token_step', 'prompt_step'):.2f}x "
+          "(target <= 1.3)")
+    print(f"  float32 training texts/s: trie step {B / med['trie_step']:.2f}, packed step "
+          f"{B / med['packed_step']:.2f}: "
           f"packed / label-token {_ratio(times, 'packed_step', 'label_token_step'):.1f}x, "
           f"packed / trie {_ratio(times, 'packed_step', 'trie_step'):.2f}x")
 
@@ -276,15 +287,15 @@ def bench_gguf(name, tok_path, model, args):
         for kind in ("plain", "label-token"):
             m, t = copy.deepcopy(model).float(), load_tokenizer(tok_path)
             if kind == "label-token":
-                add_label_tokens(m, t, _labels(name))
+                add_label_tokens(m, t, _labels(name, args.data))
             m.save_pretrained(tmp / kind)
             t.save_pretrained(tmp / kind)
             files[kind] = tmp / f"{kind}.gguf"
             export_gguf(tmp / kind, files[kind], args.gguf_quant, verify=False)
             del m
-        prompts, answers = task_prompts(TASKS[name], tok, n)
+        prompts, answers = task_prompts(name, tok, n, args.data)
         lt_tok = load_tokenizer(tmp / "label-token")
-        lt_prompts, lt_answers = task_prompts(TASKS[name], lt_tok, n)
+        lt_prompts, lt_answers = task_prompts(name, lt_tok, n, args.data)
         enc = [types.SimpleNamespace(prompt=p) for p in prompts]
         lt_enc = [types.SimpleNamespace(prompt=p) for p in lt_prompts]
         n_ctx = 64 * -(-(max(map(len, prompts)) + max(map(len, answers)) + 1) // 64)
@@ -308,15 +319,18 @@ def bench_gguf(name, tok_path, model, args):
           f"{(old_all - trie_all).abs().max().item():.1e}")
 
 
-def _labels(name):
-    from distill.config import load_recipe
+def _labels_and_rows(recipe, src: str):
+    """The task's label set (named by the recipe, else its data's classes) and its validated rows."""
     from distill.data.read import label_set, read_rows, validate_rows
 
-    recipe = load_recipe(ROOT / TASKS[name])
-    labels = label_set(recipe.task, TASKS[name])
-    if labels:
-        return labels
-    return sorted({ex["label"] for ex in validate_rows(read_rows(recipe.task.data), recipe.task, None, recipe.task.data)})
+    task = recipe.task
+    named = label_set(task, src)
+    examples = validate_rows(read_rows(task.data), task, named, task.data)
+    return named or sorted({ex["label"] for ex in examples}), examples
+
+
+def _labels(name: str, data: Path | None):
+    return _labels_and_rows(load_task_recipe(name, data), TASKS[name])[0]
 
 
 def main(argv=None):
@@ -329,7 +343,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the label-token comparison")
     ap.add_argument("--gguf-texts", type=int, default=8, help="texts per GGUF row (0: no GGUF rows)")
     ap.add_argument("--gguf-quant", default="q8_0", help="the GGUF type of the compared files")
+    add_data_flag(ap, "banking77", "the Banking77 folder (train.jsonl, test.jsonl, labels.json)")
     args = ap.parse_args(argv)
+    args.data = args.data.resolve()  # before the chdir below
     os.chdir(ROOT)  # recipes name their data relative to the repository root
     from distill.config import load_teacher_spec
     from distill.models.loading import load_causal_lm, load_tokenizer, resolve_model_path

@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from distill.models import loading as models, scoring
-from distill.data import prompts
 from distill.config import load_recipe
+from distill.data import prompts
 from distill.data.read import label_set
+from distill.models import loading as models
+from distill.models import scoring
 from distill.models.label_tokens import label_token_ids
 
 

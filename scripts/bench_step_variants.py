@@ -28,34 +28,41 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
-CHILD = r"""
-import json, os, resource, sys, time
-from distill.config import load_recipe
-from distill.train.loop import restore_or_start, train_step
-from distill.train.setup import setup
-recipe = load_recipe(sys.argv[1], sys.argv[4:])
-run = setup(recipe, None, sys.argv[2])
-state = restore_or_start(run, False)
-for _ in range(2):  # warm-up: the first steps allocate the optimizer's state
-    train_step(run, state)
-barrier = os.environ.get("BENCH_BARRIER")  # processes timed side by side start their clocks together
-if barrier:
-    open(f"{barrier}/{os.getpid()}", "w").close()
-    while len(os.listdir(barrier)) < int(os.environ["BENCH_BARRIER_N"]):
-        time.sleep(0.05)
-t0, n = time.perf_counter(), int(sys.argv[3])
-for _ in range(n):
-    train_step(run, state)
-print(json.dumps({"s_per_step": (time.perf_counter() - t0) / n,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+from benchlib import peak_rss_mib
+
+
+def child(recipe_path: str, out: str, steps: int, sets: list[str]) -> None:
+    """One training process: two warm-up steps, then `steps` timed optimizer steps of the trainer's own
+    train_step; prints seconds per step and the peak memory as JSON."""
+    from distill.config import load_recipe
+    from distill.train.loop import restore_or_start, train_step
+    from distill.train.setup import setup
+
+    run = setup(load_recipe(recipe_path, sets), None, out)
+    state = restore_or_start(run, False)
+    for _ in range(2):  # warm-up: the first steps allocate the optimizer's state
+        train_step(run, state)
+    barrier = os.environ.get("BENCH_BARRIER")  # processes timed side by side start their clocks together
+    if barrier:
+        open(f"{barrier}/{os.getpid()}", "w").close()
+        while len(os.listdir(barrier)) < int(os.environ["BENCH_BARRIER_N"]):
+            time.sleep(0.05)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, state)
+    print(json.dumps({"s_per_step": (time.perf_counter() - t0) / steps, "peak_rss_mb": peak_rss_mib()}))
+
+
 DEFAULT_SETS = ["teacher=teachers/smollm2-135m-instruct.yaml", "train.student.model=null",
                 "train.student.num_layers=10", "train.batch_size=32"]
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
 def main():
+    if sys.argv[1:2] == ["--child"]:
+        return child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/banking77-control.yaml")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per process")
@@ -82,8 +89,9 @@ def main():
                 n = 2 if name == "pair" else 1
                 barrier = tempfile.mkdtemp(dir=tmp)
                 procs = [subprocess.Popen(
-                    [sys.executable, "-c", CHILD, a.recipe, f"{tmp}/{name}{i}", str(a.steps), f"workdir={tmp}/work-{name}{i}",
-                     *sets, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    [sys.executable, __file__, "--child", a.recipe, f"{tmp}/{name}{i}", str(a.steps),
+                     f"workdir={tmp}/work-{name}{i}", *sets, *extra],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "BENCH_BARRIER": barrier,
                          "BENCH_BARRIER_N": str(n), **env}) for i in range(n)]
                 outs = [p.communicate() for p in procs]

