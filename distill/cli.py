@@ -27,7 +27,8 @@ from distill.cli_options import (
     tokenizer_option,
 )
 from distill.config import Backend, Loss
-from distill.errors import DistillError, UsageError, describe
+from distill.errors import UsageError, describe
+from distill.models.loading import allow_remote_code
 
 
 def friendly_errors(fn):
@@ -95,14 +96,13 @@ def _sigterm_interrupts() -> None:
         signal.signal(signal.SIGTERM, on_term)
 
 
-@click.group(epilog=RECIPE_RULE + " `distill COMMAND --help` documents every option.")
+@click.group("distill", epilog=RECIPE_RULE + " `distill COMMAND --help` documents every option.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.option("--debug", is_flag=True, help="Print the traceback of an error (also: DISTILL_DEBUG=1).")
 @click.option("--trust-remote-code", is_flag=True, envvar="DISTILL_TRUST_REMOTE_CODE",
               help="Let a model directory's own Python code (config.json auto_map) run when it is loaded; "
                    "off by default because that code runs with your rights (also: DISTILL_TRUST_REMOTE_CODE=1).")
 @click.version_option(package_name="distill")
-@friendly_errors
 def cli(verbose, debug, trust_remote_code):
     """Distill a large teacher model into a small student: generate -> train -> eval -> export -> bench.
 
@@ -115,19 +115,7 @@ def cli(verbose, debug, trust_remote_code):
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if trust_remote_code:
-        _allow_remote_code()
-
-
-def _allow_remote_code() -> None:
-    """--trust-remote-code: the one switch models/loading reads before handing trust_remote_code to transformers."""
-    from distill.models import loading
-
-    allow = getattr(loading, "allow_remote_code", None)
-    if allow is None:
-        raise DistillError("--trust-remote-code: this distill cannot run a model's own code "
-                           "(distill.models.loading.allow_remote_code is missing)")
-    allow()
+    allow_remote_code(trust_remote_code)  # set either way: one process may run several commands (tests)
 
 
 def _load(recipe_path, sets=(), overrides=None):

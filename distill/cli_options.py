@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
+from distill.config import SEED_MAX
 from distill.errors import UsageError
 from distill.fileio import check_output_dir, check_output_file
 
 RECIPE_RULE = ("The recipe is the first argument of every command without a MODEL argument (generate, train, bench, "
                "doctor); eval and export, whose first argument is the model, take it as --recipe RECIPE.")
-SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take an unsigned 32-bit seed
 
 
 class FileName(click.ParamType):
