@@ -103,6 +103,88 @@ def publish_files(tmp: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; elsewhere a no-op). Call it first thing in a child (as a subprocess preexec_fn,
+    or at the top of a multiprocessing target); with `parent_pid`, a parent that died before the call
+    (the child was re-parented) ends the child at once."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` at `out` in one rename; the previous `out`, if any, ends at `tmp`
+    and is removed. A reader sees the old set or the new one, never a mix."""
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    if not _exchange(tmp, out):  # no atomic swap here: move the old set aside first (out briefly absent)
+        old = tmp.with_name(tmp.name + "-old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        os.rename(old, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_sets(out: Path) -> None:
+    """Temporary sets that a killed writer of `out` left beside it (their pid, in the name, is gone)."""
+    for d in out.parent.glob(f".{out.name}.set-*"):
+        pid = d.name[len(f".{out.name}.set-"):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def write_file_set(out_dir: str | Path, files: dict[str, bytes | str]) -> None:
+    """Write the files of a report (eval's, bench's) as one unit: into a temporary directory beside
+    `out_dir`, fsynced, then renamed into place. A run killed, or a disk that fills, at any point leaves
+    the previous set whole; `out_dir` must hold nothing but such a set (its old files are replaced)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_sets(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.set-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+            pause_point("report_file")
+        fsync_tree(tmp)
+        pause_point("report_written")
+        _replace_dir(tmp, out_dir)
+        fsync_file(out_dir.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(out_dir, e) from None
+        raise
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -120,7 +202,8 @@ def pause_point(name: str) -> None:
     """Tests interrupt runs at chosen points: DISTILL_TEST_PAUSE=NAME:SECONDS[:NTH] sleeps there each
     time the point is reached, or only the NTH time; a no-op otherwise. Points: after_shard,
     before_record (generate), checkpoint_written, model_written (train), export_written,
-    export_verified (export)."""
+    export_verified (export), report_file (after each file of a report set), report_written (the set
+    complete, before its rename), bench_scored (bench's measuring child), llama_job."""
     point, _, rest = os.environ.get("DISTILL_TEST_PAUSE", "").partition(":")
     if point != name or not rest:
         return

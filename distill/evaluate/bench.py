@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import multiprocessing as mp
+import os
 import queue
 import resource
 import signal
@@ -22,14 +23,16 @@ import numpy as np
 
 from distill.config import Recipe
 from distill.errors import DistillError, UsageError
-from distill.evaluate.evaluation import eval_examples
-from distill.fileio import atomic_write_bytes, atomic_write_text, pause_point
+from distill.evaluate.evaluation import check_report_dir, eval_examples
+from distill.fileio import die_with_parent, pause_point, write_file_set
 from distill.evaluate.metrics import agreement, classification_metrics
 from distill.models.loading import size_on_disk
 
 
-def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q):
-    """Child process: score the holdout and time it; report through the queue `q`."""
+def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q, parent_pid=None):
+    """Child process: score the holdout and time it; report through the queue `q`. It dies with the
+    parent, even a SIGKILLed one (nothing else would stop it: it ignores SIGINT and has no terminal)."""
+    die_with_parent(parent_pid)
     import torch
 
     from distill.evaluate.evaluation import make_scorer
@@ -68,7 +71,8 @@ def measure(model_ref, recipe, examples, batch_size, latency_examples, tokenizer
     whole process group): the parent alone handles it, and SIGTERM, and stops the child before it exits."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(model_ref, recipe, examples, batch_size, latency_examples, tokenizer, q))
+    proc = ctx.Process(target=_measure, args=(model_ref, recipe, examples, batch_size, latency_examples, tokenizer, q,
+                                              os.getpid()))
     with _sigint_ignored():  # inherited through exec: Python then never raises KeyboardInterrupt in the child
         proc.start()
     try:
@@ -118,9 +122,14 @@ def stop_child(proc, grace: float = 10.0) -> None:
     proc.join()
 
 
+BENCH_FILES = ("bench.json", "bench.md", "bench.png")
+
+
 def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | None = None, split: str = "holdout",
               batch_size: int = 16, latency_examples: int = 32, limit: int | None = None, out: str | None = None,
               tokenizer: str | None = None) -> dict:
+    out_dir = Path(out or recipe.workdir_path / "bench")
+    check_report_dir(out_dir, BENCH_FILES)
     examples, splits = eval_examples(recipe, split, data, limit)
     recipe.task.labels = splits.labels
     labels = splits.labels
@@ -138,11 +147,9 @@ def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | Non
         r["f1_kept"] = r["macro_f1"] / rows[0]["macro_f1"] if rows[0]["macro_f1"] else None
         r["speedup_1"] = r["throughput_1"] / rows[0]["throughput_1"]
         r["speedup_batch"] = r["throughput_batch"] / rows[0]["throughput_batch"]
-    out_dir = Path(out or recipe.workdir_path / "bench")
     report = {"split": data or split, "n": len(examples), "batch_size": batch_size, "models": rows}
-    atomic_write_text(out_dir / "bench.json", json.dumps(report, indent=1))
-    atomic_write_text(out_dir / "bench.md", markdown_table(rows, len(examples), batch_size))
-    atomic_write_bytes(out_dir / "bench.png", chart(rows))
+    write_file_set(out_dir, {"bench.json": json.dumps(report, indent=1),  # one unit, as eval's report
+                             "bench.md": markdown_table(rows, len(examples), batch_size), "bench.png": chart(rows)})
     report["out_dir"] = str(out_dir)
     return report
 

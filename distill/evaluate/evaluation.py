@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from distill.data.leakage import overlap, warn_overlaps
 from distill.data.splits import prepare_splits, same_file, subset_indices
 from distill.data.read import read_rows, validate_rows
 from distill.errors import UsageError
-from distill.fileio import atomic_write_bytes, atomic_write_text
+from distill.fileio import write_file_set
 from distill.evaluate.metrics import classification_metrics
 from distill.data.prompts import encode_classification
 from distill.models.scoring import label_logprobs
@@ -189,10 +190,27 @@ def report_dir_name(name: str, split: str = "holdout", data: str | None = None, 
     return "-".join(parts + ([f"{shots}shot"] if shots else []) + ([f"limit{limit}"] if limit else []))
 
 
+REPORT_FILES = ("report.json", "confusion.csv", "confusion.png", "predictions.jsonl")
+
+
+def check_report_dir(out_dir: Path, names, option: str = "--out") -> None:
+    """A report set is replaced as a whole directory, so its directory must hold nothing else (a model
+    directory or a user's files given as --out would be swapped away with it)."""
+    if out_dir.is_dir():
+        other = sorted(n for n in os.listdir(out_dir)
+                       if n not in names and not (n.startswith(".") and n.endswith(".tmp")))  # older runs' temps
+        if other:
+            raise UsageError(f"{option} {out_dir}: holds {other[0]!r}, not only a report distill wrote "
+                             f"({', '.join(names)}); name a new directory for the report")
+
+
 def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,
              shots: int = 0, out: str | None = None, name: str | None = None, batch_size: int = 16,
              limit: int | None = None, tokenizer: str | None = None) -> dict:
     task = recipe.task
+    out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name or Path(model_ref).name, split, data,
+                                                                         shots, limit))
+    check_report_dir(out_dir, REPORT_FILES)
     examples, splits = eval_examples(recipe, split, data, limit)
     labels = splits.labels
     shot_examples = few_shot_examples(splits.train, labels, shots) if shots else []
@@ -212,15 +230,14 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
     note = overfit_note(model_ref)
     if note:
         report["overfitting"] = note
-    out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name, split, data, shots, limit))
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
-    atomic_write_text(out_dir / "confusion.csv", confusion_csv(report["confusion"], labels))
-    atomic_write_bytes(out_dir / "confusion.png",
-                       confusion_png(report["confusion"], labels, f"{name} on {Path(str(data or split)).name}"))
-    atomic_write_text(out_dir / "predictions.jsonl", "".join(
-        json.dumps({"id": ex.get("id"), "label": ex["label"], "predicted": labels[p],
-                    "probs": torch.softmax(s, -1).round(decimals=4).tolist()}) + "\n"
-        for ex, p, s in zip(examples, y_pred, scores)))
+    write_file_set(out_dir, {  # one unit: a killed run or a full disk leaves the previous set whole
+        "report.json": json.dumps(report, indent=1),
+        "confusion.csv": confusion_csv(report["confusion"], labels),
+        "confusion.png": confusion_png(report["confusion"], labels, f"{name} on {Path(str(data or split)).name}"),
+        "predictions.jsonl": "".join(
+            json.dumps({"id": ex.get("id"), "label": ex["label"], "predicted": labels[p],
+                        "probs": torch.softmax(s, -1).round(decimals=4).tolist()}) + "\n"
+            for ex, p, s in zip(examples, y_pred, scores))})
     report["out_dir"] = str(out_dir)
     if Path(model_ref).is_dir():  # the model card of a model distill trained shows its measured figures
         from distill.models.model_card import add_evaluation

@@ -23,7 +23,7 @@ from distill.errors import DistillError, UsageError
 from distill.fileio import fsync_file, pause_point, pid_alive
 from distill.export.gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
 from distill.models.llamacpp import have_llama_cpp, require_llama_cpp
-from distill.models.loading import adapter_base, is_adapter, load_model, size_on_disk
+from distill.models.loading import adapter_base, check_remote_code, hf_kwargs, is_adapter, load_model, size_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,11 @@ def source_config(model_dir: Path):
     """The config of the model that will be exported (the base's for an adapter), checked before any weights load."""
     from transformers import AutoConfig
 
+    check_remote_code(model_dir)
     path = adapter_base(model_dir) if is_adapter(model_dir) else str(model_dir)
+    check_remote_code(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hf_kwargs())
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: cannot read the model config ({e})") from None
     arch_spec(config)
@@ -99,7 +101,8 @@ def load_source(model_dir: Path):
 
     model, tokenizer_dir = load_model(str(model_dir), "float32")
     model.eval()
-    return model, AutoTokenizer.from_pretrained(tokenizer_dir), size_on_disk(model_dir)
+    check_remote_code(tokenizer_dir)
+    return model, AutoTokenizer.from_pretrained(tokenizer_dir, **hf_kwargs()), size_on_disk(model_dir)
 
 
 # ---------------------------------------------------------------- writing
@@ -291,7 +294,8 @@ def transformers_logits(path: Path, ids_list) -> list[np.ndarray]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 **hf_kwargs())
     model.eval()
     return reference_logits(model, ids_list)
 

@@ -196,7 +196,9 @@ def embedded_tokenizer(gguf: Path):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    from distill.models.loading import hf_kwargs
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **hf_kwargs())
     plain = [a.content for a in tok.added_tokens_decoder.values() if not a.special]
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in plain], special_tokens=True)
     return tok
@@ -222,11 +224,15 @@ def run_job(request: dict) -> dict:
     """Run one llama.cpp job (see _job) in a child process; its result dict, or DistillError.
 
     The child stops with this process: on any exception here, KeyboardInterrupt included (Ctrl-C, or
-    SIGTERM through the CLI), subprocess.run kills it and waits for it; its stderr is captured, so the
-    traceback the same Ctrl-C gives the child is never shown.
+    SIGTERM through the CLI), subprocess.run kills it and waits for it; a SIGKILL of this process kills
+    it through the kernel (die_with_parent); its stderr is captured, so the traceback the same Ctrl-C
+    gives the child is never shown.
     """
+    import functools
     import subprocess
     import sys
+
+    from distill.fileio import die_with_parent
 
     with tempfile.TemporaryDirectory(prefix="distill-llama.") as tmp:
         req = Path(tmp) / "request.json"
@@ -236,7 +242,8 @@ def run_job(request: dict) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            env.get("PYTHONPATH")]))
         code = f"from distill.models.llamacpp import _job; _job({str(req)!r})"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              preexec_fn=functools.partial(die_with_parent, os.getpid()))  # even if SIGKILLed
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
             raise DistillError(f"llama.cpp {request['job']} failed: {tail}")

@@ -13,6 +13,57 @@ from distill.errors import UsageError, one_line
 
 log = logging.getLogger(__name__)
 
+_REMOTE_CODE = False
+
+
+def allow_remote_code(allow: bool = True) -> None:
+    """Let transformers run the Python a model directory ships (`auto_map` in its config), as the root
+    `--trust-remote-code` flag asks. Off by default: a downloaded or handed-over model directory is
+    data, and without the flag its code never runs and transformers never prompts for it on stdin."""
+    global _REMOTE_CODE
+    _REMOTE_CODE = bool(allow)
+
+
+def remote_code_allowed() -> bool:
+    return _REMOTE_CODE
+
+
+def hf_kwargs() -> dict:
+    """Keyword arguments for every transformers `from_pretrained`: remote code explicitly off (never the
+    library's default, which asks on stdin) unless `allow_remote_code()` was called."""
+    return {"trust_remote_code": _REMOTE_CODE}
+
+
+def check_remote_code(path) -> None:
+    """Refuse a local model directory whose config.json or tokenizer_config.json maps classes to its
+    own Python files (`auto_map`), naming the file and the flag; with the flag, warn naming it."""
+    p = Path(str(path))
+    if not p.is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+        f = p / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable: the loader itself reports it
+        if not isinstance(data, dict) or "auto_map" not in data:
+            continue
+        if not _REMOTE_CODE:
+            raise UsageError(f"{f}: auto_map names custom Python code that loading this model would run; "
+                             "distill runs none unless you pass --trust-remote-code (and trust this directory)")
+        log.warning("%s: auto_map: running this model directory's own Python code (--trust-remote-code)", f)
+
+
+def _remote_code_refusal(path, e: Exception) -> UsageError | None:
+    """transformers' refusal of a hub model that needs its own code, as one line naming the flag."""
+    text = str(e)
+    if "trust_remote_code" in text or "custom code" in text:
+        return UsageError(f"{path}: the model needs its own Python code to load; distill runs none unless you "
+                          "pass --trust-remote-code (and trust the model's source)")
+    return None
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
@@ -51,6 +102,7 @@ def resolve_model_path(source: str) -> str:
     if p.exists():
         if not (p / "config.json").is_file():
             raise UsageError(f"{p}: not a model directory (no config.json)")
+        check_remote_code(p)
         return str(p)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise UsageError(f"{source}: no such model directory")
@@ -69,9 +121,9 @@ def convert_gguf_to_hf(gguf_path: Path, dtype: str = "bfloat16") -> Path:
     log.info("converting %s into %s (once)", gguf_path, out)
     d, f = str(gguf_path.parent), gguf_path.name
     try:
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(d, gguf_file=f)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f, **hf_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, **hf_kwargs())
+        config = AutoConfig.from_pretrained(d, gguf_file=f, **hf_kwargs())
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # not GGUF, truncated, an unknown architecture
         raise UsageError(f"{gguf_path}: not a GGUF model transformers can read ({one_line(e, 300)})") from None
     if hasattr(config, "quantization_config"):
@@ -101,7 +153,14 @@ def load_tokenizer(path: str):
 
     if not path:  # never a hub lookup for "None"
         raise UsageError("no tokenizer given: expected a model or tokenizer directory or a hub id")
-    tok = AutoTokenizer.from_pretrained(path)
+    check_remote_code(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **hf_kwargs())
+    except ValueError as e:
+        refusal = _remote_code_refusal(path, e)
+        if refusal is None:
+            raise
+        raise refusal from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -112,10 +171,11 @@ def causal_lm_config(path: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    check_remote_code(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hf_kwargs())
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: no readable model config ({e})") from None
+        raise _remote_code_refusal(path, e) or UsageError(f"{path}: no readable model config ({e})") from None
     archs = getattr(config, "architectures", None) or []
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
             archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
@@ -130,7 +190,7 @@ def load_causal_lm(path: str, dtype: str = "float32"):
 
     causal_lm_config(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **hf_kwargs())
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: could not load the weights ({e})") from None
 
@@ -161,6 +221,7 @@ def load_model(ref: str, dtype: str = "float32"):
     if is_adapter(ref):
         from peft import PeftModel
 
+        check_remote_code(ref)
         base_path = adapter_base(ref)
         model = PeftModel.from_pretrained(load_causal_lm(base_path, dtype), str(ref)).merge_and_unload()
         return model, str(ref) if _has_tokenizer(Path(ref)) else base_path
@@ -208,7 +269,8 @@ def model_vocab_rows(model_path: str) -> int:
         return int(data.get("vocab_size") or data.get("text_config", {}).get("vocab_size", 0))
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(model_path).vocab_size)
+    check_remote_code(model_path)
+    return int(AutoConfig.from_pretrained(model_path, **hf_kwargs()).vocab_size)
 
 
 def vocab_rows_or_tokenizer(model_path: str, tok) -> int:

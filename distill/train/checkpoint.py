@@ -24,16 +24,22 @@ from distill.train.distributed import barrier, is_deepspeed
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the loop state is one record (micro-batch counter; the data position is derived)
+FORMAT = 3  # 2: the loop state is one record (micro-batch counter; the data position is derived); 3: every
+#               file loads with torch.load(weights_only=True) (the numpy RNG state as a tensor, not an array)
 # TrainConfig keys that may change between an interrupted run and its --resume
 RESUME_FREE_KEYS = {"checkpoint_every", "keep_checkpoints", "overfit_gap", "swamp_fraction", "swamp_steps",
                     "early_stopping_patience", "report_to"}
 
 
 def rng_state() -> dict:
+    """Every RNG's state in types `torch.load(weights_only=True)` reads: tensors, numbers, lists (numpy's
+    key array becomes a tensor, so loading it needs no numpy class on an allow-list)."""
     import numpy as np
 
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -43,10 +49,32 @@ def set_rng_state(st: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_data_only(path: Path):
+    """torch.load that runs no code from the file: only tensors and plain values are read, and a file
+    holding anything else (a crafted pickle, or a checkpoint another program wrote) is refused."""
+    import pickle
+
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:  # what weights_only raises for any class or call outside the allow-list
+        raise UsageError(f"{path}: holds objects other than tensors and plain values, so it was not loaded (no "
+                         "code in a checkpoint is run); not a checkpoint distill wrote: start afresh without "
+                         "--resume") from None
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (truncated, not a zip): unreadable
+        raise UsageError(f"{path}: not readable as a checkpoint file ({type(e).__name__}); start afresh "
+                         "without --resume") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: holds a {type(data).__name__}, not a checkpoint record; start afresh without "
+                         "--resume")
+    return data
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -132,7 +160,7 @@ class Checkpointer:
 
     def load(self, ck: Path, settings: dict) -> tuple[dict, dict | None]:
         """Restore weights, optimizer and scheduler from ck; returns (loop state, this rank's RNG state)."""
-        state = torch.load(ck / "state.pt", weights_only=False)
+        state = load_data_only(ck / "state.pt")
         if state.get("format") != FORMAT:
             raise UsageError(f"{ck}: a checkpoint of an older distill (format {state.get('format', 1)}, this one "
                              f"reads {FORMAT}); start afresh without --resume")
@@ -156,7 +184,7 @@ class Checkpointer:
         if state["world_size"] != self.world:
             log.warning("resuming a %d-process run with %d processes: same data order and batches, "
                         "but per-process RNG streams (dropout) differ", state["world_size"], self.world)
-        return state["loop"], torch.load(rng, weights_only=False) if rng.is_file() else None
+        return state["loop"], load_data_only(rng) if rng.is_file() else None
 
     def _load_weights(self, ck: Path, state: dict) -> None:
         if self.ds:
@@ -177,4 +205,4 @@ class Checkpointer:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
+        self.optimizer.load_state_dict(load_data_only(ck / "optimizer.pt"))
