@@ -1,8 +1,11 @@
 """Losses on the cached top-k support against dense reference computations, gradients included."""
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.errors import UsageError
 from distill.train.losses import DIVERGENCES, dense_kd, divergence, loss_kwargs, soft_label_kd, sparse_kd
 
 
@@ -156,16 +159,21 @@ def test_reductions_sum_and_none():
         soft_label_kd(s, t, reduction="max")
 
 
-def test_loss_kwargs_checks_the_parameters():
+def test_loss_kwargs_maps_the_recipe_values_and_config_names_the_divergences():
+    """The parameters' ranges are the recipe's (config checks them once); the names exist once, in config."""
+    from distill import config
+
     assert loss_kwargs("forward_kl", 0.5, 0.1) == {}
     assert loss_kwargs("jsd", 0.2, 0.1) == {"beta": 0.2}
     assert loss_kwargs("skew_reverse_kl", 0.5, 0.3) == {"lam": 0.3}
-    with pytest.raises(ValueError, match="jsd_beta"):
-        loss_kwargs("jsd", 1.2, 0.1)
-    with pytest.raises(ValueError, match="skew_lambda"):
-        loss_kwargs("skew_forward_kl", 0.5, 1.0)
-    with pytest.raises(ValueError, match="unknown divergence"):
-        loss_kwargs("kl", 0.5, 0.1)
+    assert DIVERGENCES is config.DIVERGENCES and DIVERGENCES == typing.get_args(config.Loss)
+    assert typing.get_args(config.OnPolicyLoss) == (*DIVERGENCES, config.SAMPLED)
+    with pytest.raises(ValueError, match="unknown divergence 'kl'"):
+        divergence(torch.zeros(1, 2), torch.zeros(1, 2), "kl")
+    with pytest.raises(UsageError, match=r"train.jsd_beta: expected a number in \[0, 1\], got 1.2"):
+        config.load_recipe(config.Recipe(train=config.TrainConfig(loss="jsd", jsd_beta=1.2)))
+    with pytest.raises(UsageError, match=r"train.skew_lambda: expected a number in \[0, 1\), got 1.0"):
+        config.load_recipe(config.Recipe(train=config.TrainConfig(loss="skew_forward_kl", skew_lambda=1.0)))
 
 
 def rows_with_filler(seed=11, V=40, N=6, k=8):

@@ -2,42 +2,26 @@
 optionally wrapped with LoRA adapters."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from distill.config import LoraConfig, StudentConfig
-from distill.errors import UsageError
-from distill.models.loading import load_causal_lm
+from distill.errors import DistillError, UsageError
+from distill.fileio import pause_point, publish_files, ran_out_of_space
+from distill.models.label_tokens import add_label_tokens
+from distill.models.loading import load_causal_lm, resolve_model_path
 from distill.student.cut import cut
 
 log = logging.getLogger(__name__)
 
 
-def check_quantization(cfg: StudentConfig, lora: LoraConfig | None, src: str = "recipe") -> None:
-    """QLoRA needs a LoRA adapter to train, a CUDA GPU and bitsandbytes: refuse anything else clearly."""
-    if cfg.quantization is None:
-        return
-    if cfg.quantization != "4bit":
-        raise UsageError(f"{src}: train.student.quantization: expected 4bit (QLoRA) or nothing, got {cfg.quantization!r}")
-    if lora is None:
-        raise UsageError(f"{src}: train.student.quantization: 4bit weights are frozen; QLoRA needs train.lora "
-                         "(an adapter to train). Add a train.lora section or drop the quantization")
-    if not torch.cuda.is_available():
-        raise UsageError(f"{src}: train.student.quantization: 4bit (QLoRA) needs a CUDA GPU for bitsandbytes' "
-                         "4-bit kernels, and this machine has none; on CPU use plain LoRA (remove "
-                         "train.student.quantization) or full fine-tuning")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UsageError(f"{src}: train.student.quantization: 4bit needs the bitsandbytes package "
-                         "(pip install bitsandbytes)") from None
-
-
 def _load_4bit(path: str):
-    import os
-
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -55,10 +39,9 @@ def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32",
     `texts` (token ids of the task's training texts) are what importance is measured on, and the
     forward throughput of teacher and student is timed on; `plan` rebuilds a student already planned
     (the dense copy of a QLoRA student). `cfg.quantization == "4bit"` loads the base in NF4 for QLoRA
-    (call `check_quantization` first).
+    (the recipe's side is checked by config, the machine's, a CUDA GPU and bitsandbytes, by
+    `train.setup.check_machine`).
     """
-    from distill.models.loading import resolve_model_path
-
     path = resolve_model_path(cfg.model) if cfg.model else teacher_path
     model = _load_4bit(path) if cfg.quantization == "4bit" else load_causal_lm(path, dtype)
     if not cfg.model:
@@ -98,16 +81,12 @@ def dense_lora_copy(peft_model, student_cfg: StudentConfig, lora_cfg: LoraConfig
     quantization, cut to the same layers, with the trained adapter weights loaded into it (merging an
     adapter into 4-bit weights would round them, and an adapter alone cannot be reloaded on a layer
     subset of its base)."""
-    import dataclasses
-
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     dense = build_student(dataclasses.replace(student_cfg, quantization=None), base_path,
                           plan=getattr(peft_model, "distill_plan", None))
     tokens = None
     if labels:  # the label token rows: resized here, their trained values come with the adapter
-        from distill.models.label_tokens import add_label_tokens
-
         tokens = add_label_tokens(dense, tok, labels)
     dense = add_lora(dense, lora_cfg, tokens)
     adapter = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
@@ -125,11 +104,6 @@ def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | Non
     while saving leaves the previous best model whole. `state_dict`: the full weights when the
     model's own are partitioned (DeepSpeed ZeRO-3).
     """
-    import shutil
-
-    from distill.errors import DistillError
-    from distill.fileio import pause_point, publish_files, ran_out_of_space
-
     tmp = out / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -149,15 +123,13 @@ def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | Non
 def _save_pretrained(model, tok, out: Path, merge: bool, state_dict: dict | None) -> None:
     if state_dict is not None:
         model.save_pretrained(out, state_dict=state_dict)
-    elif getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False):
+    elif any(getattr(m, "is_loaded_in_4bit", False) for m in (model, getattr(model, "base_model", None))):
         # QLoRA: merging into 4-bit weights would round them; save the adapter, loadable on its base
         if merge:
             log.warning("QLoRA student: saving the LoRA adapter unmerged (merging into 4-bit weights loses precision)")
         model.save_pretrained(out)
     elif hasattr(model, "merge_and_unload"):
         if merge:
-            import copy
-
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(out)
         else:

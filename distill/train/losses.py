@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from distill.config import DIVERGENCES, SAMPLED  # the names, once: config.Loss and config.OnPolicyLoss
+
+__all__ = ["DIVERGENCES", "SAMPLED", "dense_kd", "divergence", "loss_kwargs", "sampled_reverse_kl", "soft_label_kd",
+           "sparse_kd", "student_buckets", "teacher_buckets", "total_loss"]
 
 
 def _kl(logp, logq):
@@ -76,16 +79,11 @@ def _reduce(d, reduction: str):
 
 
 def loss_kwargs(kind: str, jsd_beta: float = 0.5, skew_lambda: float = 0.1) -> dict:
-    """The keyword arguments `divergence` needs for `kind`, from recipe values (checked)."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    """The keyword arguments `divergence` takes for `kind`: jsd's beta, the skews' lambda, none for the
+    others. The values' ranges are the recipe's (config: train.jsd_beta, train.skew_lambda), checked there."""
     if kind == "jsd":
-        if not 0.0 <= jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta: expected a number in [0, 1], got {jsd_beta}")
         return {"beta": jsd_beta}
     if kind.startswith("skew_"):
-        if not 0.0 <= skew_lambda < 1.0:
-            raise ValueError(f"skew_lambda: expected a number in [0, 1), got {skew_lambda}")
         return {"lam": skew_lambda}
     return {}
 
@@ -166,9 +164,6 @@ def dense_kd(student_logits, teacher_logits, temperature: float = 1.0, kind: str
     logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return _reduce(divergence(logp, logq, kind, **kw), reduction)
-
-
-SAMPLED = "sampled_reverse_kl"  # on-policy only: needs the token the student sampled (config.OnPolicyLoss)
 
 
 def sampled_reverse_kl(student_logits, targets, topk_ids, topk_logprobs, tail_mass, reduction: str = "mean"):

@@ -1,13 +1,13 @@
-"""Tasks: what a batch's loss terms are, and how validation is scored.
+"""Tasks: what a batch's loss terms are, and how validation is scored (the `Task` protocol).
 
 Each task holds its encoded train and validation examples and, with a cache, the teacher's numbers
-for exactly those examples. `loss_sums(model, idx)` returns the differentiable KD and CE sums over
-training examples idx; `count(idx)` their loss units (examples, or target tokens); `evaluate` the
-validation figures, sharded over the processes.
+for exactly those examples.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,29 @@ from distill.train.data import InMemory, TopkStream, read_examples
 from distill.train.distributed import sharded
 
 
-def make_task(recipe: Recipe, splits, tok, model, cache_dir: Path):
+@runtime_checkable
+class Task(Protocol):
+    """What the training loop asks of a task. `idx` are indices into `train`; `divergence_params` the
+    keyword arguments of losses.divergence for train.loss (config's jsd_beta or skew_lambda)."""
+
+    kind: str  # the teacher cache it trains on: "soft_labels" or "topk"
+    train: Sequence  # training examples: a list, or a train.data.ExampleStream (its own order)
+    val: Sequence  # validation examples
+
+    def count(self, idx: list[int], /) -> int:
+        """The loss units of examples idx (examples, or target tokens): what a batch's sums are divided by."""
+
+    def loss_sums(self, model: torch.nn.Module, idx: list[int], divergence_params: dict[str, float], /
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KD sum, CE sum) over training examples idx, differentiable."""
+
+    def evaluate(self, model: torch.nn.Module, rank: int, world: int, divergence_params: dict[str, float], /
+                 ) -> dict[str, float]:
+        """The validation figures (val_loss and val_ce, val_kd with the teacher's numbers, val_f1 for
+        classification), each process scoring its share."""
+
+
+def make_task(recipe: Recipe, splits, tok, model, cache_dir: Path) -> Task:
     kind = ClassificationTask if recipe.task.type == "classification" else GenerationTask
     return kind(recipe, splits, tok, model, cache_dir)
 
@@ -56,7 +78,8 @@ def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, 
         raise UsageError(f"{cache_dir}: made for another label set")
     rows = embedding_rows(model)
     if kind == "topk" and rows < len(tok):
-        raise UsageError(f"{cache_dir}: the student has {rows} embedding rows, fewer than the {len(tok)} tokens of the tokenizer")
+        raise UsageError(f"{cache_dir}: the student has {rows} embedding rows, fewer than the {len(tok)} tokens "
+                         "of the tokenizer")
     return manifest
 
 
@@ -88,7 +111,8 @@ class ClassificationTask:
         known = set(train_idx if labelled is None else labelled)
         self.has_label = torch.tensor([i in known for i in train_idx])  # CE only where the gold label may be read
         probe = [j for j, i in enumerate(train_idx) if i in known]  # train F1: as many labelled texts, stratified
-        self.train_probe = [probe[j] for j in subset_indices([train_ex[j] for j in probe], len(val_ex), task.split.seed)]
+        sample = subset_indices([train_ex[j] for j in probe], len(val_ex), task.split.seed)
+        self.train_probe = [probe[j] for j in sample]
         self.val, _ = encode_classification(tok, task, self.labels, val_ex, task.max_length)
         self.gold = torch.tensor([e.label_index for e in self.train])
         self.val_gold = torch.tensor([e.label_index for e in self.val])
@@ -97,7 +121,8 @@ class ClassificationTask:
             manifest = read_checked_cache(cache_dir, "soft_labels", recipe, splits, tok, model)
             self.teacher = cache_mod.load_split(cache_dir, "train", len(splits.train))["label_logprobs"][train_idx]
             if manifest.complete.get("validation"):
-                self.teacher_val = cache_mod.load_split(cache_dir, "validation", len(splits.validation))["label_logprobs"][val_idx]
+                val_split = cache_mod.load_split(cache_dir, "validation", len(splits.validation))
+                self.teacher_val = val_split["label_logprobs"][val_idx]
 
     def count(self, idx) -> int:
         return len(idx)
@@ -115,18 +140,17 @@ class ClassificationTask:
         nll = -logp.gather(2, wanted[..., None])[..., 0].sum(1)
         return logp[:, 0, self.label_tokens], nll
 
-    def loss_sums(self, model, idx, kw):
-        """(KD sum, CE sum) over the examples idx, differentiable."""
+    def loss_sums(self, model, idx, divergence_params):
         scores, ce = self.scores_and_ce(model, [self.train[i] for i in idx], self.gold[idx])
         ce = ce[self.has_label[idx].to(ce.device)].sum()
         if self.teacher is None:
             return torch.zeros((), device=scores.device), ce
         kd = soft_label_kd(scores, self.teacher[idx].to(scores.device), self.cfg.temperature, self.cfg.loss,
-                           reduction="sum", **kw)
+                           reduction="sum", **divergence_params)
         return kd, ce
 
     @torch.no_grad()
-    def evaluate(self, model, rank, world, kw) -> dict:
+    def evaluate(self, model, rank, world, divergence_params) -> dict:
         def score(items):  # label scores and each example's CE in one tensor [B, labels + 1]
             scores, ce = self.scores_and_ce(model, items, torch.tensor([e.label_index for e in items]))
             return torch.cat([scores.float(), ce.float()[:, None]], 1).cpu()
@@ -137,11 +161,12 @@ class ClassificationTask:
         tr = sharded(score, tr_items, cfg.batch_size, rank, world)[:, :-1]
         val, val_ce = val[:, :-1], val[:, -1]
         val_f1 = classification_metrics(self.val_gold.tolist(), val.argmax(1).tolist(), self.labels)["macro_f1"]
-        tr_f1 = classification_metrics([e.label_index for e in tr_items], tr.argmax(1).tolist(), self.labels)["macro_f1"]
+        tr_gold = [e.label_index for e in tr_items]
+        tr_f1 = classification_metrics(tr_gold, tr.argmax(1).tolist(), self.labels)["macro_f1"]
         ev = {"val_f1": val_f1, "train_f1": tr_f1, "train_val_gap": tr_f1 - val_f1, "val_ce": val_ce.mean().item()}
         ev["val_loss"] = ev["val_ce"]
         if self.teacher_val is not None:
-            ev["val_kd"] = soft_label_kd(val, self.teacher_val, cfg.temperature, cfg.loss, **kw).item()
+            ev["val_kd"] = soft_label_kd(val, self.teacher_val, cfg.temperature, cfg.loss, **divergence_params).item()
             ev["val_loss"] = total_loss(ev["val_kd"], ev["val_ce"], cfg.alpha, cfg.temperature)
         return ev
 
@@ -164,9 +189,9 @@ class GenerationTask:
         val_ex = splits.validation[: cfg.eval_examples] if cfg.eval_examples else splits.validation
 
         def encoded(examples, shard_size=None):  # training data in the order a cache of it would stream in
+            pairs = encode_generation(tok, task, examples, task.max_length)
             return InMemory((TopkExample(torch.as_tensor(s, dtype=torch.long), torch.as_tensor(p, dtype=torch.long),
-                                         None, None, None) for s, p in encode_generation(tok, task, examples, task.max_length)),
-                            shard_size)
+                                         None, None, None) for s, p in pairs), shard_size)
 
         self.teacher_val_available = False
         if cfg.alpha > 0:  # the training split is streamed from the cache (train/data.py), validation held
@@ -182,7 +207,7 @@ class GenerationTask:
     def count(self, idx) -> int:
         return self.train.count(idx)
 
-    def _sums(self, model, items: list[TopkExample], kw, with_teacher: bool):
+    def _sums(self, model, items: list[TopkExample], divergence_params, with_teacher: bool):
         """Per-target-token KD and CE over items (KD zero without the teacher)."""
         logits = target_logits(model, [e.sequence for e in items], [e.positions for e in items], self.pad)
         targets = torch.cat([e.sequence[e.positions] for e in items]).to(logits.device)
@@ -191,17 +216,18 @@ class GenerationTask:
             return torch.zeros_like(ce), ce
         ids, lps, tail = (torch.cat([getattr(e, f) for e in items]).to(logits.device)
                           for f in ("topk_ids", "topk_logprobs", "tail_mass"))
-        kd = sparse_kd(logits, ids, lps, tail, self.cfg.temperature, self.cfg.loss, reduction="none", **kw)
+        kd = sparse_kd(logits, ids, lps, tail, self.cfg.temperature, self.cfg.loss, reduction="none",
+                       **divergence_params)
         return kd, ce
 
-    def loss_sums(self, model, idx, kw):
-        kd, ce = self._sums(model, self.train.examples(idx), kw, self.cfg.alpha > 0)
+    def loss_sums(self, model, idx, divergence_params):
+        kd, ce = self._sums(model, self.train.examples(idx), divergence_params, self.cfg.alpha > 0)
         return kd.sum(), ce.sum()
 
     @torch.no_grad()
-    def evaluate(self, model, rank, world, kw) -> dict:
+    def evaluate(self, model, rank, world, divergence_params) -> dict:
         def score(items):  # per-example sums and token counts
-            kd, ce = self._sums(model, items, kw, self.teacher_val_available)
+            kd, ce = self._sums(model, items, divergence_params, self.teacher_val_available)
             ends = torch.tensor([len(e.positions) for e in items]).cumsum(0).tolist()
             return torch.tensor([[kd[a:b].sum().item(), ce[a:b].sum().item(), b - a]
                                  for a, b in zip([0] + ends[:-1], ends)], dtype=torch.float64)
