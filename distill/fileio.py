@@ -261,33 +261,42 @@ def directory_lock(directory: str | Path, refusal: str):
         f.close()
 
 
-# What distill writes into an output directory, by command: a model directory (train), its checkpoints
+# What distill writes into an output directory, by kind: a model directory (train) with its checkpoints
 # and on-policy rounds, a cache (generate), an eval report set, a bench report. A directory holding
 # anything else holds a user's files, and a run must not mix its outputs into them.
-MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-               "tokenizer.model", "README.md", "training.json", "train_log.jsonl", "training.png",
-               "checkpoints", "onpolicy"}
-REPORT_FILES = {"report.json", "confusion.csv", "confusion.png", "predictions.jsonl",
-                "bench.json", "bench.md", "bench.png"}
-CACHE_FILES = {"manifest.json"}
-# Files only distill writes: a directory must hold one of them to count as distill's (a user's
-# downloaded model has config.json and README.md, but no training.json, checkpoints or lock).
-SIGNATURE_FILES = {"training.json", "train_log.jsonl", "checkpoints", "onpolicy", "manifest.json",
-                   "report.json", "predictions.jsonl", "bench.json", ".lock"}
+_MODEL = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+          "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+          "tokenizer.model", "README.md", "training.json", "train_log.jsonl", "training.png", "checkpoints",
+          "onpolicy"}
+OUTPUT_KINDS = {  # kind: (the names it may hold, the names only distill writes: one must be there)
+    "model": (_MODEL, {"training.json", "train_log.jsonl", "checkpoints", "onpolicy", ".lock"}),
+    "cache": ({"manifest.json", ".manifest.lock"}, {"manifest.json", ".lock", ".manifest.lock"}),
+    "eval": ({"report.json", "confusion.csv", "confusion.png", "predictions.jsonl"}, {"report.json"}),
+    "bench": ({"bench.json", "bench.md", "bench.png"}, {"bench.json"}),
+}
+_COMMANDS = {"model": "train", "cache": "generate", "eval": "eval", "bench": "bench"}
+_PATTERNS = {"model": r"model-\d{5}-of-\d{5}\.safetensors", "cache": r"\w+-\d{5}\.safetensors|\.worker-\d+"}
+_UNFINISHED = r"\.tmp[-\w.]*|\..+\.tmp"  # temporary names of writes a killed run left
 
 
-def _distill_name(name: str) -> bool:
-    """Whether `name`, an entry of an output directory, is one distill writes there."""
+def _kind_name(kind: str, name: str) -> bool:
+    """Whether `name`, an entry of an output directory, is one distill writes into a `kind` directory."""
     import re
 
-    if name in MODEL_FILES or name in REPORT_FILES or name in CACHE_FILES or name in (".lock", ".manifest.lock"):
+    if name in OUTPUT_KINDS[kind][0] or name == ".lock":
         return True
-    return bool(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors"  # sharded weights
-                             r"|\w+-\d{5}\.safetensors"  # cache shards
-                             r"|\.worker-\d+"  # generate --worker locks
-                             r"|\.tmp[-\w.]*|\..+\.tmp|\.report-[-\w.]*", name))  # unfinished writes
+    return bool(re.fullmatch(_PATTERNS.get(kind, "") + "|" + _UNFINISHED, name))
+
+
+def output_kind(path: str | Path) -> str | None:
+    """The kind of distill output an existing non-empty directory holds (model, cache, eval, bench),
+    or None when it holds anything distill did not write there."""
+    names = os.listdir(path)
+    for kind, (_, signature) in OUTPUT_KINDS.items():
+        if signature.intersection(names) and all(_kind_name(kind, n) for n in names):
+            return kind
+    return None
 
 
 def root_like(path: Path) -> bool:
@@ -297,11 +306,11 @@ def root_like(path: Path) -> bool:
     return len(resolved.parts) <= 2 or resolved == home or resolved in home.parents
 
 
-def check_output_dir(path, option: str = "--out") -> Path:
+def check_output_dir(path, option: str = "--out", kind: str | None = None) -> Path:
     """Refuse an output directory that would write over a user's files or somewhere no run belongs:
     '' (an unset shell variable), '/', the home directory and other root-like paths, a file, and an
-    existing directory holding anything distill did not write (its own outputs may be replaced: a
-    run resumed or repeated). Returns the path."""
+    existing non-empty directory that is not distill's own output (of `kind`, when given: model, cache,
+    eval, bench), which a run resumed or repeated may replace. Returns the path."""
     text = "" if path is None else str(path)
     if not text.strip():
         raise UsageError(f"{option} '': an empty path; name the output directory")
@@ -312,13 +321,13 @@ def check_output_dir(path, option: str = "--out") -> Path:
         raise UsageError(f"{option} {text}: is a link to nothing; name a directory")
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option} {text}: is a file, not a directory")
-    if p.is_dir():
-        names = sorted(os.listdir(p))
-        foreign = [n for n in names if not _distill_name(n)]
-        if foreign or (names and not SIGNATURE_FILES.intersection(names)):
-            what = f"holds {foreign[0]!r}, which" if foreign else "holds files that"
-            raise UsageError(f"{option} {text}: the directory {what} distill did not write; "
-                             "name a new or empty directory (or one a previous distill run wrote)")
+    if p.is_dir() and os.listdir(p):
+        found = output_kind(p)
+        if found is None or (kind is not None and found != kind):
+            what = (f"holds the output of `distill {_COMMANDS[found]}`, not of `distill {_COMMANDS[kind]}`" if found
+                    else "holds files distill did not write")
+            raise UsageError(f"{option} {text}: the directory {what}; name a new or empty directory "
+                             f"(or one a previous {f'`distill {_COMMANDS[kind]}`' if kind else 'distill run'} wrote)")
     return p
 
 
