@@ -28,7 +28,8 @@ def write(path, data) -> str:
 
 @pytest.fixture
 def recipe(tmp_path):
-    return write(tmp_path / "r.yaml", {"name": "t", "workdir": str(tmp_path / "w"), "task": {"data": "builtin:default"}})
+    return write(tmp_path / "r.yaml",
+                 {"name": "t", "workdir": str(tmp_path / "w"), "task": {"data": "builtin:default"}})
 
 
 @pytest.fixture
@@ -87,7 +88,8 @@ def test_mistyped_key_gives_the_same_line_through_set_and_yaml(tmp_path, recipe,
 
 def test_wrong_type_through_set(recipe, captured):
     code, out = run("train", recipe, "--set", "train.lora.r=abc")
-    assert code == 2 and error_line(out) == "error: --set train.lora.r=abc: train.lora.r: expected an integer, got 'abc'"
+    assert code == 2
+    assert error_line(out) == "error: --set train.lora.r=abc: train.lora.r: expected an integer, got 'abc'"
     code, out = run("train", recipe, "--set", "train.gradient_checkpointing=[1]")
     assert code == 2 and "train.gradient_checkpointing: expected true or false" in error_line(out)
     code, out = run("train", recipe, "--set", "no_equals_sign")
@@ -107,11 +109,13 @@ def test_every_command_that_reads_a_recipe_takes_set():
 
 def test_literal_outside_the_choices(tmp_path, recipe):
     data = yaml.safe_load(open(recipe))
-    with pytest.raises(UsageError, match=r"s\.yaml: train\.schedule: expected one of cosine, linear, constant, got 'step'"):
+    with pytest.raises(UsageError,
+                       match=r"s\.yaml: train\.schedule: expected one of cosine, linear, constant, got 'step'"):
         load_recipe(write(tmp_path / "s.yaml", {**data, "train": {"schedule": "step"}}))
     with pytest.raises(UsageError, match=r"--set train.student.quantization=8bit: .*expected one of 4bit, got '8bit'"):
         load_recipe(recipe, ["train.student.quantization=8bit"])
-    assert load_recipe(recipe, ["train.student.quantization=4bit", "train.lora={}"]).train.student.quantization == "4bit"
+    qlora = load_recipe(recipe, ["train.student.quantization=4bit", "train.lora={}"])
+    assert qlora.train.student.quantization == "4bit"
     with pytest.raises(UsageError, match="train.student.quantization: 4bit weights are frozen; QLoRA needs train.lora"):
         load_recipe(recipe, ["train.student.quantization=4bit"])  # a recipe check: config's, on any machine
     with pytest.raises(UsageError, match="generate.splits\\[0\\]: expected one of train, validation, got 'holdout'"):
@@ -388,7 +392,8 @@ def test_debug_flag_prints_the_traceback(recipe, captured):
     (["eval", "m", "--recipe", "r.yaml", "--batch-size", "0"], "--batch-size"),
     (["eval", "m", "--recipe", "r.yaml", "--limit", "-1"], "--limit"),
     (["eval", "m", "--recipe", "r.yaml", "--shots", "-1"], "--shots"),
-    (["bench", "--recipe", "r.yaml", "--teacher", "t", "--student", "s", "--latency-examples", "0"], "--latency-examples"),
+    (["bench", "--recipe", "r.yaml", "--teacher", "t", "--student", "s", "--latency-examples", "0"],
+     "--latency-examples"),
     (["serve-teacher", "t.yaml", "--port", "70000"], "--port"),
     (["train", "r.yaml", "--stop-after-steps", "0"], "--stop-after-steps"),
     (["generate", "r.yaml", "--k", "0"], "--k"),

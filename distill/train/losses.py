@@ -120,7 +120,9 @@ def teacher_buckets(topk_logprobs, tail_mass, temperature: float = 1.0):
     """
     tail = torch.log(tail_mass.float().clamp_min(1e-12))[..., None]
     logp = torch.cat([topk_logprobs.float(), tail], dim=-1)
-    return F.log_softmax(logp / temperature, dim=-1) if temperature != 1.0 else logp - torch.logsumexp(logp, -1, keepdim=True)
+    if temperature != 1.0:
+        return F.log_softmax(logp / temperature, dim=-1)
+    return logp - torch.logsumexp(logp, -1, keepdim=True)
 
 
 def student_buckets(student_logits, topk_ids, has_entry, temperature: float = 1.0):

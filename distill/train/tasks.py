@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from distill.cache import store as cache_mod
 from distill.cache.store import TopkExample
 from distill.config import Recipe
+from distill.data.prompts import encode_classification, encode_generation, end_of_turn_id
 from distill.data.splits import labelled_indices, subset_indices
 from distill.errors import UsageError
-from distill.train.losses import soft_label_kd, sparse_kd, total_loss
 from distill.evaluate.metrics import classification_metrics
-from distill.models.loading import tokenizer_hash
 from distill.models.label_tokens import label_token_ids
-from distill.data.prompts import encode_classification, encode_generation, end_of_turn_id
+from distill.models.loading import tokenizer_hash
 from distill.models.scoring import label_logprobs, last_logits, target_logits
 from distill.train.data import InMemory, TopkStream, read_examples
 from distill.train.distributed import sharded
+from distill.train.losses import soft_label_kd, sparse_kd, total_loss
 
 
 @runtime_checkable
