@@ -11,19 +11,22 @@ evaluation) run on every rank.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from distill.config import Recipe
-from distill.train.losses import total_loss
+from distill.errors import DistillError
 from distill.models.loading import count_parameters
 from distill.student.build import dense_lora_copy, save_model
 from distill.train.checkpoint import list_checkpoints, remove_partial, set_rng_state
-from distill.train.onpolicy import OnPolicy, make_onpolicy
 from distill.train.distributed import all_reduce_sum, barrier, zero_stage
+from distill.train.losses import total_loss
+from distill.train.onpolicy import OnPolicy, make_onpolicy
 from distill.train.reporting import SwampWatch, better, log_evaluation, step_record, write_run_files
 from distill.train.setup import Run, setup
 from distill.train.state import LoopState
@@ -51,25 +54,26 @@ def run_train(recipe: Recipe, cache: str | None = None, out: str | None = None, 
 
 
 def _train(run: Run, resume: bool, op: OnPolicy | None = None) -> Path:
+    check_teacher_numbers(run)
     state = restore_or_start(run, resume)
     if op is not None:  # a fresh run starts with no scored rounds; a resumed one keeps them
         op.open(state.resumed_from is not None)
-    bar = tqdm(total=run.total_batches, initial=state.micro_batch, desc="train", unit="batch", disable=not run.main)
     run.accelerator.step = 0  # micro-batches since the last optimizer step: a resumed run starts at a step boundary
-    while not finished(run, state):
-        # one micro-batch: forward and backward; at the end of an accumulation window, the optimizer step
-        grad_norm = train_step(run, state, op)
-        bar.update(1)
-        if run.accelerator.sync_gradients:
-            log_step(run, state, grad_norm, bar)
-        # once an epoch, and at the end: evaluate, keep the best weights, stop early when it stopped improving
-        if run.order.epoch_ends(state.micro_batch) or state.micro_batch == run.total_batches:
-            evaluate(run, state)
-        # at optimizer-step boundaries: a checkpoint when one is due; --stop-after-steps returns here
-        if state.micro_batch % run.cfg.grad_accum == 0 and checkpoint_if_due(run, state):
-            bar.close()
-            return run.out_dir
-    bar.close()
+    # the bar is closed on any exit, so an error line starts a line of its own
+    with tqdm(total=run.total_batches, initial=state.micro_batch, desc="train", unit="batch",
+              disable=not run.main) as bar:
+        while not finished(run, state):
+            # one micro-batch: forward and backward; at the end of an accumulation window, the optimizer step
+            grad_norm = train_step(run, state, op)
+            bar.update(1)
+            if run.accelerator.sync_gradients:
+                log_step(run, state, grad_norm, bar)
+            # once an epoch, and at the end: evaluate, keep the best weights, stop early when it stopped improving
+            if run.order.epoch_ends(state.micro_batch) or state.micro_batch == run.total_batches:
+                evaluate(run, state)
+            # at optimizer-step boundaries: a checkpoint when one is due; --stop-after-steps returns here
+            if state.micro_batch % run.cfg.grad_accum == 0 and checkpoint_if_due(run, state):
+                return run.out_dir
     finish(run, state, op)
     return run.out_dir
 
@@ -94,7 +98,8 @@ def restore_or_start(run: Run, resume: bool) -> LoopState:
     if resume and run.main:
         log.warning("--resume: no checkpoint in %s; starting from the beginning", root)
     if existing and run.main:
-        log.info("removing %d checkpoint(s) of an earlier run in %s (use --resume to continue one)", len(existing), root)
+        log.info("removing %d checkpoint(s) of an earlier run in %s (use --resume to continue one)", len(existing),
+                 root)
     if run.main:
         shutil.rmtree(root, ignore_errors=True)
     barrier(run.world)
@@ -110,7 +115,10 @@ def finished(run: Run, state: LoopState) -> bool:
 def train_step(run: Run, state: LoopState, op: OnPolicy | None = None):
     """One micro-batch: this rank's share of the global batch, forward, backward, and the optimizer step
     when the accumulation window ends. Returns the gradient norm clipped at that step (else None).
-    On-policy, the round's student-written sequences replace theirs in the batch (train/onpolicy.py)."""
+    On-policy, the round's student-written sequences replace theirs in the batch (train/onpolicy.py).
+    A non-finite loss or gradient norm stops the run before the optimizer step can write it into the weights.
+    Its wall and CPU time are added to the step's (step_seconds in the log), for benchmarks to read."""
+    clock, cpu = time.perf_counter(), time.process_time()
     cfg, rank, world = run.cfg, run.rank, run.world
     batch = run.order.batch(state.micro_batch)
     student = run.accelerator.unwrap_model(run.model)
@@ -122,17 +130,53 @@ def train_step(run: Run, state: LoopState, op: OnPolicy | None = None):
     run.model.train()
     with run.accelerator.accumulate(run.model):
         kd, ce = task.loss_sums(run.model, local, run.divergence_params)
+        terms = torch.tensor([kd.item(), ce.item()], dtype=torch.float64) * (weight / world)
+        terms = all_reduce_sum(terms, world)  # the whole batch's mean KD and CE (every rank sees the same)
+        if not torch.isfinite(terms).all():
+            diverged(run, state, f"the loss is not finite (KD {terms[0].item():.4g}, CE {terms[1].item():.4g})")
         run.accelerator.backward(total_loss(kd, ce, cfg.alpha, cfg.temperature) * weight)
         if run.accelerator.sync_gradients and not run.deepspeed:
             grad_norm = run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):
+                diverged(run, state, f"the gradient norm is {float(grad_norm):.4g}")
         run.optimizer.step()
         run.optimizer.zero_grad()
-    terms = torch.tensor([kd.item(), ce.item()], dtype=torch.float64) * (weight / world)
-    terms = all_reduce_sum(terms, world)  # the whole batch's mean KD and CE
     state.window[0] += terms[0].item() / cfg.grad_accum
     state.window[1] += terms[1].item() / cfg.grad_accum
     state.micro_batch += 1
+    state.step_clock[0] += time.perf_counter() - clock
+    state.step_clock[1] += time.process_time() - cpu
     return grad_norm
+
+
+def diverged(run: Run, state: LoopState, what: str) -> None:
+    """Stop the run with one line: the step that diverged, and what was kept from before it."""
+    step = state.step(run.cfg.grad_accum) + 1
+    kept = list_checkpoints(run.ckpt.root)
+    kept = f"the last checkpoint is {kept[-1]}" if kept else "no checkpoint was written before it"
+    raise DistillError(f"training diverged at optimizer step {step} of {run.total_steps}: {what}; stopped before "
+                       f"that step changed the weights and saved nothing of it ({kept}). Lower train.lr (now "
+                       f"{run.cfg.lr:g}) or check the cache, then train again")
+
+
+def check_weights(run: Run, what: str) -> None:
+    """Refuse to save weights holding NaN or inf (every rank checks its parameters, or its ZeRO partition)."""
+    bad = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in run.params)
+    flag = all_reduce_sum(torch.tensor([float(bad)]), run.world)
+    if flag.item() > 0:
+        raise DistillError(f"{what}: the weights hold non-finite values (NaN or inf), so they were not saved; "
+                           f"lower train.lr (now {run.cfg.lr:g}) or check the cache, then train again")
+
+
+def check_teacher_numbers(run: Run) -> None:
+    """A cache's soft labels with NaN or +inf would drop out of the divergence or poison it: refuse them
+    before the first step (-inf is a label at probability 0). A top-k cache is streamed: its numbers are
+    only seen by the loss, whose non-finite value stops the run at its step."""
+    for name, split in (("teacher", "train"), ("teacher_val", "validation")):
+        t = getattr(run.task, name, None)
+        if isinstance(t, torch.Tensor) and (t.isnan().any() or t.isposinf().any()):
+            raise DistillError(f"{run.cache_dir}: the {split} split's teacher scores hold NaN or +inf; the cache is "
+                               "damaged: run `distill generate` again into a new cache")
 
 
 def log_step(run: Run, state: LoopState, grad_norm, bar) -> None:
@@ -143,7 +187,8 @@ def log_step(run: Run, state: LoopState, grad_norm, bar) -> None:
     if run.deepspeed:
         grad_norm = run.model.get_global_grad_norm()
     (kd, ce), state.window = state.window, [0.0, 0.0]
-    rec = step_record(step, kd, ce, lr, grad_norm, run.cfg)
+    (seconds, cpu), state.step_clock = state.step_clock, [0.0, 0.0]
+    rec = step_record(step, kd, ce, lr, grad_norm, run.cfg, seconds, cpu)
     state.history.append(rec)
     state.swamp.update(step, kd, ce, run.main)
     bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
@@ -155,6 +200,10 @@ def evaluate(run: Run, state: LoopState) -> None:
     step = state.step(run.cfg.grad_accum)
     ev = run.task.evaluate(run.accelerator.unwrap_model(run.model), run.rank, run.world, run.divergence_params)
     ev.update(epoch=round(run.order.epochs_done(state.micro_batch), 3), step=step, elapsed_s=round(state.elapsed(), 1))
+    if not math.isfinite(ev["val_loss"]):
+        raise DistillError(f"training diverged by optimizer step {step} of {run.total_steps}: the validation loss is "
+                           f"{ev['val_loss']}; these weights were not saved. Lower train.lr (now {run.cfg.lr:g}) or "
+                           "check the cache's validation split, then train again")
     state.history.append(ev)
     if run.main:
         log_evaluation(ev, run.cfg)
@@ -182,6 +231,7 @@ def checkpoint_if_due(run: Run, state: LoopState) -> bool:
     stop_here = run.stop_after_steps is not None and step >= run.stop_after_steps and not done
     periodic = run.cfg.checkpoint_every and step % run.cfg.checkpoint_every == 0
     if periodic or state.eval_unsaved or done or stop_here:
+        check_weights(run, f"checkpoint of optimizer step {step}")
         state.eval_unsaved = False
         run.ckpt.save(step, state.record(), run.settings)
     if stop_here:
@@ -194,6 +244,7 @@ def checkpoint_if_due(run: Run, state: LoopState) -> bool:
 def save_best(run: Run) -> None:
     """The best evaluation's weights as a Hugging Face directory (rank 0 writes; ZeRO-3 gathers on every rank)."""
     cfg = run.cfg
+    check_weights(run, "the best evaluation's model")
     state = run.accelerator.get_state_dict(run.model) if zero_stage(run.accelerator) == 3 else None
     if run.main:
         m = run.accelerator.unwrap_model(run.model)
@@ -231,4 +282,11 @@ def summary_record(run: Run, state: LoopState) -> dict:
             "zero_stage": zero_stage(run.accelerator) or None,
             "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.alpha > 0 else None,
             "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": run.recipe.teacher,
-            "label_tokens": run.labels is not None}
+            "label_tokens": run.labels is not None, "step_seconds_mean": mean_of(state.history, "step_seconds"),
+            "step_cpu_seconds_mean": mean_of(state.history, "step_cpu_seconds")}
+
+
+def mean_of(history: list[dict], key: str) -> float | None:
+    """The mean of a per-step figure over the logged steps (None when no step logged it)."""
+    values = [h[key] for h in history if key in h]
+    return round(sum(values) / len(values), 4) if values else None

@@ -60,10 +60,18 @@ def better(ev: dict, best: dict | None, metric: str) -> bool:
     return ev["val_loss"] < best["val_loss"]
 
 
-def step_record(step: int, kd: float, ce: float, lr: float, grad_norm, cfg: TrainConfig) -> dict:
+def step_record(step: int, kd: float, ce: float, lr: float, grad_norm, cfg: TrainConfig, seconds: float | None = None,
+                cpu_seconds: float | None = None) -> dict:
+    """One optimizer step's line of train_log.jsonl: loss terms, learning rate, gradient norm, and its time
+    (wall and this process's CPU seconds over the step's micro-batches, on-policy sampling and scoring
+    included; evaluation and checkpoints not), so benchmarks read step times instead of patching the loop."""
     rec = {"step": step, "loss": total_loss(kd, ce, cfg.alpha, cfg.temperature), "kd": kd, "ce": ce, "lr": lr}
     if grad_norm is not None:
         rec["grad_norm"] = float(grad_norm)
+    if seconds is not None:
+        rec["step_seconds"] = round(seconds, 4)
+    if cpu_seconds is not None:
+        rec["step_cpu_seconds"] = round(cpu_seconds, 4)
     return rec
 
 

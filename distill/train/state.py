@@ -67,6 +67,7 @@ class LoopState:
     elapsed_s: float = 0.0  # training time before this process started
     eval_unsaved: bool = False  # an evaluation happened since the last checkpoint
     window: list[float] = field(default_factory=lambda: [0.0, 0.0])  # mean KD, CE of this step's micro-batches
+    step_clock: list[float] = field(default_factory=lambda: [0.0, 0.0])  # wall, CPU seconds of this step so far
     swamp: SwampWatch | None = None
     resumed_from: str | None = None
     _clock: float = field(default_factory=time.time)
