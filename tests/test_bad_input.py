@@ -199,13 +199,13 @@ def generate_cases(env, f):
 def train_cases(env, f):
     t, good = env["tmp"], str(env["recipe"])
     return [
-        ("negative learning rate", ["train", good, "--lr", "-1"], 2, "--lr: train.lr: expected a number > 0, got -1.0"),
+        ("negative learning rate", ["train", good, "--lr", "-1"], 2, "--lr: train.lr: expected a number in (0, 1], got -1.0"),
         ("negative seed", ["train", good, "--seed", "-1"], 2, "train.seed: expected at least 0"),
         ("zero student layers", ["train", good, "--num-layers", "0"], 2, "train.student.num_layers: expected at least 1, got 0"),
         ("negative train_examples", ["train", good, "--train-examples", "-3"], 2, "train.train_examples: expected at least 1, got -3"),
         ("zero epochs", ["train", good, "--epochs", "0"], 2, "--epochs: train.epochs: expected a number > 0"),
         ("batch size 0", ["train", good, "--batch-size", "0"], 2, "--batch-size: train.batch_size: expected at least 1, got 0"),
-        ("temperature 0", ["train", good, "--temperature", "0"], 2, "--temperature: train.temperature: expected a number > 0"),
+        ("temperature 0", ["train", good, "--temperature", "0"], 2, "--temperature: train.temperature: expected at least 0.05, got 0.0"),
         ("max-steps 0", ["train", good, "--max-steps", "0"], 2, "--max-steps: train.max_steps: expected at least 1"),
         ("negative max_grad_norm", ["train", recipe_with(env, "t6", train={"max_grad_norm": -1})], 2, "t6.yaml: train.max_grad_norm: expected a number > 0"),
         ("LoRA rank 0", ["train", good, "--set", "train.lora.r=0"], 2, "train.lora.r: expected at least 1, got 0"),
