@@ -251,9 +251,10 @@ def _topk_batch(job: _Job, batch) -> list[cache_mod.TopkExample]:
 
 
 def _generate_split(job: _Job, split: str, examples, writes) -> None:
-    """Write the split's missing shards."""
+    """Write the split's missing shards. A shard is written only once all of its examples are scored
+    (and store.write_shard has checked the numbers), so a failure caches nothing of the shard it hit."""
     items, label_ids = _work_items(job, split, examples, writes)
-    size, batch_size = job.shard_size, job.recipe.generate.batch_size
+    size = job.shard_size
     n_shards = (len(items) + size - 1) // size
     mine = range(n_shards) if job.worker is None else range(job.worker[0], n_shards, job.worker[1])
     todo = [n for n in mine if n not in cache_mod.done_shards(job.manifest, split)]
@@ -261,34 +262,38 @@ def _generate_split(job: _Job, split: str, examples, writes) -> None:
         log.info("%s: %d of %d shards already done", split, len(mine) - len(todo), len(mine))
     if todo:
         job.teacher()
-    bar = tqdm(total=sum(min(size, len(items) - n * size) for n in todo), desc=f"teacher {split}", unit="ex")
-    tokens, t0 = 0, time.time()
-    for n in todo:
-        start = n * size
-        chunk = items[start:start + size]
-        rows = []
-        # soft labels: a shard's prompts are scored longest first (a batch of about one length is little
-        # padding) and their rows put back in order
-        order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i])) if job.kind == "soft_labels" else None
-        for b in range(0, len(chunk), batch_size):
-            batch = chunk[b:b + batch_size]
-            if job.kind == "soft_labels":
-                batch = [chunk[i] for i in order[b:b + batch_size]]
-                rows.append(job.engine.label_logprobs(batch, label_ids))
-                tokens += sum(len(p) for p in batch) + len(batch) * sum(map(len, label_ids))
-            else:
-                got = _topk_batch(job, batch)
-                rows += got
-                tokens += sum(len(e.sequence) for e in got)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
+    # a context manager: closed on an error too, so the error line starts a line of its own
+    with tqdm(total=sum(min(size, len(items) - n * size) for n in todo), desc=f"teacher {split}", unit="ex") as bar:
+        speed = {"tokens": 0, "t0": time.time()}
+        for n in todo:
+            start = n * size
+            tensors = _shard_tensors(job, items[start:start + size], start, label_ids, bar, speed)
+            cache_mod.write_shard(job.cache_dir, job.manifest, split, n, start, tensors,
+                                  on_written=lambda name: pause_point("before_record"), worker=job.worker)
+            pause_point("after_shard")
+
+
+def _shard_tensors(job: _Job, chunk, start: int, label_ids, bar, speed: dict) -> dict[str, torch.Tensor]:
+    """The teacher's numbers for one shard's items, batch by batch, as the shard's tensors."""
+    batch_size = job.recipe.generate.batch_size
+    rows = []
+    # soft labels: a shard's prompts are scored longest first (a batch of about one length is little
+    # padding) and their rows put back in order
+    order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i])) if job.kind == "soft_labels" else None
+    for b in range(0, len(chunk), batch_size):
+        batch = chunk[b:b + batch_size]
         if job.kind == "soft_labels":
-            scored = torch.cat(rows)
-            tensors = {"index": torch.arange(start, start + len(chunk)),
-                       "label_logprobs": torch.empty_like(scored).index_copy_(0, torch.tensor(order), scored)}
+            batch = [chunk[i] for i in order[b:b + batch_size]]
+            rows.append(job.engine.label_logprobs(batch, label_ids))
+            speed["tokens"] += sum(len(p) for p in batch) + len(batch) * sum(map(len, label_ids))
         else:
-            tensors = cache_mod.pack_topk(rows, start)
-        cache_mod.write_shard(job.cache_dir, job.manifest, split, n, start, tensors,
-                              on_written=lambda name: pause_point("before_record"), worker=job.worker)
-        pause_point("after_shard")
-    bar.close()
+            got = _topk_batch(job, batch)
+            rows += got
+            speed["tokens"] += sum(len(e.sequence) for e in got)
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{speed['tokens'] / max(1e-9, time.time() - speed['t0']):.0f}")
+    if job.kind == "soft_labels":
+        scored = torch.cat(rows)
+        return {"index": torch.arange(start, start + len(chunk)),
+                "label_logprobs": torch.empty_like(scored).index_copy_(0, torch.tensor(order), scored)}
+    return cache_mod.pack_topk(rows, start)

@@ -13,17 +13,17 @@ predicted token t (computed from tokens < t) and the probability mass outside th
 teacher wrote the responses itself (sequence-level distillation), the token ids are prompt + the
 teacher's response and the target positions are the response's.
 
-Top-k numbers are stored compactly (`distill/topk_codec.py`, recorded as the manifest's `codec`): ids
-as per-shard frequency ranks, gap-coded; log-probabilities companded to 6 bits; tail mass in float16;
-about 90 bytes a token at k=64 instead of 512. `load_split` and `example_topk` return the decoded
-tensors (int32 ids, float32 log-probabilities and tail mass), whatever the shard's encoding, so the
-trainer never sees the format. Format-1 shards (plain tensors) still load.
+Top-k numbers are stored compactly (`cache/topk_codec.py`, the manifest's `codec`); `load_split` and
+`example_topk` return the decoded tensors (int32 ids, float32 log-probabilities and tail mass), whatever
+the shard's encoding, so the trainer never sees the format. Format-1 shards (plain tensors) still load.
+
+Trust: a manifest is checked on read (its fields, each shard entry's checksum and plain name, k against
+the first shard), and a shard's numbers before it is written (teacher/common.py's shard_problem).
 
 Resuming: a shard is recorded only after its file is complete; on start-up, shards whose checksum
-fails are dropped (and their split marked incomplete), leftover temporary files are removed, and the
-cache keeps the shard size it was started with, so a re-run regenerates exactly the missing shards.
-A lock file stops two runs writing one cache at once. `load_split` checks that a split's shards
-cover its examples once each, in order.
+fails are dropped (their split marked incomplete), leftover temporary files removed, and the cache
+keeps its shard size, so a re-run regenerates exactly the missing shards. A lock file stops two runs
+writing one cache at once. `load_split` checks a split's shards cover its examples once each, in order.
 
 Several writers (`distill generate --worker I/N`, on machines sharing the cache's filesystem): each
 holds `.lock` shared and `.worker-I.lock` exclusive, writes only the shards numbered I mod N, and
@@ -32,9 +32,8 @@ is lost); the manifest names N, and a worker of another N is refused. Only a run
 (it takes `.lock` exclusively, so after every worker) checks the shards, writes any still missing
 and marks the splits complete.
 
-Reading at scale: `read_verified_shard` hashes the bytes it then decodes (one read, nothing used
-before its checksum matched); `split_shards` is the coverage check. distill/train/data.py streams a
-split shard by shard through them.
+Reading at scale: `read_verified_shard` hashes the bytes it then decodes (nothing used before its
+checksum matched); `split_shards` is the coverage check; train/data.py streams a split through them.
 """
 from __future__ import annotations
 
@@ -121,6 +120,9 @@ _ENTRY_TYPES = {"file": str, "split": str, "number": int, "start": int, "count":
 _SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
 
 
+_KIND_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
 def _is(value, kind) -> bool:
     return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
@@ -128,7 +130,7 @@ def _is(value, kind) -> bool:
 def _check_fields(path: Path, m: Manifest) -> None:
     for key, kind in _FIELD_TYPES.items():
         if not _is(getattr(m, key), kind):
-            raise DistillError(f"{path}: {key}: expected a {kind.__name__}, got {getattr(m, key)!r:.60}")
+            raise DistillError(f"{path}: {key}: expected {_KIND_NAMES[kind]}, got {getattr(m, key)!r:.60}")
     if m.kind not in ("soft_labels", "topk"):
         raise DistillError(f"{path}: kind: expected soft_labels or topk, got {m.kind!r:.60}")
     if m.kind == "topk" and not (_is(m.k, int) and m.k >= 1):
@@ -144,7 +146,7 @@ def _check_entry(path: Path, i: int, s) -> None:
         raise DistillError(f"{where}: expected an object, got {s!r:.60}")
     for key, kind in _ENTRY_TYPES.items():
         if not _is(s.get(key), kind):
-            what = "missing" if key not in s else f"expected a {kind.__name__}, got {s[key]!r:.60}"
+            what = "missing" if key not in s else f"expected {_KIND_NAMES[kind]}, got {s[key]!r:.60}"
             raise DistillError(f"{where}.{key}: {what}; the manifest was edited or damaged")
     if not _SHARD_FILE.fullmatch(s["file"]) or ".." in s["file"]:
         raise DistillError(f"{where}.file {s['file']!r:.80}: expected a shard file name inside the cache "
@@ -156,9 +158,8 @@ def _check_entry(path: Path, i: int, s) -> None:
 
 
 def _check_first_shard(path: Path, m: Manifest) -> None:
-    """The first shard on disk holds the manifest's k (top-k) or one column per label (soft labels): a k
-    edited by hand would otherwise be believed. Only the shard's header is read; a shard that cannot be
-    read is left to the checksum checks (and regenerated)."""
+    """The first shard on disk holds the manifest's k (top-k), or one column per label: only its header is
+    read; an unreadable shard is left to the checksum checks."""
     from safetensors import safe_open
 
     for s in m.shards:
