@@ -300,7 +300,7 @@ def doctor_cases(env, f):
         ("doctor of a recipe with an unknown key", d("--recipe", recipe_with(env, "d1", top={"trian": {}})), 1, "d1.yaml: unknown key 'trian'"),
         ("doctor of a missing recipe", d("--recipe", str(t / "no_doctor.yaml")), 1, "no_doctor.yaml: no such file"),
         ("doctor of a recipe with a bad data file", d("--recipe", recipe_with(env, "d2", data_text=GOOD + "{oops\n")), 1, "d2.jsonl:2: not valid JSON"),
-        ("doctor --set without --recipe", d("--set", "generate.k=3"), 2, "add --recipe"),
+        ("doctor --set without --recipe", d("--set", "generate.k=3"), 2, "distill doctor RECIPE --set"),
         ("doctor --set out of range", d("--recipe", good, "--set", "generate.k=0"), 2, "--set generate.k=0: generate.k: expected at least 1, got 0"),
         ("doctor of an empty cache directory", d("--cache", str(f["empty_cache"])), 1, "empty_cache: not a teacher cache (no manifest.json)"),
         ("doctor --cache a file", d("--cache", str(f["a_file"])), 2, "a_file.txt"),
