@@ -45,7 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import ROOT, add_data_flag, load_avg, peak_rss_mib, versions
+from benchlib import ROOT, load_avg, peak_rss_mib, versions
+from study_onpolicy import study_args
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -60,13 +61,7 @@ GKD_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}  # jsd: jsd_beta (the same gen
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, type=Path)
-    add_data_flag(ap, "banking77/train.jsonl", "the Banking77 training file whose messages are the prompts")
-    ap.add_argument("--examples", type=int, default=96, help="Banking77 messages sampled (train/validation/holdout)")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--layers", type=int, default=4, help="teacher layers the student keeps (of 30)")
-    ap.add_argument("--new-tokens", type=int, default=24, help="response length cap (teacher and student)")
+    study_args(ap, examples=96, steps=12, batch=4, layers=4, new_tokens=24)
     ap.add_argument("--loss", default="jsd", choices=("jsd", "forward_kl", "reverse_kl"))
     ap.add_argument("--beta", type=float, default=0.5, help="jsd_beta / GKD beta (with --loss jsd)")
     ap.add_argument("--runs", default=",".join(RUNS))

@@ -53,15 +53,20 @@ MODES = {"sft": {"alpha": 1e-6}, "off": {}, "on": {"on_policy": {"fraction": 1.0
          "mixed": {"on_policy": {"fraction": 0.5}}}
 
 
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_args(ap: argparse.ArgumentParser, examples: int, steps: int, batch: int, layers: int, new_tokens: int):
+    """The study's work folder, data and size; scripts/bench_peers.py trains on the same recipe."""
     ap.add_argument("--work", required=True, type=Path)
     add_data_flag(ap, "banking77/train.jsonl", "the Banking77 training file whose messages are the prompts")
-    ap.add_argument("--examples", type=int, default=320, help="Banking77 messages sampled (train/validation/holdout)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=10)
-    ap.add_argument("--new-tokens", type=int, default=40, help="response length cap (teacher and student)")
+    for flag, default, text in (("--examples", examples, "Banking77 messages sampled (train/validation/holdout)"),
+                                ("--steps", steps, "optimizer steps"), ("--batch", batch, "batch size"),
+                                ("--layers", layers, "teacher layers the student keeps (of 30)"),
+                                ("--new-tokens", new_tokens, "response length cap (teacher and student)")):
+        ap.add_argument(flag, type=int, default=default, help=text)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    study_args(ap, examples=320, steps=40, batch=8, layers=10, new_tokens=40)
     ap.add_argument("--modes", default="sft,off,on,mixed")
     ap.add_argument("--loss", default="forward_kl", help="train.loss: the divergence on teacher-written responses")
     ap.add_argument("--on-loss", default="reverse_kl", help="train.on_policy.loss: on the student's own samples")
