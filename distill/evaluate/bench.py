@@ -24,7 +24,7 @@ import numpy as np
 from distill.config import Recipe
 from distill.errors import DistillError, UsageError
 from distill.evaluate.evaluation import check_report_dir, eval_examples
-from distill.fileio import die_with_parent, pause_point, write_file_set
+from distill.fileio import check_output_dir, die_with_parent, pause_point, write_file_set
 from distill.evaluate.metrics import agreement, classification_metrics
 from distill.models.loading import size_on_disk
 
@@ -128,6 +128,8 @@ BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | None = None, split: str = "holdout",
               batch_size: int = 16, latency_examples: int = 32, limit: int | None = None, out: str | None = None,
               tokenizer: str | None = None) -> dict:
+    if out is not None:  # '' (an unset shell variable), '/', home, a user's directory: refused
+        check_output_dir(out, "--out", "bench")
     out_dir = Path(out or recipe.workdir_path / "bench")
     check_report_dir(out_dir, BENCH_FILES)
     examples, splits = eval_examples(recipe, split, data, limit)

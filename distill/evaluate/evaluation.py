@@ -18,7 +18,7 @@ from distill.data.leakage import overlap, warn_overlaps
 from distill.data.splits import prepare_splits, same_file, subset_indices
 from distill.data.read import read_rows, validate_rows
 from distill.errors import UsageError
-from distill.fileio import write_file_set
+from distill.fileio import check_output_dir, write_file_set
 from distill.evaluate.metrics import classification_metrics
 from distill.data.prompts import encode_classification
 from distill.models.scoring import label_logprobs
@@ -208,6 +208,8 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
              shots: int = 0, out: str | None = None, name: str | None = None, batch_size: int = 16,
              limit: int | None = None, tokenizer: str | None = None) -> dict:
     task = recipe.task
+    if out is not None:  # '' (an unset shell variable), '/', home, a user's directory: refused
+        check_output_dir(out, "--out", "eval")
     out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name or Path(model_ref).name, split, data,
                                                                          shots, limit))
     check_report_dir(out_dir, REPORT_FILES)

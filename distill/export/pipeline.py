@@ -20,7 +20,7 @@ import numpy as np
 
 from distill.models import llamacpp
 from distill.errors import DistillError, UsageError
-from distill.fileio import fsync_file, pause_point, pid_alive
+from distill.fileio import check_output_file, fsync_file, pause_point, pid_alive
 from distill.export.gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
 from distill.models.llamacpp import have_llama_cpp, require_llama_cpp
 from distill.models.loading import adapter_base, check_remote_code, hf_kwargs, is_adapter, load_model, size_on_disk
@@ -373,7 +373,7 @@ def export_gguf(model_dir, out, quant: str = "q4_k_m", verify=True, recipe=None)
     and leaves no file at `out`. recipe: the recipe whose training split calibrates q4_k_m (default:
     the one in MODEL_DIR/training.json).
     """
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = Path(model_dir), check_output_file(out, "--out")  # never over a user's file, '' or '/'
     if quant not in QUANTS:
         raise UsageError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if not model_dir.is_dir():

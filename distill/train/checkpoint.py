@@ -89,7 +89,15 @@ def remove_partial(root: Path) -> None:
     """Partial copies of a run killed while writing a checkpoint."""
     if root.is_dir():
         for partial in root.glob(".tmp-*"):
-            shutil.rmtree(partial, ignore_errors=True)
+            _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary directory, or a link planted under its name (the link, never its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def config_for_resume(cfg: TrainConfig) -> dict:
@@ -127,7 +135,7 @@ class Checkpointer:
 
     def _save(self, tmp: Path, final: Path, loop: dict, settings: dict) -> Path:
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             tmp.mkdir(parents=True)
         barrier(self.world)
         if self.ds:  # every rank writes its partition of the weights and optimizer state
