@@ -6,7 +6,8 @@ never come. For each, the real CLI (`distill generate`, in-process) must exit 1 
 no traceback, cache nothing from the bad answer, leave every file that existed before byte for byte as
 it was, end within its (short) timeout, and write the URL's credentials into no file. A manifest-tamper
 table checks a finished cache's manifest is refused when edited (k, a JSON string, a shard without its
-checksum, a shard name that climbs out of the cache)."""
+checksum, a shard name that climbs out of the cache). And doctor, a read-only command, writes nothing
+and calls no truncated student weights ok."""
 from __future__ import annotations
 
 import http.server
@@ -107,6 +108,16 @@ class Hostile:
         choices = [{"index": i, "text": "", "prompt_logprobs": positions(seq, n, mode)}
                    for i, seq in enumerate(body["prompt"])]
         data = json.dumps({"id": "cmpl-1", "choices": choices}).encode()
+        if mode == "trickle":  # a byte every 0.2 s: each read returns, only a deadline for the whole ends it
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            for byte in data:
+                if self.released.wait(0.2):
+                    return
+                h.wfile.write(bytes([byte]))
+                h.wfile.flush()
+            return
         if mode == "hang_mid_body":  # the headers and half the body, then nothing
             h.send_response(200)
             h.send_header("Content-Length", str(len(data)))
@@ -254,6 +265,7 @@ CASES = {
     "no_choices": "asked for 2 completions, got 0",
     "hang_mid_body": f"no complete answer within {TIMEOUT} s",
     "never_answers": f"no complete answer within {TIMEOUT} s",
+    "trickle": f"no complete answer within {TIMEOUT} s",
 }
 
 
@@ -416,3 +428,80 @@ def test_a_server_that_never_becomes_healthy_ends_start_up_within_its_timeout(tm
     assert srv.proc is None  # stopped, and its port free again
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", srv.port)) != 0
+
+
+def test_a_request_that_times_out_moves_to_another_server(hostile):
+    """Two servers, one never answering: every request it took times out there and is answered by the
+    other; the numbers are the good server's."""
+    from transformers import AutoTokenizer
+
+    from distill.config import TeacherSpec
+    from distill.teacher.remote import ServerTeacher
+
+    tok = AutoTokenizer.from_pretrained(hostile["tok_dir"])
+    silent, good = Hostile(tok), hostile["server"]
+    try:
+        silent.mode, good.mode, good.work, good.good_first = "never_answers", "good", 0, 0
+        spec = TeacherSpec(name=MODEL_ID, source=hostile["tok_dir"], url=f"{silent.url()},{good.url()}")
+        client = ServerTeacher(spec, tok, 4, model_path=hostile["tok_dir"], per_request=1, timeout=1.0)
+        seqs = [tok("Name a colour. Blue is a colour.").input_ids] * 4
+        t0 = time.monotonic()
+        rows = client.topk(seqs, [list(range(1, len(s))) for s in seqs], 4)
+        took = time.monotonic() - t0
+        client.close()
+    finally:
+        silent.close()
+    assert silent.work >= 1 and good.work == 4  # the silent server took some; each ended on the good one
+    assert took < 6
+    for ids, vals, _ in rows:
+        assert ids[0].tolist() == [1, 2, 3, 4] and vals[0, 0].item() == -1.0
+
+
+def test_serve_teacher_passes_the_api_key_through_the_environment(tmp_path, monkeypatch):
+    """`vllm serve` reads VLLM_API_KEY for --api-key: the key goes there, never onto the command line."""
+    import distill.teacher.launch as launch
+    from distill.config import TeacherSpec
+
+    seen = {}
+
+    def popen(cmd, **kw):
+        seen.update(cmd=cmd, env=kw["env"])
+        raise RuntimeError("not starting anything")
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch.ServedTeacher, "command", lambda self: [sys.executable, "-c", "pass"])
+    monkeypatch.setenv("DISTILL_TEACHER_API_KEY", API_KEY)
+    with pytest.raises(RuntimeError, match="not starting"):
+        launch.ServedTeacher(TeacherSpec(name="x", source=str(tmp_path))).start()
+    assert seen["env"]["VLLM_API_KEY"] == API_KEY and API_KEY not in " ".join(seen["cmd"])
+
+
+# -- doctor: read-only, and a student's weights checked as loading them would ---------------------------
+
+
+def test_doctor_writes_nothing_and_refuses_a_truncated_student(hostile, finished, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    env = hostile
+    env["server"].mode = "good"
+    r = recipe(env, "doctor-only")
+    workdir = env["tmp"] / "w-doctor-only"
+    before = snapshot(env["tmp"])
+    res = CliRunner().invoke(cli, ["doctor", "--no-estimate", "--recipe", str(r), "--json"])
+    checks = {c["check"]: c for c in json.loads(res.output[res.output.index("[\n"):])}
+    assert checks["data"]["status"] == "ok" and checks["teacher"]["status"] == "ok", checks
+    assert not workdir.exists() and snapshot(env["tmp"]) == before  # no split files, nothing at all
+    student = tmp_path / "student"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(student)
+    AutoTokenizer.from_pretrained(env["tok_dir"]).save_pretrained(student)
+    res = CliRunner().invoke(cli, ["doctor", "--no-estimate", "--cache", str(finished), "--student", str(student)])
+    assert res.exit_code == 0 and "ok  student" in res.output, res.output
+    weights = student / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    res = CliRunner().invoke(cli, ["doctor", "--no-estimate", "--cache", str(finished), "--student", str(student)])
+    lines = error_lines(res.output)
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "student" in lines[0] and "model.safetensors: unreadable weights" in lines[0]
