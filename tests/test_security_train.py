@@ -111,6 +111,22 @@ def test_a_nan_gradient_with_a_finite_loss_stops_before_the_optimizer_step(setup
     assert not (out / "model.safetensors").exists()
 
 
+def test_a_nan_validation_loss_is_never_kept_as_the_best_model(setup, monkeypatch):
+    """The first evaluation is always "the best so far": a NaN there must stop the run, not be saved."""
+    tmp, recipe = setup
+    out = tmp / "nan-eval"
+    real = ClassificationTask.evaluate
+
+    def evaluate(self, *args):  # the evaluation's figures made NaN (mock: finite weights give finite figures)
+        return {**real(self, *args), "val_loss": float("nan")}
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
+    res, errors = train(recipe, "--out", out)
+    assert res.exit_code == 1, res.output
+    assert len(errors) == 1 and "optimizer step 3 of 3" in errors[0] and "validation loss is nan" in errors[0], errors
+    assert not (out / "model.safetensors").exists() and not (out / "training.json").exists()
+
+
 def test_weights_with_nan_are_never_saved():
     """check_weights guards every checkpoint and the best model; a Run-like record stands in for the run."""
     good = torch.zeros(3, requires_grad=True)

@@ -155,8 +155,13 @@ def diverged(run: Run, state: LoopState, what: str) -> None:
     kept = list_checkpoints(run.ckpt.root)
     kept = f"the last checkpoint is {kept[-1]}" if kept else "no checkpoint was written before it"
     raise DistillError(f"training diverged at optimizer step {step} of {run.total_steps}: {what}; stopped before "
-                       f"that step changed the weights and saved nothing of it ({kept}). Lower train.lr (now "
-                       f"{run.cfg.lr:g}) or check the cache, then train again")
+                       f"that step changed the weights and saved nothing of it ({kept}). {advice(run)}")
+
+
+def advice(run: Run) -> str:
+    """What to do after a divergence (resuming would replay it; another --out keeps this run's checkpoints)."""
+    return (f"Lower train.lr (now {run.cfg.lr:g}), or check the cache and the starting weights, then train again "
+            "(into another --out to keep these checkpoints)")
 
 
 def check_weights(run: Run, what: str) -> None:
@@ -164,8 +169,8 @@ def check_weights(run: Run, what: str) -> None:
     bad = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in run.params)
     flag = all_reduce_sum(torch.tensor([float(bad)]), run.world)
     if flag.item() > 0:
-        raise DistillError(f"{what}: the weights hold non-finite values (NaN or inf), so they were not saved; "
-                           f"lower train.lr (now {run.cfg.lr:g}) or check the cache, then train again")
+        raise DistillError(f"{what}: the weights hold non-finite values (NaN or inf), so they were not saved. "
+                           f"{advice(run)}")
 
 
 def check_teacher_numbers(run: Run) -> None:
@@ -202,8 +207,7 @@ def evaluate(run: Run, state: LoopState) -> None:
     ev.update(epoch=round(run.order.epochs_done(state.micro_batch), 3), step=step, elapsed_s=round(state.elapsed(), 1))
     if not math.isfinite(ev["val_loss"]):
         raise DistillError(f"training diverged by optimizer step {step} of {run.total_steps}: the validation loss is "
-                           f"{ev['val_loss']}; these weights were not saved. Lower train.lr (now {run.cfg.lr:g}) or "
-                           "check the cache's validation split, then train again")
+                           f"{ev['val_loss']}; these weights were not saved. {advice(run)}")
     state.history.append(ev)
     if run.main:
         log_evaluation(ev, run.cfg)
