@@ -29,7 +29,7 @@ MAX_NODES = 100_000  # values once aliases are expanded
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (merge keys `<<:` excepted)."""
 
-    src = "<yaml>"
+    at = staticmethod(lambda line: f"<yaml>:{line}")  # the error's location: file and line
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -39,13 +39,13 @@ class _Loader(yaml.SafeLoader):
                     continue
                 key = self.construct_object(key_node)
                 if key in seen:
-                    raise UsageError(f"{self.src}:{key_node.start_mark.line + 1}: duplicate key {show(key)} (first "
+                    raise UsageError(f"{self.at(key_node.start_mark.line + 1)}: duplicate key {show(key)} (first "
                                      f"on line {seen[key]}); each key may appear once in a mapping")
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
 
-def _refuse_deep_events(text: str, src: str) -> None:
+def _refuse_deep_events(text: str, at) -> None:
     """Nesting deeper than MAX_DEPTH, found on the parser's events (the parser keeps its own stack; the
     composer after it recurses once a level, and would die of a RecursionError on 10,000 levels)."""
     depth = 0
@@ -53,13 +53,13 @@ def _refuse_deep_events(text: str, src: str) -> None:
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise UsageError(f"{src}:{ev.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels; "
+                raise UsageError(f"{at(ev.start_mark.line + 1)}: nested deeper than {MAX_DEPTH} levels; "
                                  "a recipe is a few levels of keys")
         elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
 
 
-def _measure(node, depth: int, memo: dict, src: str) -> tuple[int, int]:
+def _measure(node, depth: int, memo: dict, at) -> tuple[int, int]:
     """(values, levels) of a composed node with its aliases expanded; shared nodes are measured once, so
     an alias bomb is measured in the time of its text and refused before anything expands it."""
     if id(node) in memo:
@@ -70,38 +70,39 @@ def _measure(node, depth: int, memo: dict, src: str) -> tuple[int, int]:
             pairs = node.value if isinstance(node, yaml.MappingNode) else [(child,) for child in node.value]
             for pair in pairs:
                 for child in pair:
-                    s, h = _measure(child, depth + 1, memo, src)
+                    s, h = _measure(child, depth + 1, memo, at)
                     size, height = size + s, max(height, h + 1)
         elif depth >= MAX_DEPTH:
             height = MAX_DEPTH + 1  # an alias that contains itself ends here too
         memo[id(node)] = (size, height)
     line = node.start_mark.line + 1
     if depth + height > MAX_DEPTH + 1:
-        raise UsageError(f"{src}:{line}: nested deeper than {MAX_DEPTH} levels once its aliases are expanded; "
+        raise UsageError(f"{at(line)}: nested deeper than {MAX_DEPTH} levels once its aliases are expanded; "
                          "a recipe is a few levels of keys")
     if size > MAX_NODES:
-        raise UsageError(f"{src}:{line}: more than {MAX_NODES} values once its aliases are expanded (an alias "
+        raise UsageError(f"{at(line)}: more than {MAX_NODES} values once its aliases are expanded (an alias "
                          "bomb?); a recipe is a page of keys")
     return size, height
 
 
-def safe_yaml(text: str, src: str):
-    """`text` read as YAML data under the limits above; a YAML error is one line naming `src` and the line."""
+def safe_yaml(text: str, src: str, one_value: bool = False):
+    """`text` read as YAML data under the limits above; a YAML error is one line naming `src` and the line
+    (`one_value`: a --set value, its line left out)."""
     if len(text) > MAX_BYTES:
         raise UsageError(f"{src}: {len(text)} characters; a recipe is at most {MAX_BYTES} (is this the right file?)")
     loader = _Loader(text)
-    loader.src = src
+    loader.at = (lambda line: src) if one_value else (lambda line: f"{src}:{line}")
     try:
-        _refuse_deep_events(text, src)
+        _refuse_deep_events(text, loader.at)
         node = loader.get_single_node()
         if node is None:
             return None
-        _measure(node, 1, {}, src)
+        _measure(node, 1, {}, loader.at)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UsageError(f"{src}{line}: not valid YAML ({show(getattr(e, 'problem', None) or str(e))})") from None
+        where = f"{src}: the value is" if one_value else f"{src}:{mark.line + 1}:" if mark else f"{src}:"
+        raise UsageError(f"{where} not valid YAML ({show(getattr(e, 'problem', None) or str(e))})") from None
     finally:
         loader.dispose()
 
@@ -189,7 +190,7 @@ def parse_set(item: str) -> dict:
     if not sep or not _KEY.fullmatch(key) or key.count(".") >= MAX_DEPTH:
         raise UsageError(f"--set {show(item)}: expected KEY=VALUE with a dotted recipe key, "
                          "e.g. --set train.lora.r=16")
-    return _nest(key, safe_yaml(text, f"--set {key}"))
+    return _nest(key, safe_yaml(text, f"--set {show(item)[1:-1]}", one_value=True))
 
 
 def load_recipe(path: str | Path | Recipe, sets: typing.Iterable[str] = (), overrides: dict | None = None) -> Recipe:
