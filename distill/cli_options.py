@@ -52,7 +52,8 @@ EVAL_NAME = click.option("--name", type=FileName(),
 
 def out_option(help: str, file: bool = False, required: bool = False):
     """--out: where the command writes (checked by `check_out`)."""
-    return click.option("--out", type=click.Path(file_okay=file, dir_okay=not file), required=required, help=help)
+    kind = click.Path() if file else click.Path(file_okay=False)  # a file: fileio says what a directory is
+    return click.option("--out", type=kind, required=required, help=help)
 
 
 def teacher_url_option(help: str):
