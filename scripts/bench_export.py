@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, run_child
+from benchlib import ROOT, run_child, versions
 
 PROMPT = "Write a short story about a robot who learns to paint. Give the robot a name."
 
@@ -249,8 +249,9 @@ def main() -> None:
     for line in checks:
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "exports": exports, "eval": f1, "targets": checks},
-                                              indent=2, default=str))
+        figures = {"rows": rows, "exports": exports, "eval": f1, "targets": checks,
+                   "versions": versions("gguf", "llama-cpp-python")}
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import peak_rss_mib, reset_peak, rss_mib, run_child
+from benchlib import peak_rss_mib, reset_peak, rss_mib, run_child, versions
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -303,7 +303,7 @@ def main():
         print("  (peak RSS includes model loading: /proc/self/clear_refs was not writable)")
     if args.json:
         figures = {"results": results, "ratios": ratios, "matmul_gflops": peak_gflops, "timing": timing,
-                   "args": {k: str(v) for k, v in vars(args).items()}}
+                   "args": {k: str(v) for k, v in vars(args).items()}, "versions": versions()}
         args.json.write_text(json.dumps(figures, indent=1))
     if tmp:
         tmp.cleanup()
