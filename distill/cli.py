@@ -22,11 +22,10 @@ from distill.cli_options import (
     out_option,
     recipe_argument,
     recipe_option,
-    refuse_empty_recipe,
     teacher_url_option,
     tokenizer_option,
 )
-from distill.config import Backend, Loss
+from distill.config import Backend, Loss, load_recipe
 from distill.errors import UsageError, describe
 from distill.models.loading import allow_remote_code
 
@@ -118,14 +117,6 @@ def cli(verbose, debug, trust_remote_code):
     allow_remote_code(trust_remote_code)  # set either way: one process may run several commands (tests)
 
 
-def _load(recipe_path, sets=(), overrides=None):
-    """The recipe with --set and the specific options applied, validated before any work."""
-    from distill.config import load_recipe
-
-    refuse_empty_recipe(recipe_path)
-    return load_recipe(recipe_path, sets, overrides)
-
-
 @cli.command()
 @recipe_argument()
 @click.option("--teacher", help="Teacher spec (YAML), model directory, hub id or server URL; default: the recipe's.")
@@ -149,7 +140,7 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker,
     from distill.cache.generate import run_generate
 
     check_out(out)
-    r = _load(recipe, sets, {"generate.batch_size": batch_size})
+    r = load_recipe(recipe, sets, {"generate.batch_size": batch_size})
     path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
                         worker=worker)
     click.echo(f"teacher cache: {path}" + (f" (worker {worker[0]}/{worker[1]}: its shards)" if worker else ""))
@@ -221,10 +212,11 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
     from distill.train import run_train
 
     check_out(out)
-    r = _load(recipe, sets, {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs,
-                             "train.lr": lr, "train.batch_size": batch_size, "train.student.num_layers": num_layers,
-                             "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
-                             "train.max_steps": max_steps})
+    options = {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs, "train.lr": lr,
+               "train.batch_size": batch_size, "train.student.num_layers": num_layers,
+               "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
+               "train.max_steps": max_steps}
+    r = load_recipe(recipe, sets, options)
     path = run_train(r, cache=cache, out=out, init_from=init_from, resume=resume, stop_after_steps=stop_after_steps,
                      teacher_urls=list(teacher_urls) or None)
     if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run
@@ -260,7 +252,7 @@ def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, to
     from distill.evaluate.evaluation import format_report, run_eval
 
     check_out(out)
-    r = _load(recipe, sets)
+    r = load_recipe(recipe, sets)
     report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
                       batch_size=batch_size, limit=limit, tokenizer=tokenizer)
     click.echo(format_report(report, list(report["per_class"])))
@@ -294,7 +286,7 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
         raise UsageError("--set changes the recipe given with --recipe; add --recipe RECIPE")
     check_out_outside_source(Path(out), Path(model_dir))  # the more telling refusal first
     check_out(out, file=True)
-    r = _load(recipe, sets) if recipe else None
+    r = load_recipe(recipe, sets) if recipe else None
     report = export_gguf(model_dir, out, quant=quant, verify=False if no_verify else verify_with, recipe=r)
     click.echo(json.dumps(report, indent=2) if as_json else format_export_report(report))
 
@@ -324,7 +316,7 @@ def bench(recipe, teacher, students, data, batch_size, latency_examples, limit, 
     from distill.evaluate.bench import run_bench
 
     check_out(out)
-    r = _load(recipe, sets)
+    r = load_recipe(recipe, sets)
     report = run_bench(r, teacher, list(students), data=data, batch_size=batch_size,
                        latency_examples=latency_examples, limit=limit, out=out, tokenizer=tokenizer)
     click.echo((Path(report["out_dir"]) / "bench.md").read_text())
@@ -351,9 +343,7 @@ def doctor(recipe, teacher, cache, student, no_estimate, as_json, sets):
     if sets and not recipe:
         raise UsageError("--set changes a recipe, and none is given; add it as the first argument: "
                          "distill doctor RECIPE --set KEY=VALUE")
-    if recipe:
-        refuse_empty_recipe(recipe)
-    checked = _load(recipe, sets) if sets else recipe  # without --set, a bad recipe is a failed check
+    checked = load_recipe(recipe, sets) if sets else recipe  # without --set, a bad recipe is a failed check
     rows, ok = run_doctor(checked, teacher, cache, student, estimate=not no_estimate)
     click.echo(rows_json(rows) if as_json else format_rows(rows))
     if not ok:

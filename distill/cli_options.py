@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import click
 
 from distill.config import SEED_MAX
-from distill.errors import UsageError
 from distill.fileio import check_output_dir, check_output_file
 
 RECIPE_RULE = ("The recipe is the first argument of every command without a MODEL argument (generate, train, bench, "
@@ -105,18 +103,3 @@ def check_out(out, file: bool = False) -> None:
     a run would scatter its outputs there, and a later run's clean-up of its own outputs start there."""
     if out is not None:
         (check_output_file if file else check_output_dir)(out, "--out")
-
-
-def refuse_empty_recipe(recipe_path) -> None:
-    """An empty recipe (or one of comments only) would silently run the defaults (the built-in data,
-    the default teacher, runs/default): almost surely the wrong file, so it is refused."""
-    import yaml
-
-    p = Path(recipe_path)
-    try:
-        empty = p.is_file() and yaml.safe_load(p.read_text(encoding="utf-8")) in (None, {})
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # load_recipe names the problem
-    if empty:
-        raise UsageError(f"{p}: the recipe is empty; expected a mapping of keys (name, workdir, teacher, task, "
-                         "generate, train); see recipes/ for examples")
