@@ -175,7 +175,7 @@ def _check_fixed_part(task: TaskConfig, labels, n: int, max_length: int | None, 
     parts = ["the instruction"] + ([f"the list of {len(labels)} labels"] if listed else []) + (
         [f"{len(shots)} few-shot examples"] if shots else [])
     raise UsageError(f"task.max_length: {max_length} tokens cannot hold any text: the prompt without it "
-                     f"({', '.join(parts)}){' and the longest label answer' if with_answer else ''} need {n}; "
+                     f"({', '.join(parts)}){' plus the longest label answer' if with_answer else ''} takes {n} tokens; "
                      "raise task.max_length" + (", or set task.list_labels_in_prompt: false" if listed else ""))
 
 
