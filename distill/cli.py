@@ -107,10 +107,11 @@ def cli(verbose, debug, trust_remote_code):
 
     \b
     Examples:
-      # the main job on the built-in task: cache the teacher's answers, then train the student on them
+      # the main job on the built-in task: fine-tune the teacher, cache its answers, distil an 8-layer student
+      distill train recipes/default-teacher.yaml --out runs/default/teacher
       distill generate recipes/default.yaml && distill train recipes/default.yaml
-      # score the student on the recipe's holdout split
-      distill eval runs/default/student --recipe recipes/default.yaml
+      # evaluate a model (here the teacher before fine-tuning) on the recipe's holdout split
+      distill eval teachers/smollm2-135m-instruct.yaml --recipe recipes/default.yaml --name teacher-zero-shot
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -137,13 +137,17 @@ def test_root_help_shows_two_runnable_examples(env, stages, monkeypatch):
     res = invoke("--help")
     assert res.exit_code == 0
     examples = [ln.strip() for ln in res.output.splitlines() if ln.strip().startswith("distill ")]
-    assert examples == ["distill generate recipes/default.yaml && distill train recipes/default.yaml",
-                        "distill eval runs/default/student --recipe recipes/default.yaml"]
+    assert examples == [
+        "distill train recipes/default-teacher.yaml --out runs/default/teacher",  # the main job, as the README's
+        "distill generate recipes/default.yaml && distill train recipes/default.yaml",
+        "distill eval teachers/smollm2-135m-instruct.yaml --recipe recipes/default.yaml --name teacher-zero-shot"]
     assert "first argument" in res.output and "--recipe RECIPE" in res.output  # the rule
     monkeypatch.chdir(env["tmp"])
-    for example in [*examples[0].split(" && "), examples[1]]:
-        assert invoke(*shlex.split(example)[1:]).exit_code == 0
-    assert [c["command"] for c in stages] == ["generate", "train", "eval"]
+    for example in (part for line in examples for part in line.split(" && ")):
+        assert invoke(*shlex.split(example)[1:]).exit_code == 0, example
+    assert [c["command"] for c in stages] == ["train", "generate", "train", "eval"]
+    readme = (ROOT / "README.md").read_text()
+    assert all(part in readme for line in examples for part in line.split(" && "))
 
 
 def test_every_command_has_help_and_the_module_entry_runs():
