@@ -33,6 +33,10 @@ _SLOT_RE = re.compile("\ue000(\\d+)\ue001")
 TEMPLATE_TIMEOUT_S = 10.0
 
 
+# Above this many labels, scoring full answers (a model without label tokens) is said to cost one answer per label.
+MANY_LABELS = 100
+
+
 class _TemplateTimeout(BaseException):
     """Raised by the alarm inside a rendering; a BaseException so no `except Exception` in a template's
     filters or in transformers swallows it."""
@@ -164,6 +168,10 @@ def label_answers(tok, task: TaskConfig, labels: list[str]) -> list[list[int]]:
     tokens = label_token_ids(tok, labels)
     if tokens is not None:
         return [[t] for t in tokens]
+    if len(labels) > MANY_LABELS:
+        log.warning("%d labels and no label tokens in %s: every text is scored with each label's full answer, so "
+                    "the teacher's time grows with the number of labels (a student gets one token per label)",
+                    len(labels), getattr(tok, "name_or_path", "") or "the tokenizer")
     return _answers_ids(tok, task, labels, labels)
 
 

@@ -206,6 +206,18 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
     return out
 
 
+def check_task_texts(task: TaskConfig, src) -> None:
+    """The recipe's own texts that enter every prompt (`task.instruction`, `task.prompt`) as Unicode text: a
+    YAML `"\\ud800"` escape gives a lone surrogate, which no tokenizer or file takes."""
+    for key in ("instruction", "prompt"):
+        text = getattr(task, key)
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"{src}: task.{key}: holds a lone surrogate (U+{ord(text[e.start]):04X}) at character "
+                             f"{e.start + 1}: not Unicode text; fix the \\u escapes") from None
+
+
 def _require(row: dict, fields, src, line) -> None:
     for f in fields:
         if f not in row or row[f] is None:
@@ -271,15 +283,11 @@ def _fixed_prompt_rows(rows, task: TaskConfig, src) -> list[dict]:
     texts are dropped like duplicate prompts elsewhere; `task.max_examples` takes a seeded sample."""
     out, seen, f = [], set(), task.response_field
     for line, row in rows:
-        text = row.get(f)
-        if text is None or isinstance(text, bool) or not isinstance(text, (str, int)):
-            raise UsageError(f"{src}:{line}: field '{f}' (task.response_field, the text under task.prompt) must be "
-                             f"text, got {'nothing' if text is None else type(text).__name__}")
-        if not str(text).strip():
-            raise UsageError(f"{src}:{line}: field '{f}' is empty")
-        if str(text) not in seen:
-            seen.add(str(text))
-            out.append({"prompt": task.prompt, "response": str(text)})
+        _require(row, (f,), src, line)
+        text = _field_text(row, f, src, line)
+        if text not in seen:
+            seen.add(text)
+            out.append({"prompt": task.prompt, "response": text})
     if len(out) < len(rows):
         log.warning("%s: dropped %d duplicate examples (same text)", src, len(rows) - len(out))
     if task.max_examples and task.max_examples < len(out):  # a seeded sample: such files are often sorted by label

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import TaskConfig
-from distill.data.read import label_set, read_rows, validate_rows
+from distill.data.read import check_task_texts, label_set, read_rows, validate_rows
 from distill.data.sampling import _take_per_class, subset_indices
 from distill.errors import UsageError
 from distill.fileio import atomic_write_text
@@ -73,6 +73,7 @@ def prepare_splits(task: TaskConfig, workdir: str | Path | None, recipe_src: str
     training data itself is refused.
     """
     _refuse_holdout_is_data(task, recipe_src)
+    check_task_texts(task, recipe_src)
     rows = read_rows(task.data)
     labels = label_set(task, recipe_src)
     examples = validate_rows(rows, task, labels, task.data)
