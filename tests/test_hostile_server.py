@@ -505,3 +505,21 @@ def test_doctor_writes_nothing_and_refuses_a_truncated_student(hostile, finished
     lines = error_lines(res.output)
     assert res.exit_code == 1 and len(lines) == 1, res.output
     assert "student" in lines[0] and "model.safetensors: unreadable weights" in lines[0]
+
+
+def test_the_timeout_is_configurable_and_checked(monkeypatch):
+    from types import SimpleNamespace
+
+    from distill.errors import UsageError
+    from distill.teacher.common import DEFAULT_TIMEOUT, request_timeout, split_credentials
+
+    monkeypatch.delenv("DISTILL_TEACHER_TIMEOUT", raising=False)
+    assert request_timeout() == DEFAULT_TIMEOUT
+    monkeypatch.setenv("DISTILL_TEACHER_TIMEOUT", "7.5")
+    assert request_timeout() == 7.5 and request_timeout(SimpleNamespace(timeout=3)) == 3.0  # a spec's own wins
+    for bad in ("soon", "0", "-1", "inf"):
+        monkeypatch.setenv("DISTILL_TEACHER_TIMEOUT", bad)
+        with pytest.raises(UsageError, match="DISTILL_TEACHER_TIMEOUT"):
+            request_timeout()
+    assert split_credentials("http://u%40x:p%2Fw@h:8000") == ("http://h:8000", ("u@x", "p/w"))
+    assert split_credentials("http://h:8000") == ("http://h:8000", None)
