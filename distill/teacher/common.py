@@ -222,7 +222,6 @@ DEFAULT_TIMEOUT = 300.0  # seconds for one request's whole answer
 CONNECT_TIMEOUT = 10.0
 
 
-
 class TransientError(Exception):
     """A failure worth retrying: no connection, a 5xx answer; or a timeout (`timed_out`), retried only
     on another server."""
@@ -294,7 +293,8 @@ class Answer:
 def fetch(session, method: str, url: str, timeout: float, payload=None, **auth) -> Answer:
     """One request whose whole answer must arrive within `timeout` s: the body is read as it comes and
     the deadline checked between reads (each read also times out after `timeout` s of silence), so a
-    server that never answers or stops mid-body raises TransientError(timed_out=True). `session`: a
+    server that never answers, stops mid-body or trickles raises TransientError(timed_out=True) within
+    `timeout` s (twice that at worst: a read that began just before the deadline). `session`: a
     requests.Session (or the requests module)."""
     import requests
     import urllib3
