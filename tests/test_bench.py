@@ -5,13 +5,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 from conftest import make_tiny_llama, write_class_data, write_recipe
 
 
 def distill(*args):
-    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
 
 
 def test_test_split_is_read_only_by_evaluation(tmp_path, tiny_model):

@@ -45,7 +45,8 @@ def test_generate_on_a_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model,
     assert p.returncode == 0, p.stderr[-2000:]
     total = du(full)
     size_kb = max(8, (total // 2) // 1024)  # room for about half the cache
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(small_disk)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(small_disk)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
     out = small_disk / "cache"

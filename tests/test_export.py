@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import sigint_default, write_class_data, write_recipe
+
 from distill.errors import DistillError, UsageError
 from distill.export.pipeline import (
     THRESHOLDS,
@@ -43,8 +43,15 @@ PAD_ROWS = 64
 def build_model(out: Path, tok_dir: str, arch: str) -> Path:
     """A random tiny model of `arch` with the SmolLM2 tokenizer, initialised as the module docstring says."""
     import torch
-    from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     common = dict(vocab_size=len(tok) + PAD_ROWS, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import sigint_default, write_class_data, write_recipe
 
 CMD = [sys.executable, "-m", "distill"]

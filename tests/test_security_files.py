@@ -21,7 +21,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from conftest import ROOT, write_class_data, write_recipe
 from test_bad_input import error_lines, snapshot
 
@@ -51,7 +50,7 @@ def sec(tmp_path_factory, tiny_model):
     runner = CliRunner()
     for args in (["generate", str(recipe), "--backend", "transformers"],
                  ["train", str(recipe), "--out", str(tmp / "stopped"), "--stop-after-steps", "1"],
-                 ["eval", tiny_model, "--recipe", str(recipe), "--out", str(tmp / "report"), "--limit", "9"]):
+                 ["eval", tiny_model, "--recipe", str(recipe), "--out", str(tmp / "report")]):
         res = runner.invoke(cli, args)
         assert res.exit_code == 0, res.output[-3000:]
     assert (tmp / "stopped" / "checkpoints" / "step-00000001" / "state.pt").is_file()
@@ -243,6 +242,9 @@ def test_check_output_dir_knows_each_commands_output(tmp_path):
 
 # ------------------------------------------------------------------ report sets are one unit
 
+HOLDOUT = 6  # examples in the fixture's holdout split (a --limit 3 run is told apart by its count)
+
+
 def _files(d: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
@@ -256,10 +258,10 @@ def _consistent(d: Path) -> int:
 def test_eval_killed_between_files_leaves_the_previous_set_whole(sec):
     out = sec["tmp"] / "report"
     before = _files(out)
-    assert _consistent(out) == 9
+    assert _consistent(out) == HOLDOUT
     env = dict(os.environ, PYTHONPATH=str(ROOT), DISTILL_TEST_PAUSE="report_file:120:2")
     proc = subprocess.Popen([sys.executable, "-m", "distill", "eval", sec["model"], "--recipe", str(sec["recipe"]),
-                             "--out", str(out), "--limit", "6"], stdin=subprocess.DEVNULL,
+                             "--out", str(out), "--limit", "3"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 240
@@ -276,9 +278,9 @@ def test_eval_killed_between_files_leaves_the_previous_set_whole(sec):
     assert _files(out) == before  # the old set, whole: nothing of the killed run got in
     assert list(out.parent.glob(f".{out.name}.set-{proc.pid}-*")), "the killed run's partial set lies beside"
     res = CliRunner().invoke(cli, ["eval", sec["model"], "--recipe", str(sec["recipe"]), "--out", str(out),
-                                   "--limit", "6"])
+                                   "--limit", "3"])
     assert res.exit_code == 0, res.output[-2000:]
-    assert _consistent(out) == 6 and sorted(_files(out)) == sorted(before)
+    assert _consistent(out) == 3 and sorted(_files(out)) == sorted(before)
     assert not list(out.parent.glob(f".{out.name}.set-*")), "the next run removes a killed run's leftovers"
 
 
@@ -289,15 +291,15 @@ def test_eval_on_a_full_disk_keeps_the_previous_report_set(sec, small_disk):
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
     out = small_disk / "report"
     args = ["eval", sec["model"], "--recipe", str(sec["recipe"]), "--out", str(out)]
-    res = CliRunner().invoke(cli, args + ["--limit", "9"])
+    res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output[-2000:]
     before = _files(out)
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * (free - 16384))  # room for less than the new set
-    res = CliRunner().invoke(cli, args + ["--limit", "6"])
+    res = CliRunner().invoke(cli, args + ["--limit", "3"])
     assert res.exit_code == 1, res.output[-2000:]
     assert len(error_lines(res.output)) == 1 and "no space left" in error_lines(res.output)[0], res.output[-2000:]
-    assert _files(out) == before and _consistent(out) == 9
+    assert _files(out) == before and _consistent(out) == HOLDOUT
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "report"]  # no partial set left
 
 

@@ -24,8 +24,8 @@ import numpy as np
 from distill.config import Recipe
 from distill.errors import DistillError, UsageError
 from distill.evaluate.evaluation import check_report_dir, eval_examples
-from distill.fileio import check_output_dir, die_with_parent, pause_point, write_file_set
 from distill.evaluate.metrics import agreement, classification_metrics
+from distill.fileio import check_output_dir, die_with_parent, pause_point, write_file_set
 from distill.models.loading import size_on_disk
 
 
@@ -35,8 +35,8 @@ def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q, p
     die_with_parent(parent_pid)
     import torch
 
-    from distill.evaluate.evaluation import make_scorer
     from distill.data.prompts import encode_classification
+    from distill.evaluate.evaluation import make_scorer
 
     try:
         torch.manual_seed(0)
@@ -58,7 +58,8 @@ def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q, p
         q.put({
             "predictions": scores.argmax(1).tolist(), "load_s": load_s,
             "throughput_batch": len(enc) / batch_s, "throughput_1": len(lat) / sum(lat),
-            "latency_p50_ms": 1000 * float(np.percentile(lat, 50)), "latency_p95_ms": 1000 * float(np.percentile(lat, 95)),
+            "latency_p50_ms": 1000 * float(np.percentile(lat, 50)),
+            "latency_p95_ms": 1000 * float(np.percentile(lat, 95)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "parameters": scorer.parameters, "layers": scorer.layers, "runtime": scorer.kind,
         })
@@ -138,7 +139,8 @@ def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | Non
     y_true = [labels.index(e["label"]) for e in examples]
     rows = []
     for role, ref in [("teacher", teacher)] + [("student", s) for s in students]:
-        m = measure(ref, recipe, examples, batch_size, latency_examples, tokenizer if str(ref).endswith(".gguf") else None)
+        m = measure(ref, recipe, examples, batch_size, latency_examples,
+                    tokenizer if str(ref).endswith(".gguf") else None)
         metrics = classification_metrics(y_true, m["predictions"], labels)
         rows.append({"role": role, "model": str(ref), "name": Path(str(ref)).name, **m,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],

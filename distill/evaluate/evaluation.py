@@ -15,12 +15,12 @@ from tqdm import tqdm
 
 from distill.config import Recipe
 from distill.data.leakage import overlap, warn_overlaps
-from distill.data.splits import prepare_splits, same_file, subset_indices
-from distill.data.read import read_rows, validate_rows
-from distill.errors import UsageError
-from distill.fileio import check_output_dir, write_file_set
-from distill.evaluate.metrics import classification_metrics
 from distill.data.prompts import encode_classification
+from distill.data.read import read_rows, validate_rows
+from distill.data.splits import prepare_splits, same_file, subset_indices
+from distill.errors import UsageError
+from distill.evaluate.metrics import classification_metrics
+from distill.fileio import check_output_dir, write_file_set
 from distill.models.scoring import label_logprobs
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,8 @@ def _data_name(split: str, data: str | None, shots: int, limit: int | None) -> s
 def format_report(report: dict, labels: list[str]) -> str:
     lines = [f"{report['name']}: {report['n']} examples of {report['split']}"
              + (f" ({report['shots']}-shot)" if report.get("shots") else ""),
-             f"  accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   weighted-F1 {report['weighted_f1']:.4f}",
+             f"  accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
+             f"weighted-F1 {report['weighted_f1']:.4f}",
              f"  {'class':<28}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for lab in labels:
         c = report["per_class"][lab]

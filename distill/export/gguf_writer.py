@@ -323,7 +323,8 @@ def hf_tensors(model, spec: ArchSpec) -> dict[str, np.ndarray]:
 
 
 def tensor_type(name: str, arr: np.ndarray, quant: str):
-    """The GGML type one tensor gets: 1-D tensors (norms, biases) f32; matrices per quant, f16 when rows don't fit blocks.
+    """The GGML type one tensor gets: 1-D tensors (norms, biases) f32; matrices per quant, f16 when rows
+    don't fit blocks.
 
     With q4_0 the embedding/output matrix stays q8_0: it carries every logit, and llama.cpp's own q4
     presets also keep the output layer at higher precision.

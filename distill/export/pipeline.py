@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.models import llamacpp
 from distill.errors import DistillError, UsageError
-from distill.fileio import check_output_file, fsync_file, pause_point, pid_alive
 from distill.export.gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
+from distill.fileio import check_output_file, fsync_file, pause_point, pid_alive
+from distill.models import llamacpp
 from distill.models.llamacpp import have_llama_cpp, require_llama_cpp
 from distill.models.loading import adapter_base, check_remote_code, hf_kwargs, is_adapter, load_model, size_on_disk
 
@@ -194,7 +194,8 @@ def _write(model, tokenizer, path: Path, quant: str, name: str, calibration=None
     require_llama_cpp("q4_k_m export")
     narrow = narrow_matrices(model)
     calibrated = calibrated_iq4_nl(model, narrow, calibration) if narrow and calibration else {}
-    with tempfile.TemporaryDirectory(prefix=path.name.split(".tmp.gguf")[0] + ".", suffix=".tmp.d", dir=path.parent) as tmp:
+    prefix = path.name.split(".tmp.gguf")[0] + "."
+    with tempfile.TemporaryDirectory(prefix=prefix, suffix=".tmp.d", dir=path.parent) as tmp:
         f16 = Path(tmp) / "f16.gguf"
         info = write_gguf(model, tokenizer, f16, "f16", name=name, prequantized=calibrated)
         quantize_k(f16, path, embedding_type=None if model.config.hidden_size % K_BLOCK == 0 else "Q5_0",
@@ -223,8 +224,8 @@ def calibrated_iq4_nl(model, narrow: dict[str, str], calibration) -> dict:
     from gguf import GGMLQuantizationType
     from tqdm import tqdm
 
-    from distill.export.gptq import input_hessians, quantize_iq4_nl
     from distill.export.gguf_writer import hf_tensors
+    from distill.export.gptq import input_hessians, quantize_iq4_nl
 
     modules = sorted({p.rsplit(".", 1)[0] for p in narrow.values()})
     hessians = input_hessians(model, calibration, modules)
@@ -243,8 +244,8 @@ def calibration_sequences(model_dir: Path, recipe_path, tokenizer, n: int = CALI
     training split is read: the holdout stays untouched until the quantized model is evaluated on it.
     """
     from distill.config import load_recipe
-    from distill.data.splits import prepare_splits
     from distill.data.prompts import task_token_ids
+    from distill.data.splits import prepare_splits
 
     if recipe_path is None:
         meta = model_dir / "training.json"

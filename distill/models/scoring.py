@@ -47,7 +47,8 @@ class TrieLayout:
 
 
 def trie_layout(label_ids) -> TrieLayout:
-    """The prefix tree of `label_ids` (one token id list per label); cached, as callers pass the same labels every batch."""
+    """The prefix tree of `label_ids` (one token id list per label); cached, as callers pass the same
+    labels every batch."""
     return _trie_layout(tuple(tuple(int(t) for t in lab) for lab in label_ids))
 
 

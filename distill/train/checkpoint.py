@@ -180,7 +180,8 @@ class Checkpointer:
             raise UsageError(f"{ck}: made by a run with other settings, cannot resume it ({'; '.join(diffs)}); "
                              "start afresh without --resume")
         if state["deepspeed"] != self.ds:
-            raise UsageError(f"{ck}: saved {'with' if state['deepspeed'] else 'without'} DeepSpeed; resume it the same way")
+            raise UsageError(f"{ck}: saved {'with' if state['deepspeed'] else 'without'} DeepSpeed; "
+                             "resume it the same way")
         self._load_weights(ck, state)
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
