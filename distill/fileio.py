@@ -150,7 +150,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.rename(out, old)
         os.rename(tmp, out)
         os.rename(old, tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.is_symlink():  # `out` was a link: the link moved aside, never what it pointed to
+        tmp.unlink()
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_stale_sets(out: Path) -> None:
