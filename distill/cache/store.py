@@ -5,13 +5,11 @@ Layout: `manifest.json` plus `SPLIT-NNNNN.safetensors` shards. A shard is writte
 then recorded in the manifest with its SHA-256, so an interrupted run leaves a cache that the same
 command resumes, and a shard whose checksum does not match is regenerated, never read.
 
-Soft-label shards hold `label_logprobs` [n, n_labels] (the log-probability of each full label answer;
-normalise over the label set at use) and `index` [n] (positions in the split file).
-Top-k shards hold, for each example, its token ids and, for each target position t (a token the
-student must predict), the teacher's top-k token ids and log-probabilities of the distribution that
-predicted token t (computed from tokens < t) and the probability mass outside the top k. When the
-teacher wrote the responses itself (sequence-level distillation), the token ids are prompt + the
-teacher's response and the target positions are the response's.
+Soft-label shards hold `label_logprobs` [n, n_labels] (each full label answer's log-probability;
+normalised over the label set at use) and `index` [n] (positions in the split file). Top-k shards
+hold each example's token ids and, for each target position t (a token the student must predict), the
+teacher's top-k ids and log-probabilities of the distribution that predicted token t (from tokens < t)
+and the mass outside them; with teacher-written responses the ids are prompt + response.
 
 Top-k numbers are stored compactly (`cache/topk_codec.py`, the manifest's `codec`); `load_split` and
 `example_topk` return the decoded tensors (int32 ids, float32 log-probabilities and tail mass), whatever
