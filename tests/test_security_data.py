@@ -263,6 +263,19 @@ def smollm2_tok(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@pytest.mark.parametrize("row, expected", [
+    ({"text": "a \ud800"}, r"d\.jsonl:2: field 'text' holds a lone surrogate \(U\+D800\) at character 3"),
+    ({"text": [1, 2]}, r"d\.jsonl:2: field 'text' must be text, got list \[1, 2\]"),
+    ({"other": "x"}, r"d\.jsonl:2: missing field 'text'"),
+])
+def test_texts_under_a_fixed_prompt_are_checked_like_any_text(tmp_path, row, expected):
+    p = tmp_path / "d.jsonl"
+    p.write_text(_rows({"text": "fine"}, row))
+    task = TaskConfig(type="generation", data=str(p), prompt="Write a support message.", response_field="text")
+    with pytest.raises(UsageError, match=expected):
+        validate_rows(read_rows(p), task, None, p)
+
+
 def test_the_tokenizers_own_tokens_are_refused_as_labels(smollm2_tok):
     tok = smollm2_tok
     for lab, what in [("<|im_end|>", "the end-of-turn token"), ("<|endoftext|>", "a special token"),
