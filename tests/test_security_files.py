@@ -190,6 +190,20 @@ def test_a_lock_link_planted_in_a_model_out_leaves_its_target_untouched(sec, lin
     run_case(sec, ["train", sec["recipe"], "--out", out], 2, ".lock", out)
 
 
+def test_a_link_planted_as_a_checkpoints_temporary_name_is_removed_not_followed(sec):
+    out, _ = _checkpoint_copy(sec, "planted-tmp")
+    victim = sec["tmp"] / "victim-dir"
+    victim.mkdir(exist_ok=True)
+    (victim / "keep.txt").write_text("mine\n")
+    before = snapshot(victim)
+    (out / "checkpoints" / ".tmp-step-00000002").symlink_to(victim, target_is_directory=True)
+    res = CliRunner().invoke(cli, ["train", str(sec["recipe"]), "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output[-2000:]
+    assert snapshot(victim) == before and sorted(os.listdir(victim)) == ["keep.txt"]
+    assert not (out / "checkpoints" / ".tmp-step-00000002").is_symlink()
+    assert json.loads((out / "training.json").read_text())["resumed_from"].endswith("step-00000001")
+
+
 @pytest.mark.parametrize("command", ["eval", "bench"])
 def test_a_report_out_holding_a_users_file_is_refused(sec, command):
     out = sec["tmp"] / f"user-dir-{command}"
