@@ -196,7 +196,7 @@ def child_timing(recipe_path: str, steps: int, warmup: int, teacher_dtype: str) 
     return {"times": times, "cpu": cpu, "tokens": tokens}
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=DEFAULT_TEACHER, help="Teacher source (default: SmolLM2-135M-Instruct).")
     ap.add_argument("--student-layers", type=int, default=8, help="Teacher layers kept in the student.")
@@ -213,13 +213,90 @@ def main():
     ap.add_argument("--memory-steps", type=int, default=3, help="Steps per mode in the memory runs.")
     ap.add_argument("--child", choices=MODES + ("timing",), help=argparse.SUPPRESS)
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child == "timing":
-        result = child_timing(args.recipe, args.steps, args.warmup, args.teacher_dtype)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
+    return ap.parse_args()
+
+
+def measure(args, recipe: Path) -> tuple[dict, dict, float]:
+    """The timing child, then one memory child per mode; (timing, results per mode, matmul GFLOP/s)."""
+    def child(what, *extra):
+        print(f"running {what} ...", file=sys.stderr)
+        return run_child([sys.executable, __file__, "--child", what, "--recipe", recipe, *extra], marker="RESULT ")
+
+    peak_before = matmul_gflops()
+    if args.teacher_dtype == "auto":
+        bf16 = matmul_gflops(dtype="bfloat16")
+        args.teacher_dtype = "bfloat16" if bf16 > peak_before else "float32"
+        print(f"matmul 2048^3: fp32 {peak_before:.0f}, bf16 {bf16:.0f} GFLOP/s -> online teacher in "
+              f"{args.teacher_dtype}", file=sys.stderr)
+    timing = child("timing", "--steps", args.steps, "--warmup", args.warmup, "--teacher-dtype", args.teacher_dtype)
+    results = {m: child(m, "--memory-steps", args.memory_steps, "--teacher-dtype", args.teacher_dtype) for m in MODES}
+    if len({r["seq_hash"] for r in results.values()}) != 1:
+        sys.exit("the modes did not train on the same token sequences")
+    return timing, results, max(peak_before, matmul_gflops())
+
+
+def rows_and_ratios(timing: dict, results: dict, peak_gflops: float) -> tuple[list[dict], dict]:
+    """Each mode's figures (its results updated in place) and the ratios between modes."""
+    rows = []
+    for mode, r in results.items():
+        ts, tk = timing["times"][mode], timing["tokens"][mode]
+        gflops = r["flops_per_token"] * sum(tk) / sum(ts) / 1e9  # counted FLOPs per target token x tokens/s
+        r.update(step_s=ts, cpu_s=timing["cpu"][mode], median_step_s=statistics.median(ts), min_step_s=min(ts),
+                 median_cpu_s=statistics.median(timing["cpu"][mode]), tokens_per_s=sum(tk) / sum(ts),
+                 achieved_gflops=gflops, matmul_fraction=gflops / peak_gflops)
+        rows.append(r)
+    ce, kd, on = results["ce"], results["kd_cache"], results["kd_online"]
+
+    def per_round(a, b, key="step_s"):
+        return statistics.median(x / y for x, y in zip(a[key], b[key]))
+
+    return rows, {
+        "kd_cache/ce step time": per_round(kd, ce),
+        "kd_cache/ce peak RSS": kd["peak_rss_mb"] / ce["peak_rss_mb"],
+        "kd_cache/ce training memory (peak - loaded)": (kd["peak_rss_mb"] - kd["base_rss_mb"])
+        / max(1e-9, ce["peak_rss_mb"] - ce["base_rss_mb"]),
+        "kd_online/kd_cache step time (speed-up of the cache)": per_round(on, kd),
+        "kd_cache/ce step CPU time": per_round(kd, ce, "cpu_s"),
+        "kd_online/kd_cache step CPU time": per_round(on, kd, "cpu_s"),
+        "kd_online/kd_cache FLOPs per token (the speed-up at equal efficiency)":
+            on["flops_per_token"] / kd["flops_per_token"],
+    }
+
+
+TARGETS = {"kd_cache/ce step time": ("<=", 1.15), "kd_cache/ce peak RSS": ("<=", 1.15),
+           "kd_online/kd_cache step time (speed-up of the cache)": (">=", 2.0)}
+
+
+def print_report(args, rows: list[dict], ratios: dict, peak_gflops: float) -> None:
+    ce = rows[0]
+    print(f"\nstudent: {args.student_layers} layers of {args.teacher} ({ce['student_params'] / 1e6:.1f}M parameters), "
+          f"{args.examples} examples, batch {args.batch}, {args.steps} timed rounds after {args.warmup}, "
+          f"top-{args.k} cache, {ce['threads']} threads; matmul 2048^3 fp32: {peak_gflops:.1f} GFLOP/s; online "
+          f"teacher in {args.teacher_dtype}")
+    print(f"{'mode':<11}{'step s':>8}{'min s':>8}{'CPU s':>8}{'tok/s':>8}{'peak RSS MB':>13}{'loaded MB':>11}"
+          f"{'rise MB':>9}{'GFLOP/step':>12}{'GFLOP/s':>9}{'of matmul':>11}")
+    for r in rows:
+        print(f"{r['mode']:<11}{r['median_step_s']:>8.3f}{r['min_step_s']:>8.3f}{r['median_cpu_s']:>8.3f}"
+              f"{r['tokens_per_s']:>8.0f}{r['peak_rss_mb']:>13.0f}"
+              f"{r['base_rss_mb']:>11.0f}{r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}{r['flops_per_batch'] / 1e9:>12.1f}"
+              f"{r['achieved_gflops']:>9.1f}{r['matmul_fraction']:>10.0%}")
+    print()
+    for name, v in ratios.items():
+        t = TARGETS.get(name)
+        verdict = ""
+        if t:
+            ok = v <= t[1] if t[0] == "<=" else v >= t[1]
+            verdict = f"  (target {t[0]} {t[1]}: {'met' if ok else 'NOT met'})"
+        print(f"  {name}: {v:.3f}{verdict}")
+    if not ce["peak_exact"]:
+        print("  (peak RSS includes model loading: /proc/self/clear_refs was not writable)")
+
+
+def main():
+    args = parse_args()
     if args.child:
-        result = child_memory(args.child, args.recipe, args.memory_steps, args.teacher_dtype)
+        result = (child_timing(args.recipe, args.steps, args.warmup, args.teacher_dtype) if args.child == "timing"
+                  else child_memory(args.child, args.recipe, args.memory_steps, args.teacher_dtype))
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -235,72 +312,9 @@ def main():
         work = Path(tmp.name)
     print(f"preparing data and the teacher's top-{args.k} cache in {work} ...", file=sys.stderr)
     recipe = prepare(work, args.teacher, args.student_layers, args.examples, args.batch, args.k)
-
-    def child(what, *extra):
-        print(f"running {what} ...", file=sys.stderr)
-        return run_child([sys.executable, __file__, "--child", what, "--recipe", recipe, *extra], marker="RESULT ")
-
-    peak_before = matmul_gflops()
-    if args.teacher_dtype == "auto":
-        bf16 = matmul_gflops(dtype="bfloat16")
-        args.teacher_dtype = "bfloat16" if bf16 > peak_before else "float32"
-        print(f"matmul 2048^3: fp32 {peak_before:.0f}, bf16 {bf16:.0f} GFLOP/s -> online teacher in "
-              f"{args.teacher_dtype}", file=sys.stderr)
-    timing = child("timing", "--steps", args.steps, "--warmup", args.warmup, "--teacher-dtype", args.teacher_dtype)
-    results = {m: child(m, "--memory-steps", args.memory_steps, "--teacher-dtype", args.teacher_dtype) for m in MODES}
-    peak_gflops = max(peak_before, matmul_gflops())
-    if len({r["seq_hash"] for r in results.values()}) != 1:
-        sys.exit("the modes did not train on the same token sequences")
-
-    rows = []
-    for mode, r in results.items():
-        ts, tk = timing["times"][mode], timing["tokens"][mode]
-        med = statistics.median(ts)
-        gflops = r["flops_per_token"] * sum(tk) / sum(ts) / 1e9  # counted FLOPs per target token x tokens/s
-        r.update(step_s=ts, cpu_s=timing["cpu"][mode], median_step_s=med, min_step_s=min(ts),
-                 median_cpu_s=statistics.median(timing["cpu"][mode]), tokens_per_s=sum(tk) / sum(ts),
-                 achieved_gflops=gflops, matmul_fraction=gflops / peak_gflops)
-        rows.append(r)
-    ce, kd, on = results["ce"], results["kd_cache"], results["kd_online"]
-
-    def per_round(a, b, key="step_s"):
-        return statistics.median(x / y for x, y in zip(a[key], b[key]))
-
-    ratios = {
-        "kd_cache/ce step time": per_round(kd, ce),
-        "kd_cache/ce peak RSS": kd["peak_rss_mb"] / ce["peak_rss_mb"],
-        "kd_cache/ce training memory (peak - loaded)": (kd["peak_rss_mb"] - kd["base_rss_mb"])
-        / max(1e-9, ce["peak_rss_mb"] - ce["base_rss_mb"]),
-        "kd_online/kd_cache step time (speed-up of the cache)": per_round(on, kd),
-        "kd_cache/ce step CPU time": per_round(kd, ce, "cpu_s"),
-        "kd_online/kd_cache step CPU time": per_round(on, kd, "cpu_s"),
-        "kd_online/kd_cache FLOPs per token (the speed-up at equal efficiency)":
-            on["flops_per_token"] / kd["flops_per_token"],
-    }
-    targets = {"kd_cache/ce step time": ("<=", 1.15), "kd_cache/ce peak RSS": ("<=", 1.15),
-               "kd_online/kd_cache step time (speed-up of the cache)": (">=", 2.0)}
-
-    print(f"\nstudent: {args.student_layers} layers of {args.teacher} ({ce['student_params'] / 1e6:.1f}M parameters), "
-          f"{args.examples} examples, batch {args.batch}, {args.steps} timed rounds after {args.warmup}, "
-          f"top-{args.k} cache, {ce['threads']} threads; matmul 2048^3 fp32: {peak_gflops:.1f} GFLOP/s; online "
-          f"teacher in {args.teacher_dtype}")
-    print(f"{'mode':<11}{'step s':>8}{'min s':>8}{'CPU s':>8}{'tok/s':>8}{'peak RSS MB':>13}{'loaded MB':>11}"
-          f"{'rise MB':>9}{'GFLOP/step':>12}{'GFLOP/s':>9}{'of matmul':>11}")
-    for r in rows:
-        print(f"{r['mode']:<11}{r['median_step_s']:>8.3f}{r['min_step_s']:>8.3f}{r['median_cpu_s']:>8.3f}"
-              f"{r['tokens_per_s']:>8.0f}{r['peak_rss_mb']:>13.0f}"
-              f"{r['base_rss_mb']:>11.0f}{r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}{r['flops_per_batch'] / 1e9:>12.1f}"
-              f"{r['achieved_gflops']:>9.1f}{r['matmul_fraction']:>10.0%}")
-    print()
-    for name, v in ratios.items():
-        t = targets.get(name)
-        verdict = ""
-        if t:
-            ok = v <= t[1] if t[0] == "<=" else v >= t[1]
-            verdict = f"  (target {t[0]} {t[1]}: {'met' if ok else 'NOT met'})"
-        print(f"  {name}: {v:.3f}{verdict}")
-    if not rows[0]["peak_exact"]:
-        print("  (peak RSS includes model loading: /proc/self/clear_refs was not writable)")
+    timing, results, peak_gflops = measure(args, recipe)
+    rows, ratios = rows_and_ratios(timing, results, peak_gflops)
+    print_report(args, rows, ratios, peak_gflops)
     if args.json:
         figures = {"results": results, "ratios": ratios, "matmul_gflops": peak_gflops, "timing": timing,
                    "args": {k: str(v) for k, v in vars(args).items()}, "versions": versions()}
