@@ -140,7 +140,7 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker,
     """
     from distill.cache.generate import run_generate
 
-    check_out(out)
+    check_out(out, "cache")
     r = load_recipe(recipe, sets, {"generate.batch_size": batch_size})
     path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
                         worker=worker)
@@ -212,7 +212,6 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
     """
     from distill.train import run_train
 
-    check_out(out)
     options = {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs, "train.lr": lr,
                "train.batch_size": batch_size, "train.student.num_layers": num_layers,
                "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
@@ -238,13 +237,18 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 @limit_option("Score a stratified sample of N examples")
 @tokenizer_option("Tokenizer directory for a .gguf MODEL (default: the GGUF's own directory if it has one, else "
                   "the tokenizer inside the GGUF).")
+@click.option("--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"]),
+              help="Generation tasks: the runtime that decodes a model directory (a .gguf decodes in llama.cpp).")
 @SET
 @friendly_errors
-def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, tokenizer, sets):
-    """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) by scoring every label.
+def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, tokenizer, backend, sets):
+    """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) on a holdout.
 
-    Writes report.json (accuracy, per-class precision/recall/F1, macro and weighted F1), confusion
-    matrix as PNG and CSV, and predictions.jsonl.
+    Classification scores every label and writes report.json (accuracy, per-class precision/recall/F1,
+    macro and weighted F1), the confusion matrix as PNG and CSV, and predictions.jsonl. Generation decodes
+    every prompt greedily and writes report.json (exact match; for task.output json the valid-JSON rate,
+    field-level F1 and the task.class_field's accuracy, per-class F1 and confusion matrix; for text chrF)
+    and predictions.jsonl (prompt, reference, output).
     """
     if model.endswith(".gguf"):  # llama.cpp's OpenMP threads must sleep, not spin, beside torch
         from distill.models.llamacpp import passive_openmp
@@ -252,11 +256,11 @@ def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, to
         passive_openmp()
     from distill.evaluate.evaluation import format_report, run_eval
 
-    check_out(out)
+    check_out(out, "eval")
     r = load_recipe(recipe, sets)
     report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
-                      batch_size=batch_size, limit=limit, tokenizer=tokenizer)
-    click.echo(format_report(report, list(report["per_class"])))
+                      batch_size=batch_size, limit=limit, tokenizer=tokenizer, backend=backend)
+    click.echo(format_report(report, list(report.get("per_class", ()))))
 
 
 @cli.command("export")
@@ -316,7 +320,7 @@ def bench(recipe, teacher, students, data, batch_size, latency_examples, limit, 
     passive_openmp()  # inherited by the per-model processes
     from distill.evaluate.bench import run_bench
 
-    check_out(out)
+    check_out(out, "bench")
     r = load_recipe(recipe, sets)
     report = run_bench(r, teacher, list(students), data=data, batch_size=batch_size,
                        latency_examples=latency_examples, limit=limit, out=out, tokenizer=tokenizer)

@@ -4,7 +4,6 @@ climbs out of its directory)."""
 from __future__ import annotations
 
 import functools
-import os
 
 import click
 
@@ -22,20 +21,13 @@ class FileName(click.ParamType):
     name = "name"
 
     def convert(self, value, param, ctx):
-        why = name_problem(str(value))
-        if why:
-            self.fail(f"{str(value)!r} {why}; expected a plain name (no path separator, no '..')", param, ctx)
-        return str(value)
+        from distill.config import check_path_name
+        from distill.errors import UsageError
 
-
-def name_problem(text: str) -> str | None:
-    """Why `text` cannot be a file name inside a directory (None when it can)."""
-    if not text.strip():
-        return "is empty"
-    for bad in ("/", os.sep, os.altsep or "/", "..", "\0"):
-        if bad in text:
-            return f"contains {bad!r}"
-    return "is the current directory" if text == "." else None
+        try:
+            return check_path_name(str(value), f"{value!r}")
+        except UsageError as e:
+            self.fail(str(e), param, ctx)
 
 
 RECIPE_PATH = click.Path(dir_okay=False)
@@ -98,8 +90,8 @@ def recipe_argument(required: bool = True):
     return decorate
 
 
-def check_out(out, file: bool = False) -> None:
+def check_out(out, kind: str | None = None, file: bool = False) -> None:
     """A given --out must not be empty (`--out $UNSET`), root-like or a user's own directory or file:
     a run would scatter its outputs there, and a later run's clean-up of its own outputs start there."""
     if out is not None:
-        (check_output_file if file else check_output_dir)(out, "--out")
+        check_output_file(out, "--out") if file else check_output_dir(out, "--out", kind)

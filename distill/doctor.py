@@ -47,17 +47,14 @@ def check_environment() -> list[tuple[str, str, str]]:
 
 def check_recipe(recipe_path: str):
     """Load the recipe, read and split the data; returns (rows, recipe, splits). Read-only: the splits are
-    made in a temporary directory (prepare_splits writes the split files), never in the work directory."""
-    import tempfile
-
+    computed without writing a file."""
     from distill.config import load_recipe
     from distill.data.leakage import split_overlaps
     from distill.data.splits import prepare_splits
 
     r = load_recipe(recipe_path)
     rows = [("recipe", OK, f"{recipe_path}: keys valid")]
-    with tempfile.TemporaryDirectory(prefix="distill-doctor-") as scratch:
-        splits = prepare_splits(r.task, scratch, recipe_path)
+    splits = prepare_splits(r.task, None, recipe_path, write=False)
     sizes = ", ".join(f"{n} {len(splits.get(n))}" for n in ("train", "validation")) + (
         f", holdout {'(official file, read only by eval)' if r.task.holdout_data else len(splits.holdout)}")
     rows.append(("data", OK, f"{r.task.data}: {sizes}; fingerprint {splits.fingerprint}"))

@@ -271,7 +271,7 @@ _MODEL = {"config.json", "generation_config.json", "model.safetensors", "model.s
           "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
           "tokenizer.model", "README.md", "training.json", "train_log.jsonl", "training.png", "checkpoints",
-          "onpolicy"}
+          "onpolicy", "logs"}  # logs: train.report_to's trackers
 OUTPUT_KINDS = {  # kind: (the names it may hold, the names only distill writes: one must be there)
     "model": (_MODEL, {"training.json", "train_log.jsonl", "checkpoints", "onpolicy", ".lock"}),
     "cache": ({"manifest.json", ".manifest.lock"}, {"manifest.json", ".lock", ".manifest.lock"}),

@@ -125,7 +125,7 @@ def label_cases(env):
         ("YAML numbers as labels ([01, 02])",
          gen(_yaml_labels(env, "y2", "[01, 02]", data=_rows({"text": "a", "label": "01"}, {"text": "b", "label": "2"})
                           )),
-         2, "YAML reads an unquoted 01 as the number 1, so quote the recipe's labels"),
+         2, "task.labels[0]: expected a string, got the number 1 (YAML reads unquoted digits as a number"),
     ]
 
 

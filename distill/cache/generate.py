@@ -32,9 +32,10 @@ from distill.cache import store as cache_mod
 from distill.config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher, validate_recipe
 from distill.data.leakage import split_overlaps, warn_overlaps
 from distill.data.prompts import encode_classification, encode_generation, generation_prompt, stop_ids
-from distill.data.splits import prepare_splits
+from distill.data.splits import prepare_splits, write_splits
 from distill.errors import UsageError, redact
 from distill.fileio import pause_point
+from distill.models.label_tokens import check_label_collisions
 from distill.models.loading import load_tokenizer, resolve_model_path, tokenizer_hash, vocab_rows_or_tokenizer
 from distill.teacher.backend import make_backend, pick_backend
 from distill.teacher.common import Sampling
@@ -96,7 +97,7 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
     validate_recipe(recipe)
     task, gen, src = recipe.task, recipe.generate, recipe.path or "recipe"
     spec, backend = _teacher_for_run(resolve_teacher(teacher or recipe.teacher), backend, urls)
-    splits = prepare_splits(task, recipe.workdir, src)
+    splits = prepare_splits(task, recipe.workdir, src, write=False)  # written once the labels pass the tokenizer
     warn_overlaps(split_overlaps(task, splits))
     backend_name = pick_backend(backend or gen.backend, spec)
     tok_source = spec.tokenizer or spec.source
@@ -105,6 +106,9 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
                          "`source` (or `tokenizer`) naming the same model the server runs")
     model_path = resolve_model_path(tok_source)
     tok = load_tokenizer(model_path)
+    if splits.labels:
+        check_label_collisions(tok, splits.labels)
+    write_splits(task, splits, recipe.workdir)
     vocab_rows = vocab_rows_or_tokenizer(model_path, tok)
     kind = "soft_labels" if task.type == "classification" else "topk"
     if kind == "topk" and gen.k > spec.max_logprobs and backend_name != "server":

@@ -67,8 +67,15 @@ def _check_number(value, tp, src, key):
 def _check_str(value, src, key) -> str:
     if isinstance(value, os.PathLike):  # a recipe edited in code
         return os.fspath(value)
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+    if isinstance(value, bool):
+        raise UsageError(f"{src}: {key}: expected a string, got {value} (YAML reads an unquoted yes/no/on/off/"
+                         "true/false as a boolean: quote it)")
+    if not isinstance(value, (str, int, float)):
         raise UsageError(f"{src}: {key}: expected a string, got {show(value)}")
+    if key.startswith("task.labels[") and not isinstance(value, str):
+        # a label must match the data's text exactly, and YAML reads an unquoted 01 as the number 1
+        raise UsageError(f"{src}: {key}: expected a string, got the number {value!r} (YAML reads unquoted "
+                         "digits as a number, 01 as 1): quote each label as the data writes it, e.g. '01'")
     return str(value)
 
 
@@ -125,7 +132,7 @@ def from_dict(cls, data: dict, src: str = "<config>", prefix: str = ""):
 def check_path_name(name: str, what: str) -> str:
     """A name that becomes one file or directory name (a recipe's name, a report's name): refused when it
     could name another place (a path separator, `..`, a control character) or nothing (empty)."""
-    bad = ("/" in name or "\\" in name or ".." in name or not name.strip()
+    bad = ("/" in name or "\\" in name or ".." in name or not name.strip() or name == "."
            or any(ord(c) < 32 or ord(c) == 127 for c in name))
     if bad:
         raise UsageError(f"{what}: expected a name without path separators, '..' or control characters (it "
@@ -178,6 +185,11 @@ def _check_task(recipe: Recipe, src: str) -> None:
     if task.labelled_examples and (task.type != "classification" or recipe.train.train_examples):
         raise UsageError(f"{src}: task.labelled_examples: the labelled budget of a classification task; "
                          "train.train_examples would choose the training texts a second way, drop it")
+    if (task.output != "text" or task.class_field) and task.type != "generation":
+        raise UsageError(f"{src}: task.output / task.class_field: say how generated responses are scored, so they "
+                         f"need task.type generation, got {task.type!r}")
+    if task.class_field is not None and task.output != "json":
+        raise UsageError(f"{src}: task.class_field: names a field of a JSON response; set task.output: json")
     if task.prompt is not None and (task.type != "generation" or not task.prompt.strip()):
         raise UsageError(f"{src}: task.prompt: a fixed prompt (non-empty) for every row of a generation task, "
                          f"got {show(task.prompt)} with task.type {task.type!r}")

@@ -14,6 +14,7 @@ from typing import Literal
 TaskType = Literal["classification", "generation"]
 Backend = Literal["auto", "vllm", "transformers", "server"]
 Responses = Literal["auto", "data", "teacher"]
+OutputFormat = Literal["text", "json"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["no", "bf16", "fp16"]
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -106,6 +107,8 @@ class TeacherSpec:
     data_parallel_size: int = num(1, ge=1)
     gpu_memory_utilization: float = num(0.85, gt=0, le=1)
     cpu_kvcache_space_gib: int = num(2, ge=0)
+    # server backend: seconds a request's whole answer may take (default: $DISTILL_TEACHER_TIMEOUT, else 300)
+    timeout: float | None = num(None, gt=0, le=86400)
 
 
 @dataclass
@@ -143,6 +146,11 @@ class TaskConfig:
     # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
     max_length: int = num(256, ge=16)
     split: SplitConfig = field(default_factory=SplitConfig)
+    # generation: how `distill eval` scores a response against the reference. text: exact match and chrF;
+    # json: valid-JSON rate, exact match, field-level F1, and for `class_field` (a field of the JSON, dotted
+    # for a nested one, e.g. intent) accuracy, per-class F1 and the confusion matrix
+    output: OutputFormat = "text"
+    class_field: str | None = None
 
 
 @dataclass

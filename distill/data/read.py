@@ -266,14 +266,11 @@ def _row_label(row: dict, f: str, src, line, allowed: set[str] | None, first_see
 
 
 def _near_label_hint(lab: str, allowed: set[str]) -> str:
-    """Why a label missing from the set may have been meant as one of it: a case or spacing variant, or a
-    number that YAML read from an unquoted recipe label (`[01, 02]` becomes 1, 2)."""
+    """Why a label missing from the set may have been meant as one of it: a case or spacing variant (a
+    recipe's unquoted YAML numbers, `[01, 02]`, are refused by config before data is read)."""
     near = [x for x in allowed if label_key(x) == label_key(lab)]
     if near:
         return f"; did you mean {near[0]!r} (it differs only in case or spacing)?"
-    if lab.strip().isdigit() and str(int(lab)) in allowed and str(int(lab)) != lab:
-        return (f"; the label set has {str(int(lab))!r}: YAML reads an unquoted {lab} as the number {int(lab)}, "
-                f"so quote the recipe's labels ('{lab}')")
     return ""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _take_per_class(examples: list[dict], key: str | None, seed: int, count) -> list[int]:
     """Sorted indices of `count(cls, size)` examples of each class: every class shuffled, in sorted
     class order, by one generator seeded with `seed` (the same draw for the same data and seed)."""

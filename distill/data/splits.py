@@ -95,12 +95,14 @@ def prepare_splits(task: TaskConfig, workdir: str | Path | None, recipe_src: str
                       "holdout": task.holdout_data or holdout})
     splits = Splits(train, validation, holdout, labels, fp)
     if write:
-        _write_splits(task, splits, Path(workdir) / "data")
+        write_splits(task, splits, workdir)
     return splits
 
 
-def _write_splits(task: TaskConfig, splits: Splits, out: Path) -> None:
-    """The split files and `split.json`, unless `split.json` already names these splits' fingerprint."""
+def write_splits(task: TaskConfig, splits: Splits, workdir: str | Path) -> None:
+    """WORKDIR/data: the split files and `split.json`, unless `split.json` already names these splits'
+    fingerprint (a command that must refuse before writing anything prepares with write=False first)."""
+    out = Path(workdir) / "data"
     meta_path = out / "split.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -1,24 +1,24 @@
-"""`distill eval`: holdout metrics for any model by scoring every label (no free-text parsing)."""
+"""`distill eval`: holdout metrics for any model. Classification scores every label (no free-text parsing);
+generation decodes every prompt greedily and scores the responses (generation_eval.py)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from distill.config import Recipe
-from distill.data.leakage import overlap, warn_overlaps
+from distill.data.leakage import overlap, text_field_of, warn_overlaps
 from distill.data.prompts import encode_classification
 from distill.data.read import read_rows, validate_rows
 from distill.data.splits import prepare_splits, same_file, subset_indices
 from distill.errors import UsageError
+from distill.evaluate.confusion import confusion_csv, confusion_png
 from distill.evaluate.metrics import classification_metrics
 from distill.fileio import check_output_dir, write_file_set
 from distill.models.scoring import label_logprobs
@@ -42,47 +42,6 @@ def predict_scores(model, encoded, label_ids, pad_id: int, batch_size: int = 16,
         bar.update(len(idx))
     bar.close()
     return out
-
-
-def confusion_csv(cm, labels) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["true \\ predicted"] + labels)
-    for lab, row in zip(labels, cm):
-        w.writerow([lab] + list(row))
-    return buf.getvalue()
-
-
-def confusion_png(cm, labels, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    n = len(labels)
-    size = max(5, min(24, 0.35 * n + 3))
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), labels, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center",
-                  fontsize=8 if n <= 20 else 5)
-    ax.set_yticks(range(n), labels, fontsize=8 if n <= 20 else 5)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def few_shot_examples(train: list[dict], labels: list[str], shots: int) -> list[dict]:
@@ -148,8 +107,6 @@ def eval_examples(recipe: Recipe, split: str = "holdout", data: str | None = Non
     """The examples to score, the label set and the splits (for few-shot examples). The training data
     itself is refused as --data; texts the training split also has are reported with a warning."""
     task, src = recipe.task, recipe.path or "recipe"
-    if task.type != "classification":
-        raise UsageError(f"{src}: task.type: distill eval scores classification tasks; got {task.type!r}")
     if data:
         _refuse_training_file(data, recipe)
     splits = prepare_splits(task, recipe.workdir, src, with_holdout=split == "holdout" and not data)
@@ -159,12 +116,15 @@ def eval_examples(recipe: Recipe, split: str = "holdout", data: str | None = Non
         examples = splits.get(split)
     if not examples:
         raise UsageError(f"{src}: the {split} split is empty: set {_SPLIT_KEYS.get(split, 'task.split')}")
-    examples = [examples[i] for i in subset_indices(examples, limit, task.split.seed)]
+    if task.type == "classification":
+        examples = [examples[i] for i in subset_indices(examples, limit, task.split.seed)]
+    elif limit and limit < len(examples):  # a seeded sample: a file's rows are often grouped by topic
+        examples = [examples[i] for i in sorted(random.Random(task.split.seed).sample(range(len(examples)), limit))]
     if data or split != "train":
         name = f"--data {data}" if data else (f"task.holdout_data {task.holdout_data}"
                                               if split == "holdout" and task.holdout_data else f"the {split} split")
-        warn_overlaps([overlap(splits.train, examples, train_name=f"the training split of {task.data}",
-                               other_name=name)])
+        warn_overlaps([overlap(splits.train, examples, text_field_of(task),
+                               train_name=f"the training split of {task.data}", other_name=name)])
     return examples, splits
 
 
@@ -206,46 +166,61 @@ def check_report_dir(out_dir: Path, names, option: str = "--out") -> None:
 
 def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str | None = None,
              shots: int = 0, out: str | None = None, name: str | None = None, batch_size: int = 16,
-             limit: int | None = None, tokenizer: str | None = None) -> dict:
-    task = recipe.task
+             limit: int | None = None, tokenizer: str | None = None, backend: str = "auto") -> dict:
+    """Score `model_ref` on a split (or a --data file) and write its report set into OUT (default
+    WORKDIR/eval/NAME...) as one unit; returns the report. `backend` picks the decoding runtime of a
+    generation model (a .gguf always decodes through llama.cpp)."""
+    name = name or Path(model_ref).resolve().name
     if out is not None:  # '' (an unset shell variable), '/', home, a user's directory: refused
         check_output_dir(out, "--out", "eval")
-    out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name or Path(model_ref).name, split, data,
-                                                                         shots, limit))
+    out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name, split, data, shots, limit))
     check_report_dir(out_dir, REPORT_FILES)
     examples, splits = eval_examples(recipe, split, data, limit)
-    labels = splits.labels
-    shot_examples = few_shot_examples(splits.train, labels, shots) if shots else []
-    scorer = make_scorer(model_ref, tokenizer)
-    enc, label_ids = encode_classification(scorer.tokenizer, task, labels, examples, recipe.task.max_length,
-                                           shots=shot_examples)
-    t0 = time.time()
-    scores = scorer.scores(enc, label_ids, batch_size, desc=f"eval {name or Path(model_ref).name}")
-    elapsed = time.time() - t0
-    y_true = [e.label_index for e in enc]
-    y_pred = scores.argmax(1).tolist()
-    report = classification_metrics(y_true, y_pred, labels)
-    name = name or Path(model_ref).name
-    report.update({"model": model_ref, "name": name, "split": data or split, "shots": shots,
-                   "examples_per_s": len(enc) / max(elapsed, 1e-9), "layers": scorer.layers,
-                   "parameters": scorer.parameters, "runtime": scorer.kind})
+    title = f"{name} on {Path(str(data or split)).name}"
+    if recipe.task.type == "generation":
+        if shots:
+            raise UsageError("--shots: few-shot prompts are built for classification tasks; this task generates")
+        from distill.evaluate.generation_eval import generation_report
+
+        report, files = generation_report(model_ref, recipe, examples, title, batch_size, tokenizer, backend)
+    else:
+        report, files = _classification_report(model_ref, recipe, examples, splits, shots, title, batch_size,
+                                                tokenizer)
+    report.update({"model": model_ref, "name": name, "split": data or split, "shots": shots})
     note = overfit_note(model_ref)
     if note:
         report["overfitting"] = note
-    write_file_set(out_dir, {  # one unit: a killed run or a full disk leaves the previous set whole
-        "report.json": json.dumps(report, indent=1),
-        "confusion.csv": confusion_csv(report["confusion"], labels),
-        "confusion.png": confusion_png(report["confusion"], labels, f"{name} on {Path(str(data or split)).name}"),
-        "predictions.jsonl": "".join(
-            json.dumps({"id": ex.get("id"), "label": ex["label"], "predicted": labels[p],
-                        "probs": torch.softmax(s, -1).round(decimals=4).tolist()}) + "\n"
-            for ex, p, s in zip(examples, y_pred, scores))})
+    files["report.json"] = json.dumps(report, indent=1)
+    write_file_set(out_dir, files)  # one unit: a killed run or a full disk leaves the previous set whole
     report["out_dir"] = str(out_dir)
-    if Path(model_ref).is_dir():  # the model card of a model distill trained shows its measured figures
+    if Path(model_ref).is_dir() and "accuracy" in report:  # a classifier's card shows its measured figures
         from distill.models.model_card import add_evaluation
 
         add_evaluation(Path(model_ref), _data_name(split, data, shots, limit), report)
     return report
+
+
+def _classification_report(model_ref, recipe, examples, splits, shots, title, batch_size, tokenizer):
+    """Every label scored for every example: the report's figures and its other files."""
+    labels = splits.labels
+    shot_examples = few_shot_examples(splits.train, labels, shots) if shots else []
+    scorer = make_scorer(model_ref, tokenizer)
+    enc, label_ids = encode_classification(scorer.tokenizer, recipe.task, labels, examples, recipe.task.max_length,
+                                           shots=shot_examples)
+    t0 = time.time()
+    scores = scorer.scores(enc, label_ids, batch_size, desc=f"eval {title}")
+    elapsed = time.time() - t0
+    y_pred = scores.argmax(1).tolist()
+    report = classification_metrics([e.label_index for e in enc], y_pred, labels)
+    report.update({"examples_per_s": len(enc) / max(elapsed, 1e-9), "layers": scorer.layers,
+                   "parameters": scorer.parameters, "runtime": scorer.kind})
+    return report, {
+        "confusion.csv": confusion_csv(report["confusion"], labels),
+        "confusion.png": confusion_png(report["confusion"], labels, title),
+        "predictions.jsonl": "".join(
+            json.dumps({"id": ex.get("id"), "label": ex["label"], "predicted": labels[p],
+                        "probs": torch.softmax(s, -1).round(decimals=4).tolist()}) + "\n"
+            for ex, p, s in zip(examples, y_pred, scores))}
 
 
 def _data_name(split: str, data: str | None, shots: int, limit: int | None) -> str:
@@ -254,6 +229,10 @@ def _data_name(split: str, data: str | None, shots: int, limit: int | None) -> s
 
 
 def format_report(report: dict, labels: list[str]) -> str:
+    if report.get("task") == "generation":
+        from distill.evaluate.generation_eval import format_generation_report
+
+        return format_generation_report(report)
     lines = [f"{report['name']}: {report['n']} examples of {report['split']}"
              + (f" ({report['shots']}-shot)" if report.get("shots") else ""),
              f"  accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "

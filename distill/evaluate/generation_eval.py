@@ -4,11 +4,14 @@ for free text chrF). The report has the layout of a classification report (repor
 with prompt, reference and output, a confusion matrix where a class field is named)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.config import Recipe, TeacherSpec
+from distill.config import Recipe, TeacherSpec, resolve_teacher
 from distill.data.prompts import generation_prompt, stop_ids
+from distill.errors import UsageError
+from distill.evaluate.confusion import confusion_csv, confusion_png
 from distill.evaluate.decode import Decoded, greedy_backend, greedy_gguf
 from distill.evaluate.generation_metrics import json_metrics, text_metrics
 
@@ -68,3 +71,61 @@ def score_outputs(task, references: list[str], outputs: list[str]) -> dict:
 def prediction_rows(examples: list[dict], outputs: list[str]) -> list[dict]:
     return [{"id": ex.get("id"), "prompt": ex["prompt"], "reference": ex.get("response"), "output": out}
             for ex, out in zip(examples, outputs)]
+
+
+def generation_report(model_ref: str, recipe: Recipe, examples: list[dict], title: str, batch_size: int = 16,
+                      tokenizer: str | None = None, backend: str = "auto") -> tuple[dict, dict[str, str]]:
+    """Greedy outputs for every example scored against its reference: the report's figures and its other
+    files (predictions.jsonl with prompt, reference and output; a confusion matrix for a class field)."""
+    from distill.models.llamacpp import embedded_tokenizer
+    from distill.models.loading import load_tokenizer, resolve_model_path
+
+    missing = [ex["id"] for ex in examples if ex.get("response") is None]
+    if missing:
+        raise UsageError(f"{recipe.path or 'recipe'}: {len(missing)} examples have no reference response "
+                         f"(e.g. {missing[0]}); evaluation scores outputs against the data's responses")
+    if tokenizer:
+        tok = load_tokenizer(resolve_model_path(tokenizer))
+    elif str(model_ref).endswith(".gguf"):
+        tok = embedded_tokenizer(Path(model_ref))
+    else:
+        if Path(model_ref).suffix in (".yaml", ".yml"):  # a teacher spec: its model
+            model_ref = resolve_teacher(model_ref).source
+        tok = load_tokenizer(resolve_model_path(model_ref))
+    run = decode_holdout(model_ref, recipe, examples, tok, backend, batch_size, desc=f"eval {title}")
+    references = [ex["response"] for ex in examples]
+    report = {"task": "generation", "n": len(examples), "output": recipe.task.output,
+              **score_outputs(recipe.task, references, run.outputs),
+              "runtime": run.runtime, "parameters": run.parameters, "new_tokens": run.decoded.new_tokens,
+              "new_tokens_per_s": run.decoded.new_tokens / max(run.decoded.seconds, 1e-9),
+              "seconds_per_response": run.decoded.seconds / max(len(examples), 1)}
+    files = {"predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                          for r in prediction_rows(examples, run.outputs))}
+    cls = report.get("class")
+    if cls:
+        classes = list(cls["per_class"])
+        files["confusion.csv"] = confusion_csv(cls["confusion"], classes)
+        files["confusion.png"] = confusion_png(cls["confusion"], classes, f"{title}: {cls['field']}")
+    return report, files
+
+
+def format_generation_report(report: dict) -> str:
+    """The figures a person reads first, one line each; report.json has all of them."""
+    lines = [f"{report['name']}: {report['n']} responses to {report['split']} ({report['runtime']}, "
+             f"{report['new_tokens_per_s']:.0f} new tokens/s)",
+             f"  exact match {report['exact_match']:.4f}"]
+    if report["output"] == "json":
+        micro = report["field_micro"]
+        lines[-1] += (f"   valid JSON {report['valid_json']:.4f}   field F1 {micro['f1']:.4f} "
+                      f"(P {micro['precision']:.4f}, R {micro['recall']:.4f})")
+        if "class" in report:
+            cls, rest = report["class"], report["field_micro_without_class"]
+            lines.append(f"  {cls['field']}: accuracy {cls['accuracy']:.4f}   macro-F1 {cls['macro_f1']:.4f}   "
+                         f"other fields F1 {rest['f1']:.4f}")
+        worst = sorted(report["fields"].items(), key=lambda kv: (kv[1]["f1"], -kv[1]["support"]))[:5]
+        lines.append("  weakest fields: " + ", ".join(f"{f} {m['f1']:.2f} ({m['support']})" for f, m in worst))
+    else:
+        lines[-1] += f"   chrF {report['chrf']:.2f}"
+    lines.append(f"  written to {report['out_dir']} (report.json, predictions.jsonl"
+                 + (", confusion.png, confusion.csv)" if "class" in report else ")"))
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.data.prompts import render_chat
 from distill.errors import DistillError, UsageError
 from distill.export.gguf_writer import NUMPY_QUANTS, arch_spec, gguf_parameter_names, write_gguf
 from distill.fileio import check_output_file, fsync_file, pause_point, pid_alive
@@ -278,7 +279,7 @@ def probe_ids(tokenizer) -> list[list[int]]:
     if getattr(tokenizer, "chat_template", None):
         chat = [{"role": "user", "content": "Name three primary colours."},
                 {"role": "assistant", "content": "Red, yellow and blue."}]
-        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        text = render_chat(tokenizer, chat, add_generation_prompt=False)
         probes.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return [list(map(int, p)) for p in probes]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.errors import redact
 from distill.fileio import atomic_write_text
 
 EVAL_HEADING = "## Evaluation (`distill eval`)"
@@ -17,7 +18,7 @@ EVAL_HEADER = "| data | examples | accuracy | macro-F1 | weighted F1 |\n| --- | 
 def write_model_card(model_dir: Path, summary: dict, recipe) -> None:
     """README.md for a trained model, keeping the evaluation rows of an earlier card."""
     distilled = summary["alpha"] > 0
-    teacher = recipe.teacher if distilled else "none: supervised fine-tuning on gold labels (alpha = 0)"
+    teacher = redact(recipe.teacher) if distilled else "none: supervised fine-tuning on gold labels (alpha = 0)"
     best = summary.get("best") or {}
     figures = ", ".join(f"{k} {best[k]:.4f}" for k in ("val_f1", "val_loss", "val_kd") if k in best)
     rows = [("base model", summary["base"]), ("teacher", teacher), ("recipe", summary["recipe"]),

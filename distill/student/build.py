@@ -15,7 +15,7 @@ from distill.config import LoraConfig, StudentConfig
 from distill.errors import DistillError, UsageError
 from distill.fileio import pause_point, publish_files, ran_out_of_space
 from distill.models.label_tokens import add_label_tokens
-from distill.models.loading import load_causal_lm, resolve_model_path
+from distill.models.loading import hf_kwargs, load_causal_lm, resolve_model_path
 from distill.student.cut import cut
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _load_4bit(path: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
     device = int(os.environ.get("LOCAL_RANK", 0))
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=torch.bfloat16,
-                                                device_map={"": device})
+                                                device_map={"": device}, **hf_kwargs())
 
 
 def build_student(cfg: StudentConfig, teacher_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
@@ -105,6 +105,8 @@ def save_model(model, tok, out: Path, merge: bool = True, state_dict: dict | Non
     model's own are partitioned (DeepSpeed ZeRO-3).
     """
     tmp = out / ".tmp-model"
+    if tmp.is_symlink():  # a link planted at the temporary name: removed, never followed
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

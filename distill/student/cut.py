@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.config import StudentConfig
 from distill.errors import UsageError
 from distill.models.loading import count_parameters
-from distill.config import StudentConfig
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,8 @@ def make_plan(cfg, config, importance: Importance | None) -> Plan:
     if cfg.from_teacher_layers:
         bad = [i for i in cfg.from_teacher_layers if not 0 <= i < n]
         if bad:
-            raise UsageError(f"train.student.from_teacher_layers: {bad} out of range; the teacher has {n} layers (0..{n - 1})")
+            raise UsageError(f"train.student.from_teacher_layers: {bad} out of range; the teacher has {n} layers "
+                             f"(0..{n - 1})")
         layers = list(cfg.from_teacher_layers)
     elif cfg.num_layers is not None:
         if cfg.num_layers > n:
@@ -320,21 +321,17 @@ def describe(plan: Plan, config) -> str:
 
 
 def evenly_spaced_layers(n_total: int, n_keep: int) -> list[int]:
-    """n_keep layer indices spread over n_total, first and last included (DistilBERT-style init)."""
-    if not 1 <= n_keep <= n_total:
-        raise UsageError(f"train.student.num_layers: expected 1..{n_total}, got {n_keep}")
+    """n_keep layer indices spread over n_total, first and last included (DistilBERT-style init); make_plan
+    has checked 1 <= n_keep <= n_total."""
     if n_keep == 1:
         return [0]
     return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
 
 
 def keep_layers(model, layers: list[int]):
-    """Drop every decoder layer not in `layers`, in place, and fix the config to match."""
+    """Drop every decoder layer not in `layers` (a plan's, checked by make_plan), in place, and fix the config
+    to match."""
     decoder = model.get_decoder()
-    n = len(decoder.layers)
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad:
-        raise UsageError(f"train.student.from_teacher_layers: {bad} out of range; the teacher has {n} layers (0..{n - 1})")
     decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in layers])
     for new_idx, layer in enumerate(decoder.layers):
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):

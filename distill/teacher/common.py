@@ -263,7 +263,7 @@ def server_auth(url: str) -> tuple[str, dict]:
 def request_timeout(spec: TeacherSpec | None = None) -> float:
     """Seconds a request's whole answer may take: the teacher spec's `timeout` (when the spec has one),
     else $DISTILL_TEACHER_TIMEOUT, else DEFAULT_TIMEOUT."""
-    value = getattr(spec, "timeout", None)
+    value = spec.timeout if spec is not None else None
     if value is None:
         raw = os.environ.get(TIMEOUT_VAR, "").strip()
         try:

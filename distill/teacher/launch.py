@@ -13,6 +13,7 @@ then SIGKILL after a grace period. Tests use it to run a real server for a modul
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import importlib.util
 import logging
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from distill.config import TeacherSpec
 from distill.errors import DistillError, UsageError
+from distill.fileio import die_with_parent
+from distill.models.loading import remote_code_allowed
 from distill.teacher.common import TransientError, api_key, fetch, server_auth
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,8 @@ def server_args(spec: TeacherSpec, model_path: str, host: str, port: int, max_lo
         args += ["--data-parallel-size", str(spec.data_parallel_size)]
     if gpu:
         args += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    if remote_code_allowed():  # --trust-remote-code given to distill: the server may run the model's code too
+        args.append("--trust-remote-code")
     return args
 
 
@@ -142,7 +147,8 @@ class ServedTeacher:
             self._log_handle = open(self.log_file, "ab")
             out = self._log_handle
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
-                                     start_new_session=True)  # its own process group: stopped as one
+                                     start_new_session=True,  # its own process group: stopped as one
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
         try:
             self.wait_healthy()
         except BaseException:

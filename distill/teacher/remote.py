@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from distill.config import TeacherSpec
+from distill.data.prompts import render_chat
 from distill.errors import DistillError, UsageError, redact
 from distill.teacher.common import (  # noqa: F401 - TransientError, split_credentials: this module's API too
     TIMEOUT_VAR,
@@ -290,7 +291,7 @@ class ServerTeacher:
                     min(self.max_model_len, int(data["max_model_len"]))
         if getattr(self.tok, "chat_template", None):
             msgs = [{"role": "user", "content": PROBE_TEXTS[0]}]
-            local = self.tok(self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+            local = self.tok(render_chat(self.tok, msgs, add_generation_prompt=True),
                              add_special_tokens=False).input_ids
             _, r = self._call("POST", "/tokenize", {"model": self.model, "messages": msgs,
                                                     "add_generation_prompt": True, "add_special_tokens": False},

@@ -24,6 +24,7 @@ import os
 import torch
 
 from distill.config import TeacherSpec
+from distill.models.loading import remote_code_allowed
 from distill.teacher.common import (
     Generated,
     Sampling,
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 def engine_kwargs(model_path: str, spec: TeacherSpec, max_logprobs: int) -> dict:
     kw = dict(model=model_path, dtype=spec.dtype, max_model_len=spec.max_model_len, max_logprobs=max_logprobs,
-              tensor_parallel_size=spec.tensor_parallel_size, seed=0, enable_prefix_caching=True)
+              tensor_parallel_size=spec.tensor_parallel_size, seed=0, enable_prefix_caching=True,
+              trust_remote_code=remote_code_allowed())
     if torch.cuda.is_available():
         kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
     return kw

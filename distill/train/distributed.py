@@ -80,7 +80,7 @@ def single_process_cpu_launch_note(env=os.environ) -> str | None:
 
 
 def make_accelerator(cfg: TrainConfig, project_dir=None):
-    """The run's Accelerator; `train.report_to` trackers log under project_dir/logs (project_dir: the model directory)."""
+    """The run's Accelerator; `train.report_to` trackers log under project_dir/logs (the model directory)."""
     from accelerate import Accelerator
 
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -121,6 +121,7 @@ def configure_deepspeed(acc, cfg: TrainConfig, world: int) -> None:
     for key, value in wanted.items():
         old = ds.get(key, "auto")
         if old not in ("auto", value):
-            log.warning("DeepSpeed config %s=%s replaced by %s from the recipe (train.batch_size is global)", key, old, value)
+            log.warning("DeepSpeed config %s=%s replaced by %s from the recipe (train.batch_size is global)",
+                        key, old, value)
         ds[key] = value
     acc.state.deepspeed_plugin.gradient_accumulation_steps = cfg.grad_accum

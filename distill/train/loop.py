@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from distill.config import Recipe
-from distill.errors import DistillError
+from distill.errors import DistillError, redact
 from distill.models.loading import count_parameters
 from distill.student.build import dense_lora_copy, save_model
 from distill.train.checkpoint import list_checkpoints, remove_partial, set_rng_state
@@ -285,7 +285,7 @@ def summary_record(run: Run, state: LoopState) -> dict:
             "distributed": str(run.accelerator.distributed_type).split(".")[-1],
             "zero_stage": zero_stage(run.accelerator) or None,
             "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.alpha > 0 else None,
-            "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": run.recipe.teacher,
+            "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": redact(run.recipe.teacher),
             "label_tokens": run.labels is not None, "step_seconds_mean": mean_of(state.history, "step_seconds"),
             "step_cpu_seconds_mean": mean_of(state.history, "step_cpu_seconds")}
 

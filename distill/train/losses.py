@@ -27,7 +27,7 @@ def _kl(logp, logq):
     gradient too (both logs are replaced there first), so outcomes where p = q = 0 (cache slots with
     no teacher entry) give 0 and no NaN."""
     p = logp.exp()
-    live = p > 0
+    live = p != 0  # not `p > 0`: a NaN teacher probability must reach the loss (and stop training), not vanish
     zero = torch.zeros_like(p)
     return torch.where(live, p * (torch.where(live, logp, zero) - torch.where(live, logq, zero)), zero).sum(-1)
 

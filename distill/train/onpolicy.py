@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from distill.cache import store as cache_mod
 from distill.cache.store import TopkExample
 from distill.config import Recipe, resolve_teacher
-from distill.errors import DistillError, UsageError
+from distill.errors import DistillError, UsageError, redact
 from distill.fileio import pause_point, sha256_file
-from distill.train.losses import SAMPLED, loss_kwargs, sampled_reverse_kl, sparse_kd
 from distill.models.loading import resolve_model_path, tokenizer_hash
 from distill.models.scoring import target_logits
+from distill.train.losses import SAMPLED, loss_kwargs, sampled_reverse_kl, sparse_kd
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ class OnPolicy:
     def __init__(self, recipe: Recipe, tok, out_dir: Path, cache_dir: Path, fingerprint: str,
                  teacher_urls: list[str] | None = None):
         from distill.data.prompts import stop_ids
-        from distill.models.loading import model_vocab_rows
-        from distill.versions import versions
+        from distill.models.loading import vocab_rows_or_tokenizer
         from distill.teacher.backend import pick_backend
+        from distill.versions import versions
 
         self.recipe, self.cfg, self.tok = recipe, recipe.train, tok
         self.dir = out_dir / "onpolicy"
@@ -162,14 +162,11 @@ class OnPolicy:
             raise UsageError(f"teacher {self.spec.name}: a served teacher needs a local tokenizer; give the teacher "
                              "spec a `source` (or `tokenizer`) naming the model the server runs")
         self.model_path = resolve_model_path(source)
-        try:
-            self.vocab_rows = model_vocab_rows(self.model_path)
-        except Exception:  # noqa: BLE001 - a tokenizer-only directory
-            self.vocab_rows = len(tok)
+        self.vocab_rows = vocab_rows_or_tokenizer(self.model_path, tok)
         self.stop_ids, self.engine, self.counts = stop_ids(tok), None, Counts()
         op = self.cfg.on_policy
         self.wanted = cache_mod.Manifest(
-            kind="topk", teacher=str(self.spec.source or self.spec.served_model_name or self.spec.name),
+            kind="topk", teacher=redact(str(self.spec.source or self.spec.served_model_name or self.spec.name)),
             tokenizer_hash=tokenizer_hash(tok), vocab_size=self.vocab_rows, k=self.k, data_fingerprint=fingerprint,
             labels=None, max_length=recipe.task.max_length, backend=self.backend, versions=versions(),
             responses={"mode": "student", **dataclasses.asdict(op), "seed": self.cfg.seed},
@@ -206,7 +203,7 @@ class OnPolicy:
         if self.engine is None:
             from distill.teacher.backend import make_backend
 
-            log.info("on-policy: loading teacher %s with the %s backend", self.spec.name, self.backend)
+            log.info("on-policy: loading teacher %s with the %s backend", redact(self.spec.name), self.backend)
             self.engine = make_backend(self.backend, self.spec, self.model_path, self.k, tok=self.tok,
                                        vocab_rows=self.vocab_rows)
         return self.engine

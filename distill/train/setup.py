@@ -22,7 +22,7 @@ from distill.data.leakage import split_overlaps, warn_overlaps
 from distill.data.prompts import task_token_ids
 from distill.data.splits import Splits, prepare_splits
 from distill.errors import UsageError
-from distill.fileio import directory_lock
+from distill.fileio import check_output_dir, directory_lock
 from distill.models.label_tokens import add_label_tokens
 from distill.models.loading import count_parameters, load_tokenizer, resolve_model_path
 from distill.student.build import add_lora, build_student
@@ -210,6 +210,7 @@ def check_out_dir(out_dir: Path, recipe: Recipe, parts: Parts) -> None:
         if out == src or src in out.parents:
             raise UsageError(f"--out {out_dir}: is {'inside ' if out != src else ''}{what} ({path}); "
                              "training would write over what it reads. Choose another --out")
+    check_output_dir(out_dir, "--out", "model")  # not a user's directory, nor another command's output
 
 
 def lock_out_dir(out_dir: Path, rank: int, world: int) -> contextlib.ExitStack:
