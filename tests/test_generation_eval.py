@@ -87,3 +87,21 @@ def test_output_keys_are_checked(recipe, tiny_model, task, expected):
     bad.write_text(yaml.safe_dump(r))
     res = CliRunner().invoke(cli, ["eval", tiny_model, "--recipe", str(bad)])
     assert res.exit_code == 2 and expected in res.output, res.output
+
+
+def test_bench_on_a_generation_task_scores_outputs_and_agreement(recipe, tiny_model, tmp_path):
+    """The teacher against itself and against its f16 GGUF: agreement 1 with itself, exact match and tokens/s
+    reported for both, and the table written."""
+    pytest.importorskip("llama_cpp")
+    gguf = tmp_path / "m.gguf"
+    run("export", tiny_model, "--out", gguf, "--quant", "f16", "--no-verify")
+    out = tmp_path / "bench"
+    run("bench", recipe, "--teacher", tiny_model, "--student", tiny_model, "--student", gguf, "--limit", "4",
+        "--latency-examples", "2", "--out", out)
+    report = json.loads((out / "bench.json").read_text())
+    teacher, same, quantized = report["models"]
+    assert report["task"] == "generation" and report["n"] == 4
+    assert same["agreement"] == 1.0 and same["outputs"] == teacher["outputs"]
+    assert quantized["runtime"] == "llama.cpp" and quantized["outputs"] == teacher["outputs"]  # f16: same greedy
+    assert all(r["new_tokens_per_s"] > 0 and "exact_match" in r and "field_f1" in r for r in report["models"])
+    assert "exact match" in (out / "bench.md").read_text() and (out / "bench.png").is_file()

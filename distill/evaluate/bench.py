@@ -40,6 +40,12 @@ def _measure(model_ref, recipe, examples, batch_size, latency_n, tokenizer, q, p
 
     try:
         torch.manual_seed(0)
+        if recipe.task.type == "generation":
+            from distill.evaluate.generation_bench import bench_figures
+
+            figures = bench_figures(model_ref, recipe, examples, batch_size, latency_n, tokenizer)
+            q.put({**figures, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            return
         t0 = time.perf_counter()
         scorer = make_scorer(model_ref, tokenizer)
         load_s = time.perf_counter() - t0
@@ -134,6 +140,17 @@ def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | Non
     out_dir = Path(out or recipe.workdir_path / "bench")
     check_report_dir(out_dir, BENCH_FILES)
     examples, splits = eval_examples(recipe, split, data, limit)
+    if recipe.task.type == "generation":
+        rows = _generation_rows(recipe, teacher, students, examples, batch_size, latency_examples, tokenizer)
+        report = {"split": data or split, "n": len(examples), "batch_size": batch_size, "task": "generation",
+                  "models": rows}
+        from distill.evaluate.generation_bench import markdown_table as generation_table
+
+        write_file_set(out_dir, {"bench.json": json.dumps(report, indent=1),
+                                 "bench.md": generation_table(rows, len(examples), batch_size),
+                                 "bench.png": chart(rows, "exact_match", "holdout exact match")})
+        report["out_dir"] = str(out_dir)
+        return report
     recipe.task.labels = splits.labels
     labels = splits.labels
     y_true = [labels.index(e["label"]) for e in examples]
@@ -158,6 +175,20 @@ def run_bench(recipe: Recipe, teacher: str, students: list[str], data: str | Non
     return report
 
 
+def _generation_rows(recipe, teacher, students, examples, batch_size, latency_examples, tokenizer) -> list[dict]:
+    from distill.evaluate.generation_bench import finish_rows, quality
+
+    references = [ex["response"] for ex in examples]
+    rows = []
+    for role, ref in [("teacher", teacher)] + [("student", s) for s in students]:
+        m = measure(ref, recipe, examples, batch_size, latency_examples,
+                    tokenizer if str(ref).endswith(".gguf") else None)
+        rows.append({"role": role, "model": str(ref), "name": Path(str(ref)).name, **m,
+                     **quality(recipe.task, references, m["outputs"]), "size_mb": size_on_disk(ref) / 2**20})
+    finish_rows(rows)
+    return rows
+
+
 def markdown_table(rows, n, batch_size) -> str:
     head = ("| model | runtime | layers | params | size MB | accuracy | macro-F1 | F1 kept | agreement | "
             f"p50 ms | p95 ms | ex/s @1 | ex/s @{batch_size} | speed-up @1 | peak RSS MB |")
@@ -172,7 +203,7 @@ def markdown_table(rows, n, batch_size) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(rows) -> bytes:
+def chart(rows, y: str = "macro_f1", ylabel: str = "holdout macro-F1") -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,11 +211,11 @@ def chart(rows) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.scatter(r["latency_p50_ms"], r["macro_f1"], s=80, marker="*" if r["role"] == "teacher" else "o")
-        ax.annotate(f"{r['name']} ({r['runtime']})", (r["latency_p50_ms"], r["macro_f1"]),
+        ax.scatter(r["latency_p50_ms"], r[y], s=80, marker="*" if r["role"] == "teacher" else "o")
+        ax.annotate(f"{r['name']} ({r['runtime']})", (r["latency_p50_ms"], r[y]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("latency per example at batch 1, p50 (ms)")
-    ax.set_ylabel("holdout macro-F1")
+    ax.set_ylabel(ylabel)
     ax.set_title("quality vs latency")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -58,15 +58,21 @@ def greedy_backend(engine: ResponseWriter, prompts: list[list[int]], max_new_tok
     return Decoded(out, new_tokens, time.perf_counter() - start)
 
 
-def greedy_gguf(path: str | Path, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                n_ctx: int = 1024, desc: str | None = None) -> Decoded:
-    """Greedy responses of a GGUF model through llama.cpp, one prompt at a time (its binding has no batch
-    decoding); the KV cache is reused across a shared prompt prefix by llama-cpp-python itself."""
-    import time
-
+def load_gguf_for_decoding(path: str | Path, n_ctx: int = 1024):
+    """A llama.cpp model for greedy decoding (no logits kept but the last position's)."""
     from distill.models.llamacpp import import_llama_cpp
 
-    llm = import_llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+    return import_llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+
+
+def greedy_gguf(gguf, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                n_ctx: int = 1024, desc: str | None = None) -> Decoded:
+    """Greedy responses of a GGUF model (a path, or a model from `load_gguf_for_decoding`) through llama.cpp,
+    one prompt at a time (its binding has no batch decoding); llama-cpp-python reuses the KV cache across
+    a prompt prefix shared with the previous one."""
+    import time
+
+    llm = load_gguf_for_decoding(gguf, n_ctx) if isinstance(gguf, (str, Path)) else gguf
     stops, out, new_tokens = set(stop_ids), [], 0
     start = time.perf_counter()
     for p in tqdm(prompts, desc=desc or "decoding", unit="response", disable=desc is None):

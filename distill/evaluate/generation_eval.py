@@ -12,7 +12,7 @@ from distill.config import Recipe, TeacherSpec, resolve_teacher
 from distill.data.prompts import generation_prompt, stop_ids
 from distill.errors import UsageError
 from distill.evaluate.confusion import confusion_csv, confusion_png
-from distill.evaluate.decode import Decoded, greedy_backend, greedy_gguf
+from distill.evaluate.decode import Decoded, greedy_backend, greedy_gguf, load_gguf_for_decoding
 from distill.evaluate.generation_metrics import json_metrics, text_metrics
 
 
@@ -30,35 +30,71 @@ def _room(prompt: list[int], max_length: int, max_new_tokens: int) -> int:
     return max(1, min(max_new_tokens, max_length - len(prompt)))
 
 
-def decode_holdout(model_ref: str, recipe: Recipe, examples: list[dict], tok, backend: str = "auto",
-                   batch_size: int = 16, desc: str | None = None) -> GenerationRun:
-    """Greedy outputs of `model_ref` (a model directory, hub id or .gguf file) for the examples' prompts."""
-    task, max_new = recipe.task, recipe.generate.max_new_tokens
-    prompts = [generation_prompt(tok, task, ex, task.max_length) for ex in examples]
-    max_new = max(_room(p, task.max_length, max_new) for p in prompts)
-    stops = stop_ids(tok)
-    if str(model_ref).endswith(".gguf"):
-        decoded = greedy_gguf(model_ref, prompts, max_new, stops, n_ctx=task.max_length + max_new, desc=desc)
-        return GenerationRun(_texts(tok, decoded), decoded, "llama.cpp", None)
-    from distill.models.loading import resolve_model_path
-    from distill.teacher.backend import make_backend
+class Decoder:
+    """One model (a directory, hub id or .gguf file) loaded once for greedy decoding of a task's prompts:
+    evaluation decodes a holdout with it, bench also one prompt at a time for latency."""
 
-    path = resolve_model_path(model_ref)
-    name = "transformers" if backend == "auto" else backend
-    spec = TeacherSpec(name=Path(path).name, source=path, dtype="float32", max_model_len=task.max_length + max_new)
-    engine = make_backend(name, spec, path, 1, tok)
-    try:
-        decoded = greedy_backend(engine, prompts, max_new, stops, batch_size, desc)
-        params = sum(p.numel() for p in engine.model.parameters()) if hasattr(engine, "model") else None
-    finally:
-        close = getattr(engine, "close", None)
+    def __init__(self, model_ref: str, recipe: Recipe, tok, backend: str = "auto"):
+        model_ref = model_source(model_ref)
+        self.task, self.tok, self.stops = recipe.task, tok, stop_ids(tok)
+        self.max_new = recipe.generate.max_new_tokens
+        n_ctx = self.task.max_length + self.max_new
+        if str(model_ref).endswith(".gguf"):
+            self.runtime, self.parameters = "llama.cpp", None
+            self.engine = load_gguf_for_decoding(model_ref, n_ctx)
+            return
+        from distill.models.loading import resolve_model_path
+        from distill.teacher.backend import make_backend
+
+        path = resolve_model_path(model_ref)
+        self.runtime = "transformers" if backend == "auto" else backend
+        spec = TeacherSpec(name=Path(path).name, source=path, dtype="float32", max_model_len=n_ctx)
+        self.engine = make_backend(self.runtime, spec, path, 1, tok)
+        model = getattr(self.engine, "model", None)
+        self.parameters = sum(p.numel() for p in model.parameters()) if model is not None else None
+
+    def run(self, examples: list[dict], batch_size: int = 16, desc: str | None = None) -> tuple[list[str], Decoded]:
+        """The greedy outputs (text) for the examples' prompts, and the decoding's figures."""
+        prompts = [generation_prompt(self.tok, self.task, ex, self.task.max_length) for ex in examples]
+        max_new = max(_room(p, self.task.max_length, self.max_new) for p in prompts)
+        if self.runtime == "llama.cpp":
+            decoded = greedy_gguf(self.engine, prompts, max_new, self.stops, desc=desc)
+        else:
+            decoded = greedy_backend(self.engine, prompts, max_new, self.stops, batch_size, desc)
+        return [self.tok.decode(r, skip_special_tokens=True) for r in decoded.responses], decoded
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
         if close:
             close()
-    return GenerationRun(_texts(tok, decoded), decoded, name, params)
 
 
-def _texts(tok, decoded: Decoded) -> list[str]:
-    return [tok.decode(r, skip_special_tokens=True) for r in decoded.responses]
+def decode_holdout(model_ref: str, recipe: Recipe, examples: list[dict], tok, backend: str = "auto",
+                   batch_size: int = 16, desc: str | None = None) -> GenerationRun:
+    """Greedy outputs of `model_ref` for the examples' prompts."""
+    decoder = Decoder(model_ref, recipe, tok, backend)
+    try:
+        outputs, decoded = decoder.run(examples, batch_size, desc)
+    finally:
+        decoder.close()
+    return GenerationRun(outputs, decoded, decoder.runtime, decoder.parameters)
+
+
+def model_source(model_ref: str) -> str:
+    """A teacher spec (YAML) stands for its model's source; anything else for itself."""
+    return resolve_teacher(model_ref).source if Path(str(model_ref)).suffix in (".yaml", ".yml") else model_ref
+
+
+def load_tokenizer_for(model_ref: str, tokenizer: str | None = None):
+    """The tokenizer that encodes a model's prompts: --tokenizer, a GGUF's own, or the model's."""
+    from distill.models.llamacpp import embedded_tokenizer
+    from distill.models.loading import load_tokenizer, resolve_model_path
+
+    if tokenizer:
+        return load_tokenizer(resolve_model_path(tokenizer))
+    if str(model_ref).endswith(".gguf"):
+        return embedded_tokenizer(Path(model_ref))
+    return load_tokenizer(resolve_model_path(model_source(model_ref)))
 
 
 def score_outputs(task, references: list[str], outputs: list[str]) -> dict:
@@ -77,21 +113,11 @@ def generation_report(model_ref: str, recipe: Recipe, examples: list[dict], titl
                       tokenizer: str | None = None, backend: str = "auto") -> tuple[dict, dict[str, str]]:
     """Greedy outputs for every example scored against its reference: the report's figures and its other
     files (predictions.jsonl with prompt, reference and output; a confusion matrix for a class field)."""
-    from distill.models.llamacpp import embedded_tokenizer
-    from distill.models.loading import load_tokenizer, resolve_model_path
-
     missing = [ex["id"] for ex in examples if ex.get("response") is None]
     if missing:
         raise UsageError(f"{recipe.path or 'recipe'}: {len(missing)} examples have no reference response "
                          f"(e.g. {missing[0]}); evaluation scores outputs against the data's responses")
-    if tokenizer:
-        tok = load_tokenizer(resolve_model_path(tokenizer))
-    elif str(model_ref).endswith(".gguf"):
-        tok = embedded_tokenizer(Path(model_ref))
-    else:
-        if Path(model_ref).suffix in (".yaml", ".yml"):  # a teacher spec: its model
-            model_ref = resolve_teacher(model_ref).source
-        tok = load_tokenizer(resolve_model_path(model_ref))
+    tok = load_tokenizer_for(model_ref, tokenizer)
     run = decode_holdout(model_ref, recipe, examples, tok, backend, batch_size, desc=f"eval {title}")
     references = [ex["response"] for ex in examples]
     report = {"task": "generation", "n": len(examples), "output": recipe.task.output,
