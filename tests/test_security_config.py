@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 from test_bad_input import error_lines, snapshot
 
-import distill.cli_options
 from distill.cli import cli
 
 BOMB_LEVELS = 9  # 10 ** 9 values once expanded, in a few hundred bytes
@@ -77,19 +76,10 @@ CASES = [
     ("QLoRA without LoRA", EXTENDS + "train:\n  student:\n    quantization: 4bit\n", [], "QLoRA needs train.lora"),
 ]
 
-# cli_options.refuse_empty_recipe reads a recipe with yaml.safe_load before load_recipe does, and PyYAML's
-# composer recurses once a level: 10,000 levels end in a RecursionError there. load_recipe now refuses an empty
-# recipe itself, so the CLI's copy is to be deleted (issue 31); until then the deep cases fail in it.
-CLI_READS_FIRST = hasattr(distill.cli_options, "refuse_empty_recipe")
-DEEP = {"nested 10,000 deep"}
-
-
 def cases():
     for case in CASES:
-        marks = [pytest.mark.xfail(CLI_READS_FIRST, reason="the CLI's own YAML read recurses first")] \
-            if case[0] in DEEP else []
         text, extra, expected, base = (*case[1:], BASE)[:4]
-        yield pytest.param(text, extra, expected, base, id=case[0], marks=marks)
+        yield pytest.param(text, extra, expected, base, id=case[0])
 
 
 @pytest.mark.parametrize("text, extra, expected, base", list(cases()))
