@@ -234,7 +234,7 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 @out_option("Report directory (default: WORKDIR/eval/NAME for the holdout; NAME-train, NAME-validation, "
             "NAME-<data file stem>, with -Nshot and -limitN added, for the others).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Examples scored per batch.")
-@limit_option("Score a stratified sample of N examples")
+@limit_option("Score a sample of N examples, stratified by label for classification")
 @tokenizer_option("Tokenizer directory for a .gguf MODEL (default: the GGUF's own directory if it has one, else "
                   "the tokenizer inside the GGUF).")
 @click.option("--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"]),
@@ -305,7 +305,7 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
               help="Batch size for the throughput figure.")
 @click.option("--latency-examples", default=32, show_default=True, type=POSITIVE,
               help="Examples timed one by one for latency.")
-@limit_option("Use a stratified sample of N holdout examples")
+@limit_option("Use a sample of N holdout examples, stratified by label for classification")
 @tokenizer_option()
 @out_option("Output directory (default: WORKDIR/bench).")
 @SET
