@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_tiny_llama
 
 from distill.cache import store as cache_mod
-from distill.config import load_recipe
-from distill.errors import DistillError, UsageError
 from distill.cache.generate import run_generate
 from distill.cache.synthetic import write_synthetic_cache, write_synthetic_data
+from distill.config import load_recipe
+from distill.errors import DistillError, UsageError
 from distill.train import run_train
 from distill.train.data import SHARES_ENV, TopkStream, _widened
 
@@ -77,7 +76,8 @@ def _epochs(streams, n, batch, epochs=2):
             for rank, s in enumerate(streams):
                 local = ids[0][rank::len(streams)]
                 got[rank] += list(zip(local, s.examples(local)))
-                assert len(s._held) + len(s._pending) <= 3 * len(s.mine)  # bounded: per share, windows in use and one ahead
+                # bounded: per share, windows in use and one ahead
+                assert len(s._held) + len(s._pending) <= 3 * len(s.mine)
         out.append(got)
     return out, orders
 
@@ -130,7 +130,8 @@ def test_a_cache_of_the_earlier_codec_streams_the_same_numbers(synth):
     (tkq3, zlib) gives, in the same order; load_split ranks them alike."""
     tmp, p, cache = synth
     old = write_synthetic_cache(load_recipe(p), out=tmp / "cache-tkq2", targets=6, prompt=4, seed=1, codec="tkq2")
-    assert cache_mod.read_manifest(old).codec["name"] == "tkq2" and cache_mod.read_manifest(cache).codec["name"] == "tkq3"
+    assert (cache_mod.read_manifest(old).codec["name"] == "tkq2"
+            and cache_mod.read_manifest(cache).codec["name"] == "tkq3")
     n = cache_mod.read_manifest(cache).split_sizes["train"]
     (a, _), (b, _) = (_epochs([TopkStream(c, "train", n, n, 49152)], n, 4, epochs=1) for c in (cache, old))
     assert [i for i, _ in a[0][0]] == [i for i, _ in b[0][0]]

@@ -5,10 +5,10 @@ from collections import Counter
 import pytest
 
 from distill.config import TaskConfig, load_recipe
-from distill.data.splits import prepare_splits
-from distill.data.read import read_rows, validate_rows
-from distill.errors import UsageError
 from distill.data import builtin_task
+from distill.data.read import read_rows, validate_rows
+from distill.data.splits import prepare_splits
+from distill.errors import UsageError
 
 
 def test_default_task_is_deterministic_varied_and_balanced():

@@ -21,9 +21,9 @@ import torch
 import yaml
 
 from distill.cache import store as cache_mod
+from distill.cache.generate import run_generate
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.cache.generate import run_generate
 
 PROMPTS = ["Name a colour.", "What is two plus two?", "Say hello in French.", "Give me a fruit.",
            "Count to three.", "Which animal barks?", "Opposite of hot?", "Capital of Italy?",

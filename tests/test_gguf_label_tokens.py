@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tiny_llama, write_class_data, write_recipe
+
 from distill.models.llamacpp import have_llama_cpp, passive_openmp
 
 passive_openmp()  # before llama.cpp (or torch) loads libgomp, when this module is imported first
@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 from distill.config import load_recipe  # noqa: E402
 from distill.data.builtin_task import LABELS  # noqa: E402
+from distill.data.prompts import encode_classification, end_of_turn_id, label_answers, prompt_ids  # noqa: E402
 from distill.export.pipeline import export_gguf  # noqa: E402
 from distill.models.label_tokens import add_label_tokens, label_token_ids  # noqa: E402
-from distill.data.prompts import encode_classification, end_of_turn_id, label_answers, prompt_ids  # noqa: E402
 
 needs_llama = pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python is not installed "
                                  "(pip install 'distill[llama]'): llama.cpp checks skipped")

@@ -46,7 +46,8 @@ def test_rows_are_independent_so_the_rotary_row_permutation_commutes():
 
 def test_block_scale_is_no_worse_than_the_extreme_value_scale():
     w = torch.tensor(np.random.default_rng(2).standard_normal((200, 32)))
-    levels = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float64)
+    levels = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                          dtype=torch.float64)
 
     def err(d):
         q = levels[torch.argmin((w[:, :, None] / d[:, None, None] - levels).abs(), -1)]

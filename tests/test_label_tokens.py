@@ -10,12 +10,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama, write_class_data, write_recipe
 
 from distill.config import TaskConfig, load_recipe
-from distill.models.label_tokens import add_label_tokens, label_token_ids
 from distill.data.prompts import encode_classification, end_of_turn_id, prompt_ids
+from distill.models.label_tokens import add_label_tokens, label_token_ids
 from distill.models.scoring import label_logprobs, trie_layout
 
 LABELS = ["billing", "delivery", "login"]

@@ -8,14 +8,13 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import CLASS_ROWS, write_class_data, write_recipe
 
 from distill.cli import cli
 from distill.config import TaskConfig
 from distill.data.leakage import normalize_text, overlap, split_overlaps
 from distill.data.splits import prepare_splits, same_file
 from distill.errors import UsageError
-
-from conftest import CLASS_ROWS, write_class_data, write_recipe
 
 
 def test_overlap_counts_exact_and_normalised_texts():

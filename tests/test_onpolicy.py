@@ -19,15 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import GEN_ROWS, ROOT, make_tiny_untied
 
 from distill.cache import store as cache_mod
+from distill.cache.generate import run_generate
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.cache.generate import run_generate
 from distill.train import run_train
-
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +213,8 @@ def test_sampled_reverse_kl_is_unbiased_over_the_student_buckets():
 def test_on_policy_recipe_keys_are_checked(gen, tmp_path):
     tmp, p = gen
     cases = [("train.on_policy.fraction=1.5", r"train.on_policy.fraction: expected a number in \[0, 1\], got 1.5"),
-             ("train.on_policy.fractoin=0.5", r"unknown key 'train.on_policy.fractoin' \(did you mean 'train.on_policy.fraction'"),
+             ("train.on_policy.fractoin=0.5",
+              r"unknown key 'train.on_policy.fractoin' \(did you mean 'train.on_policy.fraction'"),
              ("train.on_policy.loss=forward", r"train.on_policy.loss: expected one of .*sampled_reverse_kl"),
              ("train.alpha=0", r"train.on_policy.fraction > 0 needs train.alpha > 0"),
              ("train.on_policy.loss=sampled_reverse_kl", None)]  # T = 1, sampling at 1: accepted
@@ -225,8 +224,9 @@ def test_on_policy_recipe_keys_are_checked(gen, tmp_path):
             continue
         with pytest.raises(UsageError, match=pattern):
             load_recipe(p, [item])
-    with pytest.raises(UsageError, match=r"set train.temperature, train.on_policy.temperature and train.on_policy.top_p "
-                                         r"to 1 \(got 2, 1 and 1\)"):
+    with pytest.raises(UsageError,
+                       match=r"set train.temperature, train.on_policy.temperature and train.on_policy.top_p "
+                             r"to 1 \(got 2, 1 and 1\)"):
         load_recipe(p, ["train.on_policy.loss=sampled_reverse_kl", "train.temperature=2"])
     r = yaml.safe_load(p.read_text())
     r["task"] = {"type": "classification", "data": "builtin:default"}

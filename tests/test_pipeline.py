@@ -5,10 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from sklearn.metrics import f1_score, precision_recall_fscore_support
-
 from conftest import make_tiny_llama, write_class_data, write_recipe
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 
 def distill(*args, cwd=None):
@@ -57,8 +55,10 @@ def test_reported_f1_equals_scikit_learn(pipeline):
     labels = list(report["per_class"])
     y_true = [labels.index(p["label"]) for p in preds]
     y_pred = [labels.index(p["predicted"]) for p in preds]
-    assert report["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=range(3), zero_division=0))
-    assert report["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", labels=range(3), zero_division=0))
+    assert report["macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, average="macro", labels=range(3), zero_division=0))
+    assert report["weighted_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, average="weighted", labels=range(3), zero_division=0))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(3), zero_division=0)
     for i, lab in enumerate(labels):
         assert report["per_class"][lab]["f1"] == pytest.approx(f[i])

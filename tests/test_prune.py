@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import make_tiny_llama, write_class_data, write_recipe
-from distill.student import cut as prune
+
 from distill.config import StudentConfig, load_recipe
 from distill.errors import UsageError
+from distill.student import cut as prune
 from distill.student.build import build_student
 from distill.student.cut import cut
 
@@ -28,7 +28,8 @@ def tiny_gqa(layers=6, seed=0):
 
 def texts(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 320, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [torch.randint(1, 320, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
 
 
 def logits(model, batch):
@@ -83,7 +84,8 @@ def test_width_pruned_student_has_the_configured_size_and_reloads(tmp_path):
     cfg = StudentConfig(num_layers=4, layer_selection="importance", mlp_keep=0.5, kv_heads_keep=1, heads_keep=1)
     student = cut(copy.deepcopy(teacher), cfg, batch, 0)
     c = student.config
-    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (4, 128, 1, 1, 32)
+    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim) == (4, 128, 1, 1, 32)
     per_block = 128 * 32 * 2 + 32 * 128 * 2 + 3 * 128 * 128 + 2 * 128  # q, k, v, o; MLP; the two norms
     assert sum(p.numel() for p in student.parameters()) == 320 * 128 + 128 + 4 * per_block
     plan = student.distill_plan
@@ -156,12 +158,11 @@ def test_healing_lowers_the_students_token_kl_on_held_out_texts(tmp_path, smollm
     """A classification file's texts under one fixed prompt (task.prompt) as a generation task; generate
     caches the teacher's top-k, train heals a student pruned by importance on it; on the validation
     texts (never trained on) the student's full-vocabulary KL to the teacher falls."""
-    from distill.data.splits import prepare_splits
-    from distill.data.leakage import split_overlaps
     from distill.cache.generate import run_generate
+    from distill.data.leakage import split_overlaps
+    from distill.data.prompts import encode_generation, task_token_ids
+    from distill.data.splits import prepare_splits
     from distill.models.loading import load_causal_lm, load_tokenizer
-    from distill.data.prompts import encode_generation
-    from distill.data.prompts import task_token_ids
     from distill.train import run_train
 
     teacher = heal_teacher(tmp_path / "t", smollm2_dir)

@@ -24,14 +24,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import GEN_ROWS, make_tiny_llama, write_class_data, write_recipe
 
 from distill.cache import store as cache_mod
+from distill.cache.generate import run_generate
 from distill.config import TeacherSpec, load_recipe
 from distill.errors import DistillError, UsageError
-from distill.cache.generate import run_generate
 from distill.teacher.launch import ServedTeacher, free_port
-
-from conftest import GEN_ROWS, make_tiny_llama, write_class_data, write_recipe
 
 ROWS = GEN_ROWS
 PAD_ROWS = 64
@@ -275,7 +274,8 @@ def test_probe_refuses_wrong_model_small_max_logprobs_and_other_tokenizer(served
     with pytest.raises(UsageError, match=r"at most \d+ log-probabilities.*k=500.*--max-logprobs 500"):
         ServerTeacher(spec, tok, 500)
     with pytest.raises(UsageError, match=f"{served.url}: serves tiny-teacher, not .*'someone-else'"):
-        ServerTeacher(TeacherSpec(name="x", source=served.model, url=served.url, served_model_name="someone-else"), tok, 8)
+        ServerTeacher(TeacherSpec(name="x", source=served.model, url=served.url, served_model_name="someone-else"),
+                      tok, 8)
     other = AutoTokenizer.from_pretrained(served.model)
     other.add_tokens(["Hello, world"])  # splits the probe text differently
     with pytest.raises(UsageError, match="tokenizer differs from the local tokenizer"):
@@ -326,18 +326,19 @@ def test_on_policy_round_scored_by_the_server_equals_the_transformers_scores(ser
 
 # -- no vLLM needed -------------------------------------------------------------------------------
 
-FAKE_SERVER = r'''
+FAKE_SERVER = (r'''
 import http.server, subprocess, sys
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # an engine worker
 print("child", child.pid, flush=True)
 class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404); self.send_header("Content-Length", "0"); self.end_headers()
+        self.send_response(200 if self.path == "/health" else 404); self.send_header("Content-Length", "0"); '''
+               r'''self.end_headers()
 import signal
 signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a server that ignores SIGTERM: needs the SIGKILL fallback
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-'''
+''')
 
 
 class FakeServed(ServedTeacher):

@@ -130,7 +130,8 @@ def test_vllm_engine_matches_transformers_backend(tmp_path, smollm2_dir):
     tok = AutoTokenizer.from_pretrained(model)
     texts = ["Name a colour. Blue is a colour.", "What is two plus two? Four.", "Say hello in French: Bonjour!"]
     seqs = [tok(t).input_ids for t in texts]
-    d = {"n_tok": len(tok), "rows": len(tok) + PAD_ROWS, "seqs": seqs, "positions": [list(range(3, len(s))) for s in seqs],
+    d = {"n_tok": len(tok), "rows": len(tok) + PAD_ROWS, "seqs": seqs,
+         "positions": [list(range(3, len(s))) for s in seqs],
          "prompts": [s[:5] for s in seqs], "label_ids": [[100, 2], [101], [102, 103, 2]], "stop": stop_ids(tok)}
     torch.save(d, tmp_path / "d.pt")
     (tmp_path / "engine.py").write_text(ENGINE_SCRIPT)
@@ -195,7 +196,8 @@ def test_padded_teacher_vocab_never_leaks_and_students_of_either_size_train(tmp_
         ok = train(init, name)
         assert ok.returncode == 0, ok.stderr[-3000:]
     bad = train(other, "s2")
-    assert bad.returncode == 2 and "different tokenizer" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert (bad.returncode == 2 and "different tokenizer" in bad.stderr
+            and "Traceback" not in bad.stderr), bad.stderr[-2000:]
 
 
 def test_cache_codec_round_trip_size_and_kl_error():
@@ -226,10 +228,12 @@ def test_cache_codec_round_trip_size_and_kl_error():
     vals[:, 4:] = float("-inf")
     ids[:, 4:] = 0
     d_ids, d_vals, _ = topk_codec.decode(topk_codec.encode(ids, vals, torch.zeros(4), V))
-    assert torch.isinf(d_vals[:, 4:]).all() and torch.equal(d_ids[:, :4].long().sort(-1).values, ids[:, :4].sort(-1).values)
+    assert torch.isinf(d_vals[:, 4:]).all() and torch.equal(d_ids[:, :4].long().sort(-1).values,
+                                                            ids[:, :4].sort(-1).values)
     one = topk_codec.decode(topk_codec.encode(torch.tensor([[7]]), torch.tensor([[-0.5]]), torch.tensor([0.39]), V))
     assert one[0].tolist() == [[7]] and abs(one[1].item() + 0.5) < 1e-3
-    empty = topk_codec.decode(topk_codec.encode(torch.zeros((0, 8), dtype=torch.long), torch.zeros((0, 8)), torch.zeros(0), V))
+    empty = topk_codec.decode(topk_codec.encode(torch.zeros((0, 8), dtype=torch.long), torch.zeros((0, 8)),
+                                                torch.zeros(0), V))
     assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,)]
     with pytest.raises(ValueError, match="out of range"):
         topk_codec.encode(torch.tensor([[V]]), torch.tensor([[-1.0]]), torch.tensor([0.5]), V)
@@ -240,10 +244,13 @@ def _reference_decode(enc: dict):
     from distill.cache import topk_codec as tc
 
     n, k, planes, bits, n_table, packer = (enc["tk_shape"].tolist() + [tc.LZMA])[:6]
-    unplane = lambda blob, count: sum(tc._unpack(blob, np.uint8, planes * count, packer).reshape(planes, count)
-                                      .astype(np.int64)[p] << (8 * p) for p in range(planes))
+    def unplane(blob, count):
+        return sum(tc._unpack(blob, np.uint8, planes * count, packer).reshape(planes, count)
+                   .astype(np.int64)[p] << (8 * p) for p in range(planes))
+
     table, gaps = unplane(enc["tk_table"], n_table), unplane(enc["tk_gaps"], n * k).reshape(n, k)
-    codes = tc._unpack(enc["tk_codes"], np.uint8 if bits <= 8 else np.uint16, n * k, packer).reshape(n, k).astype(np.int64)
+    codes = (tc._unpack(enc["tk_codes"], np.uint8 if bits <= 8 else np.uint16, n * k, packer)
+             .reshape(n, k).astype(np.int64))
     levels = (1 << bits) - 2
     top = enc["tk_top"].numpy().view(np.float16).astype(np.float64)[:, None]
     span = enc["tk_span"].numpy().view(np.float16).astype(np.float64)[:, None]
@@ -274,7 +281,9 @@ def test_cache_codecs_decode_the_same_numbers_ranked_or_not():
         r_ids, r_vals = _reference_decode(enc["tkq3"])
         assert torch.equal(raw[0], torch.from_numpy(r_ids.astype(np.int32)))
         torch.testing.assert_close(raw[1], torch.from_numpy(r_vals), rtol=0, atol=1e-6)
-        by_id = lambda i, v: (i.sort(-1).values, v.gather(-1, i.long().argsort(-1)))
+        def by_id(i, v):
+            return (i.sort(-1).values, v.gather(-1, i.long().argsort(-1)))
+
         for a, b in zip(by_id(*ranked[:2]), by_id(*raw[:2])):
             assert torch.equal(a, b)  # row by row, the same (id, value) pairs
         assert not torch.equal(raw[0], ranked[0])  # (in another order)

@@ -23,8 +23,8 @@ import torch
 
 from distill.config import TaskConfig, TeacherSpec
 from distill.data.builtin_task import INSTRUCTION, LABELS, make_examples
-from distill.errors import DistillError
 from distill.data.prompts import answer_ids, label_answers, prompt_ids
+from distill.errors import DistillError
 from distill.teacher.common import LABEL_IDS_PER_REQUEST, one_token_labels, score_label_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -235,6 +235,7 @@ def bench(n_texts: int) -> None:
     import tempfile
 
     from conftest import TEACHER_SOURCE
+
     from distill.models.loading import resolve_model_path
 
     labels = json.loads((BANKING77 / "labels.json").read_text())

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import GEN_ROWS as SHARED_GEN_ROWS
 from conftest import ROOT, make_tiny_untied, sigint_default, write_class_data, write_recipe
 
 from distill.cache import store as cache_mod
+from distill.cache.generate import run_generate
 from distill.config import load_recipe
 from distill.errors import UsageError
-from distill.cache.generate import run_generate
 from distill.train import run_train
 
 # Tolerance of the multi-process runs against the single-process run: the same global batch, the
@@ -52,7 +51,8 @@ def _env():
 
 def launch(config: str, *args, timeout=600):
     """A real `accelerate launch` of 2 processes on this CPU-only machine."""
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(ROOT / "recipes/accelerate" / config),
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "recipes/accelerate" / config),
            "--num_processes", "2", "--main_process_port", str(_free_port()), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -117,7 +117,8 @@ def test_ddp_and_zero2_match_single_process_and_save_a_model_that_evaluates(cls)
                                        rtol=PARITY_RTOL, atol=PARITY_ATOL, msg=f"{out.name}: {key}")
         evs = [r for r in log_of(out) if "val_loss" in r]
         ref_evs = [r for r in log_of(single) if "val_loss" in r]
-        torch.testing.assert_close(torch.tensor([r["val_loss"] for r in evs]), torch.tensor([r["val_loss"] for r in ref_evs]),
+        torch.testing.assert_close(torch.tensor([r["val_loss"] for r in evs]),
+                                   torch.tensor([r["val_loss"] for r in ref_evs]),
                                    rtol=PARITY_RTOL, atol=PARITY_ATOL)
     assert json.loads((z2 / "training.json").read_text())["resumed_from"].endswith("step-00000003")
     assert json.loads((z2 / "training.json").read_text())["zero_stage"] == 2
@@ -192,7 +193,8 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(cls
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if (out / "checkpoints").is_dir() and any(p.name.startswith("step-") for p in (out / "checkpoints").iterdir()):
+            if ((out / "checkpoints").is_dir()
+                    and any(p.name.startswith("step-") for p in (out / "checkpoints").iterdir())):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -226,7 +228,8 @@ def _paused(out: Path, point: str) -> bool:
     return (out / "checkpoints" / f"step-{int(point.split(':')[1]):08d}").is_dir()  # random: after step N
 
 
-@pytest.mark.parametrize("point,sig", KILL_POINTS, ids=[f"{p.split(':')[0]}-{s.name}-{i}" for i, (p, s) in enumerate(KILL_POINTS)])
+@pytest.mark.parametrize("point,sig", KILL_POINTS,
+                         ids=[f"{p.split(':')[0]}-{s.name}-{i}" for i, (p, s) in enumerate(KILL_POINTS)])
 def test_killed_mid_write_then_resumed_equals_the_uninterrupted_run(cls, lora_recipe, point, sig):
     tmp, _ = cls
     r, full = lora_recipe
@@ -285,7 +288,8 @@ def test_checkpoint_on_a_full_disk_stops_cleanly_and_resumes(cls, small_disk):
     assert kept == ["step-00000001"], kept
     assert not list(out.rglob(".tmp-*")), "the partial checkpoint is removed"
     before = _trainable(out / "checkpoints" / "step-00000001")
-    subprocess.run(["mount", "-o", f"remount,size={4 * size_kb + 4 * model_bytes // 1024}k", str(small_disk)], check=True)
+    subprocess.run(["mount", "-o", f"remount,size={4 * size_kb + 4 * model_bytes // 1024}k", str(small_disk)],
+                   check=True)
     p = subprocess.run([sys.executable, "-m", "distill", "train", str(r), "--out", str(out), "--resume"],
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -318,7 +322,8 @@ def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
     r = load_recipe(_recipe_variant(tmp, recipe, "subset", train_examples=7, eval_examples=3))
     splits = prepare_splits(r.task, r.workdir)
     base = resolve_model_path(resolve_teacher(r.teacher).source)
-    task = ClassificationTask(r, splits, load_tokenizer(base), build_student(r.train.student, base), r.workdir_path / "cache")
+    task = ClassificationTask(r, splits, load_tokenizer(base), build_student(r.train.student, base),
+                              r.workdir_path / "cache")
     cached = cache_mod.load_split(r.workdir_path / "cache", "train", len(splits.train))["label_logprobs"]
     labels = splits.labels
     assert len(task.train) == 7 and len({int(g) for g in task.gold}) == len(labels)  # every class kept
@@ -342,7 +347,8 @@ def gen(tmp_path_factory, smollm2_dir):
     data = tmp / "gen.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GEN_ROWS))
     r = {"workdir": str(tmp / "work"), "teacher": model,
-         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2}, "max_length": 64},
+         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2},
+                  "max_length": 64},
          "generate": {"k": 8, "batch_size": 4, "shard_size": 4},
          "train": {"alpha": 0.5, "temperature": 2.0, "epochs": 2, "lr": 2e-3, "batch_size": 4,
                    "loss": "jsd", "jsd_beta": 0.3, "student": {"model": student}}}
@@ -354,10 +360,10 @@ def gen(tmp_path_factory, smollm2_dir):
 
 def test_token_level_loss_uses_the_cached_distribution_at_t_minus_1(gen):
     """The trainer's KD and CE sums for one example equal a dense reference from a plain forward pass."""
-    from distill.train.losses import divergence, teacher_buckets
-    from distill.models.loading import load_tokenizer
-    from distill.train.tasks import GenerationTask
     from distill.data.splits import prepare_splits
+    from distill.models.loading import load_tokenizer
+    from distill.train.losses import divergence, teacher_buckets
+    from distill.train.tasks import GenerationTask
 
     tmp, p = gen
     recipe = load_recipe(p)
@@ -451,11 +457,11 @@ def test_generation_under_zero3_matches_single_process(gen, monkeypatch):
 @pytest.mark.parametrize("loss,extra", [("reverse_kl", {}), ("skew_forward_kl", {"skew_lambda": 0.2}), ("tvd", {})])
 def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
     """The first logged KD equals the chosen divergence of the first batch, computed by hand."""
-    from distill.train.losses import soft_label_kd
-    from distill.models.loading import load_causal_lm, load_tokenizer
     from distill.data.prompts import encode_classification
     from distill.data.splits import prepare_splits
+    from distill.models.loading import load_tokenizer
     from distill.models.scoring import label_logprobs
+    from distill.train.losses import soft_label_kd
 
     tmp, recipe = cls
     r = _recipe_variant(tmp, recipe, f"loss-{loss}", loss=loss, max_steps=1, grad_accum=1, **extra)
@@ -549,7 +555,8 @@ def test_gradient_checkpointing_and_bf16_on_cpu(cls, monkeypatch):
 def test_refusals_name_the_key(cls):
     tmp, recipe = cls
     cases = [
-        ({"student": {"num_layers": 1, "quantization": "4bit"}, "lora": {"r": 4}}, r"train\.student\.quantization: 4bit \(QLoRA\) needs a CUDA GPU"),
+        ({"student": {"num_layers": 1, "quantization": "4bit"}, "lora": {"r": 4}},
+         r"train\.student\.quantization: 4bit \(QLoRA\) needs a CUDA GPU"),
         ({"student": {"num_layers": 1, "quantization": "4bit"}}, r"QLoRA needs train\.lora"),
         ({"mixed_precision": "fp16"}, r"train\.mixed_precision: fp16 needs a CUDA GPU; on CPU use bf16"),
         ({"loss": "kl"}, r"train\.loss: expected one of forward_kl"),
@@ -609,8 +616,10 @@ def _other_family_student(out: Path, texts: list[str]) -> str:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>")
     cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
                         sliding_window=None, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -1,9 +1,8 @@
 """The unlabelled pool (task.labelled_examples): the teacher's soft labels on every training text, gold
 labels only on the labelled budget. Tiny random llama with the real tokenizer."""
 import pytest
-import torch
-
 from conftest import write_class_data, write_recipe
+
 from distill.config import load_recipe
 from distill.data.splits import labelled_indices, prepare_splits, subset_indices
 from distill.errors import UsageError
@@ -37,7 +36,8 @@ def test_the_budget_is_the_labelled_subset_and_leaves_splits_and_cache_alone(poo
 def test_supervised_training_reads_only_the_labelled_texts(pool):
     parts = task_of(pool, "train.alpha=0")
     splits = parts.splits
-    want = [splits.train[i]["text"] for i in labelled_indices(load_recipe(pool, ["task.labelled_examples=6"]).task, splits)]
+    want = [splits.train[i]["text"]
+            for i in labelled_indices(load_recipe(pool, ["task.labelled_examples=6"]).task, splits)]
     assert len(parts.task.train) == 6 and bool(parts.task.has_label.all())
     got = parts.tok.batch_decode([e.prompt for e in parts.task.train])
     assert all(w in g for w, g in zip(want, got))
