@@ -212,6 +212,7 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
     """
     from distill.train import run_train
 
+    check_out(out, "model")  # '' (an unset variable), root-like, a user's directory (train/setup checks the default)
     options = {"train.alpha": alpha, "train.temperature": temperature, "train.epochs": epochs, "train.lr": lr,
                "train.batch_size": batch_size, "train.student.num_layers": num_layers,
                "train.train_examples": train_examples, "train.seed": seed, "train.loss": loss,
