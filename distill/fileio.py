@@ -292,11 +292,13 @@ def _kind_name(kind: str, name: str) -> bool:
     return bool(re.fullmatch(_PATTERNS.get(kind, "") + "|" + _UNFINISHED, name))
 
 
-def output_kind(path: str | Path) -> str | None:
-    """The kind of distill output an existing non-empty directory holds (model, cache, eval, bench),
-    or None when it holds anything distill did not write there."""
+def output_kind(path: str | Path, first: str | None = None) -> str | None:
+    """The kind of distill output an existing non-empty directory holds (model, cache, eval, bench; `first`
+    tried first: a directory holding only a `.lock` is any kind's), or None when it holds anything distill
+    did not write there."""
     names = os.listdir(path)
-    for kind, (_, signature) in OUTPUT_KINDS.items():
+    order = sorted(OUTPUT_KINDS.items(), key=lambda kv: kv[0] != first)
+    for kind, (_, signature) in order:
         if signature.intersection(names) and all(_kind_name(kind, n) for n in names):
             return kind
     return None
@@ -325,7 +327,7 @@ def check_output_dir(path, option: str = "--out", kind: str | None = None) -> Pa
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option} {text}: is a file, not a directory")
     if p.is_dir() and os.listdir(p):
-        found = output_kind(p)
+        found = output_kind(p, kind)
         if found is None or (kind is not None and found != kind):
             what = (f"holds the output of `distill {_COMMANDS[found]}`, not of `distill {_COMMANDS[kind]}`" if found
                     else "holds files distill did not write")
