@@ -1,9 +1,9 @@
 """A compact encoding for cached top-k distributions.
 
 Per position the cache holds k (token id, log-probability) pairs and the probability mass outside
-them (the tail). Stored naively that is 8 bytes per pair (int32 + float32): 512 bytes a token at k=64.
-This codec stores the same information in about a fifth of that (92 bytes a token at k=64 measured on
-SmolLM2-135M with LZMA blocks, mean KL error 2e-4 nats; zlib blocks add about 5% on synthetic caches):
+them (the tail). Stored naively that is 8 bytes per pair (int32 + float32). This codec stores the same
+information in a fraction of that, at a KL error far below what distillation notices (figures and the
+script that measures them: docs/benchmarks.md):
 
 * Token ids: renumbered per shard by frequency (the shard stores that table once), so the tokens a
   teacher often ranks highly get small numbers; each position's k numbers are sorted ascending and
@@ -18,9 +18,9 @@ SmolLM2-135M with LZMA blocks, mean KL error 2e-4 nats; zlib blocks add about 5%
   entry" (-inf), used where a backend returned fewer than k usable tokens.
 * Tail mass: float16.
 
-Blocks are compressed with zlib (codec "tkq3", what new caches get: its decoder is about 5x faster
-than LZMA's, for about 5% more bytes on disk) or LZMA2 (codec "tkq2", the caches written before it;
-they still read). Both hold the same numbers and decode to the same tensors.
+Blocks are compressed with zlib (codec "tkq3", what new caches get: its decoder is faster than LZMA's, for a
+few more bytes on disk) or LZMA2 (codec "tkq2", the caches written before it; they still read). Both hold the
+same numbers and decode to the same tensors.
 
 Decoding sorts each position by value (descending; ties by id), so `decode(encode(x))` has the same
 layout as the input: the same ids in rank order, values within the quantisation error; the sort is
@@ -49,9 +49,8 @@ NAME = "tkq3"
 # The compander: u(d) = [(1 - exp(-d / C)) + BETA * d / span] / [(1 - exp(-span / C)) + BETA], level density
 # ~ exp(-d / C) + BETA / span. The exponential part puts levels where the probability mass is (the KL
 # error of an entry scales with its probability); the linear part bounds the error of improbable
-# entries, which a distillation temperature of 2 flattens upwards. Measured on SmolLM2-135M top-64 at 7
-# bits: KL error 4.3e-5 nats at T=1 and 4.5e-5 at T=2 (pure exp with C = 3: 7.7e-5 and 2.9e-4).
-# The default is 6 bits: 1.9e-4 nats at k=64, 92 bytes a token (scripts/bench_generate.py).
+# entries, which a distillation temperature of 2 flattens upwards; its KL errors against a pure
+# exponential, and the 6-bit default's, are in docs/benchmarks.md (scripts/bench_generate.py).
 COMPANDER_C = 4.5
 COMPANDER_BETA = 0.3
 DEFAULT_BITS = 6
@@ -142,7 +141,7 @@ def encode(ids, logprobs, tail, vocab_size: int, bits: int = DEFAULT_BITS, prese
            name: str = NAME) -> dict[str, torch.Tensor]:
     """ids [N, k] (any int), logprobs [N, k] (-inf = no entry), tail [N] -> tensors to store.
     `name`: the codec (PACKERS: which compressor its blocks use). `preset` is the compressor's effort
-    (0..6; LZMA at 0 encodes ~10x faster, ~14% larger; zlib takes level max(1, preset))."""
+    (0..6; LZMA at 0 encodes much faster for a somewhat larger file; zlib takes level max(1, preset))."""
     if not 0 <= preset <= 6:
         raise ValueError(f"preset: expected 0..6, got {preset}")
     if name not in PACKERS:

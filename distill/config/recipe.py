@@ -167,7 +167,7 @@ class GenerateConfig:
     temperature: float = num(1.0, ge=MIN_TEMPERATURE, also=0)  # 0: greedy
     top_p: float = num(1.0, gt=0, le=1)
     seed: int = num(0, ge=0, le=SEED_MAX)
-    compact: bool = True  # store top-k compactly (about 100 bytes a token at k=64) or as plain tensors
+    compact: bool = True  # store top-k compactly (cache/topk_codec.py) or as plain tensors
 
 
 @dataclass

@@ -2,14 +2,13 @@
 
 llama.cpp's Q4_K needs rows that are a multiple of 256 values. For other widths (576 in SmolLM2-135M,
 896 in Qwen2-0.5B) its Q4_K_M falls back to 5.5-bit Q5_0. IQ4_NL fits any multiple of 32 at Q4_K's
-4.5 bits, but rounded to nearest it cost the default task's student 5 holdout F1 points.
+4.5 bits, but rounded to nearest it cost the default task's student holdout F1 (docs/benchmarks.md).
 
 GPTQ (Frantar et al., 2022) rounds one input column at a time and moves each column's rounding error
 onto the columns not yet rounded, weighted by the inverse Hessian of the layer's inputs on calibration
 text, so that the layer's *outputs* on that kind of text stay close rather than its weights. The blocks
-it writes are ordinary IQ4_NL: any llama.cpp reads them. Measured on the default student (validation
-split, all 56 block matrices 4-bit, embedding left alone): mean KL to the float model 0.67 nats rounded
-to nearest, 0.027 with GPTQ on 128 training examples.
+it writes are ordinary IQ4_NL: any llama.cpp reads them. The KL to the float model with and without it
+is measured in docs/benchmarks.md.
 """
 from __future__ import annotations
 

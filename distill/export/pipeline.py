@@ -172,10 +172,10 @@ def quantize_k(src: Path, dst: Path, ftype_name: str = "LLAMA_FTYPE_MOSTLY_Q4_K_
                embedding_type: str | None = None, keep: list[str] = ()) -> None:
     """Re-quantize an f16 GGUF with llama.cpp (the gguf package cannot make K-quants).
 
-    embedding_type overrides llama.cpp's type for the token embedding. llama.cpp gives it Q6_K in
-    Q4_K_M, and when the rows do not fit 256-wide K blocks (hidden size 576 in SmolLM2) it falls back
-    to Q8_0: for a small model with tied embeddings that one tensor is half the file (the default
-    student: 0.46x its bf16 size). Q5_0 is the closest block type below Q6_K's 6.6 bits.
+    embedding_type overrides llama.cpp's type for the token embedding. llama.cpp gives it Q6_K in Q4_K_M, and
+    when the rows do not fit 256-wide K blocks (hidden size 576 in SmolLM2) it falls back to Q8_0: for a small
+    model with tied embeddings that one tensor is half the file. Q5_0 is the closest block type below Q6_K's
+    6.6 bits.
 
     keep: tensors already quantized in `src` (the calibrated IQ4_NL matrices); llama.cpp is told to
     give them the type they have, which it then copies unchanged.

@@ -1,15 +1,14 @@
 """Running llama.cpp (llama-cpp-python): a GGUF loaded in this process to score labels (eval, bench),
 or jobs in a child process (export: quantizing, and logits to verify a written file).
 
-llama.cpp's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, `passive_openmp`). Its threads
-otherwise spin while waiting for each other, and on a machine where other work (or torch's own thread
-pool, in this process) holds the cores, a 40-token eval of SmolLM2-135M took 9-18 s instead of 0.6 s
-(measured on 2 cores). libgomp reads the setting once, when it loads, and llama.cpp shares the one
-torch loads (both link libgomp.so.1): so a process that imports torch must have it before that import
-(with OMP_DISPLAY_ENV=VERBOSE, setting it after `import torch` leaves GOMP_SPINCOUNT at 300000; before,
-0). The CLI applies it first thing for the commands that run llama.cpp (eval of a .gguf, bench); export's
-jobs run in a fresh interpreter that gets it in its environment, which also keeps llama.cpp's native
-state out of the caller's process.
+llama.cpp's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, `passive_openmp`). Its threads otherwise
+spin while waiting for each other, and on a machine where other work (or torch's own thread pool, in this
+process) holds the cores, an eval slows down many times over (docs/benchmarks.md). libgomp reads the setting
+once, when it loads, and llama.cpp shares the one torch loads (both link libgomp.so.1): so a process that
+imports torch must have it before that import (with OMP_DISPLAY_ENV=VERBOSE, setting it after `import torch`
+leaves GOMP_SPINCOUNT at 300000; before, 0). The CLI applies it first thing for the commands that run
+llama.cpp (eval of a .gguf, bench); export's jobs run in a fresh interpreter that gets it in its environment,
+which also keeps llama.cpp's native state out of the caller's process.
 """
 from __future__ import annotations
 

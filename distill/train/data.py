@@ -113,7 +113,7 @@ def data_order(train: ExampleStream | Sequence, batch_size: int, seed: int, rank
 class LengthGroupedOrder(DataOrder):
     """A seeded permutation per epoch, cut into groups of GROUP_BATCHES batches, each group sorted by
     prompt length and the batches then shuffled: a batch holds texts of about one length, so little of
-    its forward pass is padding (on Banking77 a random batch of 16 is padded to 1.5x its tokens), while
+    its forward pass is padding (a random batch of short texts is padded to its longest), while
     every epoch still holds each example once and the batches come in random order. The short last
     batch stays last, as in DataOrder."""
 
