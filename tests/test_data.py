@@ -96,7 +96,7 @@ def test_extends_merges_sections(tmp_path):
 def test_subsets_are_stratified_exact_and_stable():
     """A subset of a file sorted by label (Banking77 is) keeps every class's share, has exactly n
     examples, and is the same every time."""
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
 
     rows = [{"text": f"{c}{i}", "label": c} for c in "abcdefg" for i in range(10 + 3 * "abcdefg".index(c))]
     for n in (7, 20, 33, len(rows) - 1):

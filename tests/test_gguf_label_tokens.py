@@ -210,7 +210,7 @@ def test_trained_student_answers_the_label_name_in_llama_cpp(tmp_path, smollm2_d
     prompt prints exactly the gold label's name, then ends the turn."""
     from transformers import AutoTokenizer
 
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
     from distill.models.llamacpp import GGUFScorer
     from distill.train import run_train
 

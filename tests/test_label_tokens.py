@@ -102,7 +102,7 @@ def test_a_trained_student_answers_with_the_label_name(tmp_path, smollm2_dir):
     data = write_class_data(tmp_path / "d.jsonl")
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "w", model, alpha=0.0, epochs=40, lr=3e-3,
                           batch_size=2, train_examples=2, eval_examples=4, warmup_ratio=0.0)
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
     from distill.train import run_train
 
     out = run_train(load_recipe(recipe))

@@ -79,7 +79,7 @@ def test_two_examples_can_be_overfit(tmp_path, smollm2_dir):
     steps = [r for r in log if "loss" in r]
     assert steps[0]["ce"] > 0.5
     assert steps[-1]["ce"] < 0.05
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
 
     train = [json.loads(x) for x in (tmp_path / "w" / "data" / "train.jsonl").read_text().splitlines()]
     gold = [train[i]["label"] for i in subset_indices(train, 2, seed=0)]  # the stratified labelled subset

@@ -327,7 +327,7 @@ def test_a_labelled_subset_takes_the_cached_rows_of_its_own_examples(cls):
     cached = cache_mod.load_split(r.workdir_path / "cache", "train", len(splits.train))["label_logprobs"]
     labels = splits.labels
     assert len(task.train) == 7 and len({int(g) for g in task.gold}) == len(labels)  # every class kept
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
 
     idx = subset_indices(splits.train, 7, r.task.split.seed)
     torch.testing.assert_close(task.teacher, cached[idx], atol=0.0, rtol=0.0)
@@ -476,7 +476,7 @@ def test_recipe_loss_key_reaches_the_first_step(cls, loss, extra):
     from distill.models.label_tokens import add_label_tokens
 
     add_label_tokens(model, tok, splits.labels)  # as the trainer does: the student answers with label tokens
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
 
     subset = subset_indices(splits.train, 21, rec.task.split.seed)  # train.train_examples: 21, stratified
     enc, label_ids = encode_classification(tok, rec.task, splits.labels, [splits.train[i] for i in subset],

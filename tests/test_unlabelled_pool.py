@@ -4,7 +4,8 @@ import pytest
 from conftest import write_class_data, write_recipe
 
 from distill.config import load_recipe
-from distill.data.splits import labelled_indices, prepare_splits, subset_indices
+from distill.data.sampling import subset_indices
+from distill.data.splits import labelled_indices, prepare_splits
 from distill.errors import UsageError
 
 

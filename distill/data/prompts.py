@@ -271,7 +271,7 @@ def task_token_ids(task, splits, tok, n: int, seed: int, with_answers: bool = Fa
     file's rows are often grouped by topic), with the response where the data has one."""
     import random
 
-    from distill.data.splits import subset_indices
+    from distill.data.sampling import subset_indices
 
     labels = splits.labels if task.type == "classification" else None
     if labels:

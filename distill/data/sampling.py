@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _take_per_class(examples: list[dict], key: str | None, seed: int, count) -> list[int]:
+def take_per_class(examples: list[dict], key: str | None, seed: int, count) -> list[int]:
     """Sorted indices of `count(cls, size)` examples of each class: every class shuffled, in sorted
     class order, by one generator seeded with `seed` (the same draw for the same data and seed)."""
     import random
@@ -35,4 +35,4 @@ def subset_indices(examples: list[dict], n: int | None, seed: int, key: str | No
     quota = {c: int(x) for c, x in exact.items()}
     for c in sorted(sizes, key=lambda c: (-(exact[c] - quota[c]), c))[: n - sum(quota.values())]:
         quota[c] += 1
-    return _take_per_class(examples, key, seed, lambda cls, size: quota[cls])
+    return take_per_class(examples, key, seed, lambda cls, size: quota[cls])

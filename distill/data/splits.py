@@ -10,7 +10,7 @@ from pathlib import Path
 
 from distill.config import TaskConfig
 from distill.data.read import check_task_texts, label_set, read_rows, validate_rows
-from distill.data.sampling import _take_per_class, subset_indices
+from distill.data.sampling import subset_indices, take_per_class
 from distill.errors import UsageError
 from distill.fileio import atomic_write_text
 
@@ -54,7 +54,7 @@ def _stratified_split(examples, fraction, seed, key):
         n = int(round(size * fraction))
         return 1 if fraction > 0 and n == 0 and size > 1 else n
 
-    taken = set(_take_per_class(examples, key, seed, count))
+    taken = set(take_per_class(examples, key, seed, count))
     rest = [ex for i, ex in enumerate(examples) if i not in taken]
     took = [ex for i, ex in enumerate(examples) if i in taken]
     return rest, took

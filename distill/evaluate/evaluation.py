@@ -16,7 +16,8 @@ from distill.config import Recipe
 from distill.data.leakage import overlap, text_field_of, warn_overlaps
 from distill.data.prompts import encode_classification
 from distill.data.read import read_rows, validate_rows
-from distill.data.splits import prepare_splits, same_file, subset_indices
+from distill.data.sampling import subset_indices
+from distill.data.splits import prepare_splits, same_file
 from distill.errors import UsageError
 from distill.evaluate.confusion import confusion_csv, confusion_png
 from distill.evaluate.metrics import classification_metrics

@@ -16,7 +16,8 @@ from distill.cache import store as cache_mod
 from distill.cache.store import TopkExample
 from distill.config import Recipe
 from distill.data.prompts import encode_classification, encode_generation, end_of_turn_id
-from distill.data.splits import labelled_indices, subset_indices
+from distill.data.sampling import subset_indices
+from distill.data.splits import labelled_indices
 from distill.errors import UsageError
 from distill.evaluate.metrics import classification_metrics
 from distill.models.label_tokens import label_token_ids
