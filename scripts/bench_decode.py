@@ -34,6 +34,7 @@ def parse_args():
     ap.add_argument("--runtimes", default="transformers:16,transformers:64,vllm,gguf")
     ap.add_argument("--gguf", help="the GGUF for the gguf runtime (default: the teacher spec's GGUF source)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--dtype", default="float32", help="weights of the transformers and vLLM runtimes (float32, bfloat16)")
     ap.add_argument("--out", default="bench_decode.json")
     return ap.parse_args()
 
@@ -46,7 +47,8 @@ def prompts_of(path: str, n: int, tok) -> list[list[int]]:
                            {"role": "user", "content": r.get("text", r.get("prompt"))}], True) for r in rows]
 
 
-def decode(runtime: str, model_path: str, gguf: str | None, prompts, max_new: int, stops) -> tuple[dict, list]:
+def decode(runtime: str, model_path: str, gguf: str | None, prompts, max_new: int, stops,
+           dtype: str = "float32") -> tuple[dict, list]:
     from distill.config import TeacherSpec
     from distill.evaluate.decode import greedy_backend, greedy_gguf
     from distill.teacher.backend import make_backend
@@ -57,7 +59,7 @@ def decode(runtime: str, model_path: str, gguf: str | None, prompts, max_new: in
             raise SystemExit("bench_decode: the gguf runtime needs --gguf (or a teacher spec whose source is a GGUF)")
         out = greedy_gguf(gguf, prompts, max_new, stops, n_ctx=512)
     else:
-        spec = TeacherSpec(name="m", source=model_path, dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)
+        spec = TeacherSpec(name="m", source=model_path, dtype=dtype, max_model_len=512, cpu_kvcache_space_gib=2)
         engine = make_backend(name, spec, model_path, 1)
         try:
             out = greedy_backend(engine, prompts, max_new, stops, int(batch or len(prompts)))
@@ -89,7 +91,7 @@ def main():
     rows, ref = [], None
     for runtime in args.runtimes.split(","):
         t0 = time.time()
-        row, responses = decode(runtime, model_path, gguf, prompts, args.max_new_tokens, stops)
+        row, responses = decode(runtime, model_path, gguf, prompts, args.max_new_tokens, stops, args.dtype)
         ref = ref if ref is not None else responses
         row["same_as_first"] = sum(a == b for a, b in zip(ref, responses)) / len(ref)
         row["wall_with_start_s"] = round(time.time() - t0, 1)

@@ -182,9 +182,19 @@ def _check_task(recipe: Recipe, src: str) -> None:
     if stopping_metric(recipe) == "val_f1" and task.type != "classification":
         raise UsageError(f"{src}: train.early_stopping_metric: val_f1 exists for classification only; "
                          "generation tasks are selected by val_loss")
-    if task.labelled_examples and (task.type != "classification" or recipe.train.train_examples):
-        raise UsageError(f"{src}: task.labelled_examples: the labelled budget of a classification task; "
-                         "train.train_examples would choose the training texts a second way, drop it")
+    if task.labelled_examples and recipe.train.train_examples:
+        raise UsageError(f"{src}: task.labelled_examples: the labelled budget; train.train_examples would choose "
+                         "the training texts a second way, drop it")
+    if task.labelled_examples and task.type == "generation" and task.prompt is not None:
+        raise UsageError(f"{src}: task.labelled_examples: under task.prompt every row's text is its response, so "
+                         "no response can be withheld; drop one")
+    if task.stratify_field is not None and task.type != "generation":
+        raise UsageError(f"{src}: task.stratify_field: generation rows' stratum; classification is stratified by "
+                         "its label")
+    if recipe.train.sequence_kd and (task.type != "generation" or recipe.train.alpha > 0):
+        raise UsageError(f"{src}: train.sequence_kd: trains a generation task on the cache's responses as text "
+                         f"(no log-probabilities), so it needs task.type generation and train.alpha 0, got "
+                         f"{task.type!r} and {recipe.train.alpha:g}")
     if (task.output != "text" or task.class_field) and task.type != "generation":
         raise UsageError(f"{src}: task.output / task.class_field: say how generated responses are scored, so they "
                          f"need task.type generation, got {task.type!r}")

@@ -136,12 +136,17 @@ class TaskConfig:
     # generation: one fixed user prompt for every row, whose response_field is then its response (a pool of
     # texts learnt as language, e.g. classification texts to heal a pruned student; prompt_field unused)
     prompt: str | None = None
-    # classification: the labelled budget, a seeded stratified sample of N training texts (the one
-    # train.train_examples N draws) whose labels may be used; the other training texts are an unlabelled
-    # pool: generate scores every text, alpha = 0 trains on the N alone, alpha > 0 has KD on every text
-    # and CE on the N
+    # the labelled budget, a seeded stratified sample of N training rows whose gold answers may be used; the
+    # other training rows are an unlabelled pool. Classification: generate scores every text, alpha = 0 trains
+    # on the N alone, alpha > 0 has KD on every text and CE on the N. Generation: the pool's responses are
+    # withheld from every stage (data/splits.py) and the teacher writes them in `distill generate`; alpha = 0
+    # trains on the N alone, alpha > 0 (or train.sequence_kd) on the cache's sequences of every row
     labelled_examples: int | None = num(None, ge=1)
-    # read a stratified sample of N rows (classification; the first N for generation, a seeded sample under task.prompt)
+    # generation: a field of each row (e.g. intent) that the splits, max_examples and labelled_examples are
+    # stratified by (without it: the first N rows for max_examples, a seeded sample for labelled_examples)
+    stratify_field: str | None = None
+    # read a stratified sample of N rows (classification; generation: by stratify_field, else the first N; a
+    # seeded sample under task.prompt)
     max_examples: int | None = num(None, ge=1)
     # tokens per example (prompt + answer) in generate, train, eval and bench; part of the cache's identity
     max_length: int = num(256, ge=16)
@@ -228,6 +233,10 @@ class TrainConfig:
     mixed_precision: Precision = "no"
     # a labelled subset: a stratified sample of N training examples (classification; the first N for generation)
     train_examples: int | None = num(None, ge=1)
+    # generation, alpha = 0: train on the cache's sequences (the teacher-written responses of the unlabelled
+    # pool, the gold ones of the labelled budget) as text, with no log-probabilities: sequence-level KD
+    # (Kim & Rush 2016), what a user without the teacher's logits gets
+    sequence_kd: bool = False
     eval_examples: int | None = num(None, ge=1)  # cap on validation examples scored each epoch
     overfit_gap: float = num(0.10, ge=0)  # warn when train F1 exceeds validation F1 by this much
     # the divergence in the distillation term (see distill/train/losses.py); jsd_beta and skew_lambda
@@ -256,6 +265,11 @@ class TrainConfig:
     lora: LoraConfig | None = None
     student: StudentConfig = field(default_factory=StudentConfig)
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether training reads the teacher cache: its numbers (alpha > 0) or its sequences (sequence_kd)."""
+        return self.alpha > 0 or self.sequence_kd
 
 
 @dataclass

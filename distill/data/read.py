@@ -194,6 +194,9 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
             _require(row, (task.prompt_field,) + ((task.response_field,) if has_response else ()), src, line)
             a = _field_text(row, task.prompt_field, src, line)  # no response: the teacher writes one
             ex = {"prompt": a, "response": _field_text(row, task.response_field, src, line) if has_response else None}
+            if task.stratify_field is not None:
+                _require(row, (task.stratify_field,), src, line)
+                ex["group"] = _field_text(row, task.stratify_field, src, line)
         if a in seen:
             dupes += 1
             continue
@@ -202,7 +205,7 @@ def validate_rows(rows, task: TaskConfig, labels: list[str] | None, src) -> list
     if dupes:
         log.warning("%s: dropped %d duplicate examples (same text)", src, dupes)
     if task.max_examples:
-        key = "label" if task.type == "classification" else None
+        key = "label" if task.type == "classification" else "group" if task.stratify_field else None
         out = [out[i] for i in subset_indices(out, task.max_examples, task.split.seed, key)]
     return out
 

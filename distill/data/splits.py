@@ -39,12 +39,23 @@ class Splits:
 
 def labelled_indices(task: TaskConfig, splits: Splits) -> list[int] | None:
     """The training examples whose labels a run may use (`task.labelled_examples`: the seeded stratified
-    sample `subset_indices` draws, the same in every stage), or None when every one is labelled. The
-    splits, their fingerprint and the cache are those of all the texts: the budget only decides where
-    training reads a gold label."""
-    if task.type != "classification" or not task.labelled_examples:
+    sample `subset_indices` draws, the same in every stage), or None when every one is labelled.
+    Classification: the splits, their fingerprint and the cache are those of all the texts, and the budget
+    only decides where training reads a gold label. Generation: the stratum is `task.stratify_field` (one
+    stratum without it: a seeded sample), and prepare_splits withholds every other training response."""
+    if not task.labelled_examples:
         return None
-    return subset_indices(splits.train, task.labelled_examples, task.split.seed)
+    key = "label" if task.type == "classification" else "group"
+    return subset_indices(splits.train, task.labelled_examples, task.split.seed, key)
+
+
+def _withhold_pool_responses(task: TaskConfig, train: list[dict]) -> None:
+    """Generation with a labelled budget: the responses outside it are dropped before anything is written or
+    fingerprinted, so no stage can read them; the teacher writes theirs (`distill generate`)."""
+    keep = set(subset_indices(train, task.labelled_examples, task.split.seed, "group"))
+    for i, ex in enumerate(train):
+        if i not in keep:
+            ex["response"] = None
 
 
 def _stratified_split(examples, fraction, seed, key):
@@ -79,7 +90,7 @@ def prepare_splits(task: TaskConfig, workdir: str | Path | None, recipe_src: str
     examples = validate_rows(rows, task, labels, task.data)
     if task.type == "classification" and labels is None:
         labels = sorted({ex["label"] for ex in examples})
-    key = "label" if task.type == "classification" else "__none__"
+    key = "label" if task.type == "classification" else "group"  # generation rows without one: one stratum
     sp = task.split
     if task.holdout_data:
         holdout = validate_rows(read_rows(task.holdout_data), task, labels, task.holdout_data) if with_holdout else []
@@ -91,6 +102,8 @@ def prepare_splits(task: TaskConfig, workdir: str | Path | None, recipe_src: str
     for name, split in (("train", train), ("validation", validation), ("holdout", holdout)):
         for i, ex in enumerate(split):
             ex["id"] = f"{name}-{i:06d}"
+    if task.type == "generation" and task.labelled_examples:
+        _withhold_pool_responses(task, train)
     fp = fingerprint({"train": train, "validation": validation, "labels": labels, "type": task.type,
                       "holdout": task.holdout_data or holdout})
     splits = Splits(train, validation, holdout, labels, fp)

@@ -284,7 +284,7 @@ def summary_record(run: Run, state: LoopState) -> dict:
             "warnings": state.swamp.messages, "seconds": round(state.elapsed(), 1), "world_size": run.world,
             "distributed": str(run.accelerator.distributed_type).split(".")[-1],
             "zero_stage": zero_stage(run.accelerator) or None,
-            "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.alpha > 0 else None,
+            "mixed_precision": cfg.mixed_precision, "cache": str(run.cache_dir) if cfg.reads_cache else None,
             "data_fingerprint": run.settings["identity"]["data_fingerprint"], "teacher": redact(run.recipe.teacher),
             "label_tokens": run.labels is not None, "step_seconds_mean": mean_of(state.history, "step_seconds"),
             "step_cpu_seconds_mean": mean_of(state.history, "step_cpu_seconds")}

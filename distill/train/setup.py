@@ -200,7 +200,7 @@ def check_out_dir(out_dir: Path, recipe: Recipe, parts: Parts) -> None:
     write a student over its own teacher, starting model or cache."""
     cfg = recipe.train
     reads = {"the teacher (the student's base)": parts.base_path,
-             "the teacher cache": parts.cache_dir if cfg.alpha > 0 else None,
+             "the teacher cache": parts.cache_dir if cfg.reads_cache else None,
              "the student's starting model (train.student.model)": cfg.student.model}
     out = out_dir.resolve()
     for what, path in reads.items():
@@ -306,7 +306,7 @@ def setup(recipe: Recipe, cache=None, out=None, init_from=None, stop_after_steps
     # streamed top-k: each rank its share
     order = data_order(p.task.train, cfg.batch_size, cfg.seed, rank, world, cfg.group_by_length)
     identity = {"data_fingerprint": p.splits.fingerprint, "base": str(p.base_path), "task_type": recipe.task.type,
-                "cache": str(p.cache_dir) if cfg.alpha > 0 else None, "data_order": order.layout}
+                "cache": str(p.cache_dir) if cfg.reads_cache else None, "data_order": order.layout}
     return Run(recipe=recipe, cfg=cfg, accelerator=accelerator, rank=rank, world=world, model=model, params=params,
                optimizer=optimizer, scheduler=scheduler, task=p.task, tok=p.tok, order=order,
                total_steps=total_steps, total_batches=total_batches, metric=stopping_metric(recipe),

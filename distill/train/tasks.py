@@ -188,6 +188,8 @@ class GenerationTask:
         self.cfg, self.pad = cfg, tok.pad_token_id
         train_ex = splits.train[: cfg.train_examples] if cfg.train_examples else splits.train
         val_ex = splits.validation[: cfg.eval_examples] if cfg.eval_examples else splits.validation
+        if not cfg.reads_cache and task.labelled_examples:  # supervised alone: the labelled budget's gold responses
+            train_ex = [ex for ex in train_ex if ex["response"] is not None]
 
         def encoded(examples, shard_size=None):  # training data in the order a cache of it would stream in
             pairs = encode_generation(tok, task, examples, task.max_length)
@@ -195,11 +197,11 @@ class GenerationTask:
                                          None, None, None) for s, p in pairs), shard_size)
 
         self.teacher_val_available = False
-        if cfg.alpha > 0:  # the training split is streamed from the cache (train/data.py), validation held
+        if cfg.reads_cache:  # the training split is streamed from the cache (train/data.py), validation held
             manifest = read_checked_cache(cache_dir, "topk", recipe, splits, tok, model)
             rows = embedding_rows(model)
             self.train = TopkStream(cache_dir, "train", len(splits.train), len(train_ex), rows)
-            self.teacher_val_available = bool(manifest.complete.get("validation"))
+            self.teacher_val_available = cfg.alpha > 0 and bool(manifest.complete.get("validation"))
         else:
             self.train = encoded(train_ex, recipe.generate.shard_size)
         self.val = (read_examples(cache_dir, "validation", len(splits.validation), len(val_ex), rows)
