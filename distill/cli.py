@@ -300,7 +300,11 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
 @cli.command()
 @recipe_argument()
 @click.option("--teacher", required=True, help="Teacher: model directory, hub id, teacher spec or .gguf.")
-@click.option("--student", "students", multiple=True, required=True, help="Student (repeatable): directory or .gguf.")
+@click.option("--student", "students", multiple=True, help="Student (repeatable): directory or .gguf.")
+@click.option("--draft", help="Instead of students: a draft model directory for the teacher's speculative decoding "
+                              "(acceptance per position, tokens/s alone and with it at the best number of proposed "
+                              "tokens; outputs checked identical). Generation tasks; default --out "
+                              "WORKDIR/bench-draft.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE,
               help="Batch size for the throughput figure.")
@@ -311,11 +315,24 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
 @out_option("Output directory (default: WORKDIR/bench).")
 @SET
 @friendly_errors
-def bench(recipe, teacher, students, data, batch_size, latency_examples, limit, tokenizer, out, sets):
+def bench(recipe, teacher, students, draft, data, batch_size, latency_examples, limit, tokenizer, out, sets):
     """Teacher vs students on the holdout of RECIPE: quality, agreement, size, latency, throughput, memory.
 
-    Writes bench.md (table), bench.json and bench.png (quality vs latency).
+    Writes bench.md (table), bench.json and bench.png (quality vs latency). With --draft: the teacher's
+    speculative decoding with that draft (bench.png: acceptance per proposed position).
     """
+    if bool(students) == bool(draft):
+        raise UsageError("give --student (repeatable) or --draft, one of the two: `distill bench RECIPE --teacher T "
+                         "--student S` or `distill bench RECIPE --teacher T --draft D`")
+    if draft:
+        from distill.evaluate.speculative import run_draft_bench
+
+        check_out(out, "bench")
+        report = run_draft_bench(load_recipe(recipe, sets), teacher, draft, data=data, limit=limit, out=out,
+                                 tokenizer=tokenizer)
+        click.echo(Path(report["out_dir"], "bench.md").read_text())
+        click.echo(f"written to {report['out_dir']} (bench.md, bench.json, bench.png)")
+        return
     from distill.models.llamacpp import passive_openmp
 
     passive_openmp()  # inherited by the per-model processes
