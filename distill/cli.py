@@ -129,9 +129,10 @@ def cli(verbose, debug, trust_remote_code):
 @click.option("--worker", metavar="I/N", callback=lambda ctx, param, v: _worker(v),
               help="Be worker I of N sharing --out (machines on one filesystem): write only shards I mod N; "
                    "finish with a run without --worker, which checks and completes the cache.")
+@click.option("--teacher-name", help="A recipe of several teachers (`teachers:`): run this one alone.")
 @SET
 @friendly_errors
-def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker, sets):
+def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker, teacher_name, sets):
     """Run the teacher over the train and validation splits of RECIPE and cache its distributions.
 
     Classification: soft labels (the teacher's log-probability of every label). Generation: top-k
@@ -142,8 +143,16 @@ def generate(recipe, teacher, backend, out, k, batch_size, teacher_urls, worker,
 
     check_out(out, "cache")
     r = load_recipe(recipe, sets, {"generate.batch_size": batch_size})
-    path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
-                        worker=worker)
+    if r.teachers and teacher is None:  # each teacher into CACHE/teachers/NAME
+        from distill.cache.ensemble import run_generate_teachers
+
+        path = run_generate_teachers(r, teacher_name, backend=backend, out=out, k=k,
+                                     urls=list(teacher_urls) or None, worker=worker)
+    elif teacher_name is not None:
+        raise UsageError("--teacher-name: picks one of a recipe's several teachers (`teachers:`)")
+    else:
+        path = run_generate(r, teacher=teacher, backend=backend, out=out, k=k, urls=list(teacher_urls) or None,
+                            worker=worker)
     click.echo(f"teacher cache: {path}" + (f" (worker {worker[0]}/{worker[1]}: its shards)" if worker else ""))
 
 

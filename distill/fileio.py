@@ -274,7 +274,7 @@ _MODEL = {"config.json", "generation_config.json", "model.safetensors", "model.s
           "onpolicy", "logs"}  # logs: train.report_to's trackers
 OUTPUT_KINDS = {  # kind: (the names it may hold, the names only distill writes: one must be there)
     "model": (_MODEL, {"training.json", "train_log.jsonl", "checkpoints", "onpolicy", ".lock"}),
-    "cache": ({"manifest.json", ".manifest.lock"}, {"manifest.json", ".lock", ".manifest.lock"}),
+    "cache": ({"manifest.json", ".manifest.lock", "teachers"}, {"manifest.json", ".lock", ".manifest.lock"}),
     "eval": ({"report.json", "confusion.csv", "confusion.png", "predictions.jsonl"}, {"report.json"}),
     "bench": ({"bench.json", "bench.md", "bench.png"}, {"bench.json"}),
 }

@@ -96,6 +96,9 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
         recipe = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, k=k))
     validate_recipe(recipe)
     task, gen, src = recipe.task, recipe.generate, recipe.path or "recipe"
+    if recipe.teachers and teacher is None:  # each teacher into its own cache: cache/ensemble.py
+        raise UsageError(f"{src}: names several teachers; run them with cache.ensemble.run_generate_teachers "
+                         "(as `distill generate` does), or give one teacher")
     spec, backend = _teacher_for_run(resolve_teacher(teacher or recipe.teacher), backend, urls)
     splits = prepare_splits(task, recipe.workdir, src, write=False)  # written once the labels pass the tokenizer
     warn_overlaps(split_overlaps(task, splits))

@@ -81,6 +81,7 @@ class Manifest:
     shard_size: int | None = None  # examples per shard, fixed when the cache is started
     split_sizes: dict = field(default_factory=dict)  # split -> number of examples
     workers: int | None = None  # N while `generate --worker I/N` runs share the cache, until a final run completes it
+    teachers: dict | None = None  # several teachers: name -> its sub-cache's record (cache/ensemble.py); no shards here
 
     def identity(self) -> dict:
         """What must match to resume; the teacher compared as stored (without URL credentials)."""

@@ -150,6 +150,10 @@ def _check_fields(obj, src: str, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _check_fields(value, src, key + ".")
             continue
+        if isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):  # recipe.teachers
+            for i, v in enumerate(value):
+                _check_fields(v, src, f"{key}[{i}].")
+            continue
         _check_value(value, hints[f.name], src, key)
         if isinstance(value, (list, tuple)):
             _check_list(list(value), f.metadata, src, key)
@@ -244,6 +248,36 @@ def _check_student(cfg: TrainConfig, src: str) -> None:
                          "prune in a stage of its own and give its model to QLoRA as train.student.model")
 
 
+def _check_teachers(recipe: Recipe, src: str) -> None:
+    """Several teachers: named distinctly (each name becomes its cache's directory), and routing needs the
+    data field that names each row's teacher, which means nothing without routing."""
+    teachers, task, cfg = recipe.teachers, recipe.task, recipe.train
+    if teachers is not None:
+        if not teachers:
+            raise UsageError(f"{src}: teachers: expected at least one teacher ({{spec: ..., weight: ...}}), got []")
+        for i, t in enumerate(teachers):
+            if not t.spec.strip():
+                raise UsageError(f"{src}: teachers[{i}].spec: expected a teacher spec, model directory or hub id")
+            check_path_name(t.key, f"{src}: teachers[{i}].name")
+        names = [t.key for t in teachers]
+        repeated = sorted({n for i, n in enumerate(names) if n in names[:i]})
+        if repeated:
+            raise UsageError(f"{src}: teachers: the name {repeated[0]!r} is given to two teachers; give each a "
+                             "distinct `name:` (it names the teacher's cache)")
+        if cfg.on_policy.fraction > 0:
+            raise UsageError(f"{src}: train.on_policy.fraction: on-policy rounds are scored by `teacher:` alone, not "
+                             "by several teachers; drop one")
+    if cfg.teacher_mix == "route" and (teachers is None or task.teacher_field is None):
+        raise UsageError(f"{src}: train.teacher_mix: route gives each row its own teacher's numbers; it needs "
+                         "`teachers:` and task.teacher_field (the data field naming each row's teacher)")
+    if task.teacher_field is not None and cfg.teacher_mix != "route":
+        raise UsageError(f"{src}: task.teacher_field: names each row's teacher for train.teacher_mix: route; set it "
+                         "or drop the field")
+    if cfg.teacher_mix == "route" and task.prompt is not None:
+        raise UsageError(f"{src}: train.teacher_mix: route reads each row's teacher by its prompt, and under "
+                         "task.prompt every row has the same one; drop one")
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Refuse any value outside its type, choices or range, naming the recipe file and the key.
 
@@ -253,6 +287,7 @@ def validate_recipe(recipe: Recipe) -> None:
     _check_task(recipe, src)
     _check_student(recipe.train, src)
     _check_on_policy(recipe, src)
+    _check_teachers(recipe, src)
 
 
 def validate_teacher_spec(spec: TeacherSpec, src: str) -> None:

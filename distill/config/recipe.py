@@ -27,6 +27,9 @@ Quantization = Literal["4bit"]
 GenerateSplit = Literal["train", "validation"]
 LayerSelection = Literal["even", "importance"]  # how train.student.num_layers picks the teacher's layers
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's trackers that train.report_to may name
+# several teachers (recipe `teachers:`): the student learns their weighted mixture in probability space, or
+# each row its own teacher's numbers (routing by task.teacher_field, TRL's teacher_id)
+TeacherMix = Literal["mixture", "route"]
 
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit numbers
@@ -156,6 +159,8 @@ class TaskConfig:
     # for a nested one, e.g. intent) accuracy, per-class F1 and the confusion matrix
     output: OutputFormat = "text"
     class_field: str | None = None
+    # several teachers, train.teacher_mix: route: a field of each row naming its teacher (a `teachers:` name)
+    teacher_field: str | None = None
 
 
 @dataclass
@@ -242,6 +247,7 @@ class TrainConfig:
     # the divergence in the distillation term (see distill/train/losses.py); jsd_beta and skew_lambda
     # parametrise jsd and skew KL
     loss: Loss = "forward_kl"
+    teacher_mix: TeacherMix = "mixture"  # several teachers (recipe `teachers:`): mixture or route
     jsd_beta: float = num(0.5, ge=0, le=1)
     skew_lambda: float = num(0.1, ge=0, lt=1)
     schedule: Schedule = "cosine"  # learning rate after warm-up
@@ -273,10 +279,29 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherEntry:
+    """One of a recipe's several teachers (`teachers:`): its own cache, CACHE/teachers/NAME, generated alone
+    (any machine, any time), and its share of the mixture the student learns."""
+
+    spec: str = ""  # what `teacher:` takes: a teacher spec (teachers/*.yaml), a model directory or a hub id
+    name: str | None = None  # its cache's name and routing's value in task.teacher_field; default: from spec
+    weight: float = num(1.0, gt=0)  # relative; the weights are normalised to sum to 1
+
+    @property
+    def key(self) -> str:
+        """The teacher's name: `name`, else the spec's file stem (teachers/a.yaml -> a) or last path part."""
+        p = Path(self.spec.rstrip("/"))
+        return self.name or (p.stem if p.suffix in (".yaml", ".yml") else p.name)
+
+
+@dataclass
 class Recipe:
     name: str = path_name("default")  # also the trackers' directory name: OUT/logs/NAME
     workdir: str = "runs/default"
     teacher: str = "teachers/smollm2-135m-instruct.yaml"
+    # several teachers into one cache (distill generate), mixed or routed in training (train.teacher_mix);
+    # `teacher:` still names the model a student is cut from and on-policy's scorer
+    teachers: list[TeacherEntry] | None = None
     task: TaskConfig = field(default_factory=TaskConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from distill.cache import ensemble
 from distill.cache import store as cache_mod
 from distill.cache.store import TopkExample
 from distill.config import Recipe
@@ -63,8 +64,28 @@ def embedding_rows(model) -> int:
 
 def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, model) -> cache_mod.Manifest:
     """The cache's manifest, refused when it was made for other data or label set, for the other task
-    type, or (top-k caches) with another tokenizer."""
-    manifest = cache_mod.read_manifest(cache_dir)
+    type, or (top-k caches) with another tokenizer. Several teachers (recipe `teachers:`): each teacher's
+    cache so checked, and the teachers against each other (cache/ensemble.py); their joint manifest."""
+    if recipe.teachers:
+        if kind == "topk":  # cache/ensemble.py has mix_topk_examples and route_rows for when GenerationTask reads them
+            raise UsageError(f"{recipe}: several teachers on a generation task: `distill generate` caches each "
+                             "one, but training reads them for classification only so far; train from one "
+                             "teacher's cache (--cache CACHE/teachers/NAME --set teachers=null)")
+        teachers = ensemble.read_teachers(cache_dir, recipe)
+        for name, m in teachers.items():
+            _check_manifest(ensemble.teacher_dir(cache_dir, name), m, kind, recipe, splits, tok)
+        manifest = ensemble.joint_manifest(teachers)
+    else:
+        manifest = cache_mod.read_manifest(cache_dir)
+        _check_manifest(cache_dir, manifest, kind, recipe, splits, tok)
+    rows = embedding_rows(model)
+    if kind == "topk" and rows < len(tok):
+        raise UsageError(f"{cache_dir}: the student has {rows} embedding rows, fewer than the {len(tok)} tokens "
+                         "of the tokenizer")
+    return manifest
+
+
+def _check_manifest(cache_dir: Path, manifest: cache_mod.Manifest, kind: str, recipe: Recipe, splits, tok) -> None:
     if manifest.kind != kind:
         raise UsageError(f"{cache_dir}: a {manifest.kind} cache, but task.type {recipe.task.type!r} in "
                          f"{recipe.path} trains on a {kind} cache; run `distill generate` for this recipe")
@@ -77,11 +98,6 @@ def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, 
                          f"student's is {tokenizer_hash(tok)}); teacher and student must share a tokenizer")
     if manifest.labels != splits.labels:
         raise UsageError(f"{cache_dir}: made for another label set")
-    rows = embedding_rows(model)
-    if kind == "topk" and rows < len(tok):
-        raise UsageError(f"{cache_dir}: the student has {rows} embedding rows, fewer than the {len(tok)} tokens "
-                         "of the tokenizer")
-    return manifest
 
 
 class ClassificationTask:
@@ -120,10 +136,16 @@ class ClassificationTask:
         self.teacher = self.teacher_val = None
         if cfg.alpha > 0:
             manifest = read_checked_cache(cache_dir, "soft_labels", recipe, splits, tok, model)
-            self.teacher = cache_mod.load_split(cache_dir, "train", len(splits.train))["label_logprobs"][train_idx]
+            self.teacher = self.teacher_scores(recipe, cache_dir, splits, "train")[train_idx]
             if manifest.complete.get("validation"):
-                val_split = cache_mod.load_split(cache_dir, "validation", len(splits.validation))
-                self.teacher_val = val_split["label_logprobs"][val_idx]
+                self.teacher_val = self.teacher_scores(recipe, cache_dir, splits, "validation")[val_idx]
+
+    @staticmethod
+    def teacher_scores(recipe: Recipe, cache_dir: Path, splits, split: str) -> torch.Tensor:
+        """A split's soft labels [n, labels]: the cache's, or its teachers' mixed or routed (cache/ensemble.py)."""
+        if recipe.teachers:
+            return ensemble.soft_labels(cache_dir, recipe, split, splits.get(split))
+        return cache_mod.load_split(cache_dir, split, len(splits.get(split)))["label_logprobs"]
 
     def count(self, idx) -> int:
         return len(idx)
