@@ -34,7 +34,8 @@ def parse_args():
     ap.add_argument("--runtimes", default="transformers:16,transformers:64,vllm,gguf")
     ap.add_argument("--gguf", help="the GGUF for the gguf runtime (default: the teacher spec's GGUF source)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--dtype", default="float32", help="weights of the transformers and vLLM runtimes (float32, bfloat16)")
+    ap.add_argument("--dtype", default="float32",
+                    help="weights of the transformers and vLLM runtimes (float32, bfloat16)")
     ap.add_argument("--out", default="bench_decode.json")
     return ap.parse_args()
 
