@@ -6,7 +6,7 @@ generation task: prompt = the text, response = one compact JSON object, the same
 A slot that occurs twice in a text keeps both values, as a list in text order. Rows are written to
 OUT/<split>.jsonl with the ids of the source lines; the source files are only read.
 
-usage: python scripts/slots_to_json.py --data ../shared/data/snips --out runs/snips/data
+usage: python scripts/slots_to_json.py --data ../shared/data/snips --out runs/snips/json
 """
 from __future__ import annotations
 

@@ -243,11 +243,13 @@ def _truncate_prompt(tok, task, labels, text, budget, shots=()) -> tuple[list[in
     return ids, by_tokens
 
 
-def generation_prompt(tok, task, example, max_length: int) -> list[int]:
-    """The prompt ids of a generation example, refused when they leave no room for a response."""
-    ids = prompt_ids(tok, task, None, example["prompt"])
+def generation_prompt(tok, task, example, max_length: int, shots=()) -> list[int]:
+    """The prompt ids of a generation example, refused when they leave no room for a response. `shots`:
+    training examples shown first as earlier (prompt, response) turns (few-shot); they count in max_length."""
+    ids = prompt_ids(tok, task, None, example["prompt"], [(s["prompt"], s["response"]) for s in shots])
     if len(ids) >= max_length:
-        raise UsageError(f"example {example['id']}: the prompt alone fills max_length={max_length} tokens")
+        what = f" with {len(shots)} few-shot examples" if shots else " alone"
+        raise UsageError(f"example {example['id']}: the prompt{what} fills max_length={max_length} tokens")
     return ids
 
 

