@@ -166,6 +166,28 @@ def _worker(value: str | None) -> tuple[int, int] | None:
     return int(i), int(n)
 
 
+@cli.command("write-texts")
+@recipe_argument()
+@click.option("--teacher", help="Model that writes (spec, directory, hub id); default: the recipe's teacher.")
+@click.option("--backend", type=click.Choice(typing.get_args(Backend)), help="Teacher backend.")
+@click.option("--count", type=POSITIVE, help="Texts to keep (write_texts.count).")
+@teacher_url_option("A running vLLM server of the model that writes.")
+@SET
+@friendly_errors
+def write_texts(recipe, teacher, backend, count, teacher_urls, sets):
+    """Have the teacher write new unlabelled texts for RECIPE's task into WORKDIR/written/texts.jsonl.
+
+    Prompts hold write_texts.instruction and a few seeded training texts; a text is kept once cleaned and
+    unlike every other and every split's (the holdout above all). Set task.written_data to the file to add
+    them to the unlabelled pool. Re-running continues; the same seed gives the same texts.
+    """
+    from distill.cache.write_texts import run_write_texts
+
+    r = load_recipe(recipe, sets, {"write_texts.count": count})
+    path = run_write_texts(r, teacher=teacher, backend=backend, urls=list(teacher_urls) or None)
+    click.echo(f"written texts: {path}")
+
+
 @cli.command("serve-teacher")
 @click.argument("teacher_spec")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")

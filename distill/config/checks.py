@@ -278,6 +278,22 @@ def _check_teachers(recipe: Recipe, src: str) -> None:
                          "task.prompt every row has the same one; drop one")
 
 
+def _check_written(recipe: Recipe, src: str) -> None:
+    """Teacher-written texts join a classification training split as unlabelled rows; the share of them
+    means nothing without the file, and train.train_examples would sample them as a class of their own."""
+    task = recipe.task
+    if task.written_share is not None and task.written_data is None:
+        raise UsageError(f"{src}: task.written_share: the share of task.written_data's texts training uses; "
+                         "set task.written_data (the file of `distill write-texts`) or drop it")
+    if task.written_data is not None:
+        if task.type != "classification":
+            raise UsageError(f"{src}: task.written_data: teacher-written texts join a classification task's "
+                             f"unlabelled pool, got task.type {task.type!r}")
+        if recipe.train.train_examples:
+            raise UsageError(f"{src}: task.written_data: train.train_examples would sample the written texts "
+                             "with the labelled ones; use task.labelled_examples for the labelled budget")
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Refuse any value outside its type, choices or range, naming the recipe file and the key.
 
@@ -288,6 +304,7 @@ def validate_recipe(recipe: Recipe) -> None:
     _check_student(recipe.train, src)
     _check_on_policy(recipe, src)
     _check_teachers(recipe, src)
+    _check_written(recipe, src)
 
 
 def validate_teacher_spec(spec: TeacherSpec, src: str) -> None:

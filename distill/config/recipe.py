@@ -161,6 +161,12 @@ class TaskConfig:
     class_field: str | None = None
     # several teachers, train.teacher_mix: route: a field of each row naming its teacher (a `teachers:` name)
     teacher_field: str | None = None
+    # classification: a file of teacher-written texts (`distill write-texts`: WORKDIR/written/texts.jsonl) that join
+    # the training split as unlabelled rows: the teacher's soft labels only, never CE (cache/written_pool.py)
+    written_data: str | None = None
+    # the share of those texts training uses (a seeded, nested sample; default all), a setting to choose on
+    # validation; generate scores every one, so each share trains from one cache
+    written_share: float | None = num(None, ge=0, le=1)
 
 
 @dataclass
@@ -178,6 +184,27 @@ class GenerateConfig:
     top_p: float = num(1.0, gt=0, le=1)
     seed: int = num(0, ge=0, le=SEED_MAX)
     compact: bool = True  # store top-k compactly (cache/topk_codec.py) or as plain tensors
+
+
+@dataclass
+class WriteTextsConfig:
+    """`distill write-texts` (cache/write_texts.py): the teacher writes new unlabelled in-domain texts from a
+    prompt of `instruction` and a few seeded training texts; kept once cleaned and unlike every split."""
+
+    count: int = num(1000, ge=1)  # stop once this many are kept (the last batch may add up to batch_size - 1)
+    examples_per_prompt: int = num(5, ge=1)  # training texts shown in each prompt
+    # each prompt's examples from one class (cycling through the classes; with task.labelled_examples, from the
+    # labelled budget alone), so the texts spread over the classes; false: from every training text
+    per_label: bool = True
+    instruction: str = ("Here are example messages. Write one new message of the same kind, different from "
+                        "every example. Reply with the new message alone, on one line.")
+    max_new_tokens: int = num(64, ge=1)
+    temperature: float = num(1.0, ge=MIN_TEMPERATURE, also=0)  # 0: greedy
+    top_p: float = num(0.95, gt=0, le=1)
+    seed: int = num(0, ge=0, le=SEED_MAX)
+    batch_size: int = num(16, ge=1)  # prompts per teacher call; part of what the seed reproduces
+    max_chars: int = num(400, ge=1)  # a longer cleaned text is dropped
+    max_prompts: int | None = num(None, ge=1)  # give up after this many prompts (default: 4 x count)
 
 
 @dataclass
@@ -305,6 +332,7 @@ class Recipe:
     task: TaskConfig = field(default_factory=TaskConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    write_texts: WriteTextsConfig = field(default_factory=WriteTextsConfig)  # `distill write-texts`
     path: str | None = None  # where it was read from (set by the loader)
 
     def __str__(self) -> str:  # messages name a recipe by its file
