@@ -2,7 +2,9 @@
 """Greedy decoding throughput per runtime, side by side in one run, on the same prompts and model: the code
 `distill eval` decodes a generation holdout with (distill.evaluate.decode), so the figures are the ones a
 user gets. New tokens per second of wall time, and how many outputs equal transformers' (greedy outputs
-should be the same in every runtime; a GGUF of another weight type may differ).
+should be the same in every runtime; a GGUF of another weight type may differ). Each row also records this
+process's CPU seconds (loading included; a vLLM engine's own processes not counted): on a machine shared with
+other work, wall time measures the scheduler as much as the runtime.
 
     python scripts/bench_decode.py [--model teachers/smollm2-135m-instruct.yaml] [--data FILE.jsonl]
         [--examples 64] [--max-new-tokens 48]
@@ -57,6 +59,7 @@ def decode(runtime: str, model_path: str, gguf: str | None, prompts, max_new: in
     from distill.evaluate.decode import greedy_backend, greedy_gguf, load_gguf_for_decoding
     from distill.teacher.backend import make_backend
 
+    cpu0 = time.process_time()
     kind, _, file = runtime.partition("@")
     name, _, batch = kind.partition(":")
     if name == "gguf":
@@ -76,7 +79,8 @@ def decode(runtime: str, model_path: str, gguf: str | None, prompts, max_new: in
         finally:
             engine.close()
     return {"runtime": f"{kind}@{Path(file).name}" if file else runtime, "new_tokens": out.new_tokens,
-            "seconds": round(out.seconds, 2), "new_tokens_per_s": round(out.new_tokens / out.seconds, 1)}, out.responses
+            "seconds": round(out.seconds, 2), "cpu_s": round(time.process_time() - cpu0, 2),
+            "new_tokens_per_s": round(out.new_tokens / out.seconds, 1)}, out.responses
 
 
 def main():
