@@ -72,8 +72,8 @@ def load_gguf_for_decoding(path: str | Path, n_ctx: int = 1024, parallel: int = 
 def greedy_gguf(gguf, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], n_ctx: int = 1024,
                 desc: str | None = None, parallel: int = 16) -> Decoded:
     """Greedy responses of a GGUF model (a path, or a model from `load_gguf_for_decoding`, which brings its own
-    `parallel`) through llama.cpp, many prompts in one batch: a small model's decoding step costs about the
-    same for one sequence as for dozens."""
+    `parallel`) through llama.cpp, many prompts in one batch, so each step reads the weights once for all of
+    them (models/llamacpp_batch.py)."""
     import time
 
     llm = load_gguf_for_decoding(gguf, n_ctx, parallel) if isinstance(gguf, (str, Path)) else gguf
