@@ -48,13 +48,15 @@ def check_environment() -> list[tuple[str, str, str]]:
 def check_recipe(recipe_path: str):
     """Load the recipe, read and split the data; returns (rows, recipe, splits). Read-only: the splits are
     computed without writing a file."""
+    from distill.cache.written_pool import join_written
     from distill.config import load_recipe
     from distill.data.leakage import split_overlaps
     from distill.data.splits import prepare_splits
 
     r = load_recipe(recipe_path)
     rows = [("recipe", OK, f"{recipe_path}: keys valid")]
-    splits = prepare_splits(r.task, None, recipe_path, write=False)
+    # with task.written_data, the fingerprint generate and train record covers the written texts too
+    splits = join_written(r, prepare_splits(r.task, None, recipe_path, write=False))
     sizes = ", ".join(f"{n} {len(splits.get(n))}" for n in ("train", "validation")) + (
         f", holdout {'(official file, read only by eval)' if r.task.holdout_data else len(splits.holdout)}")
     rows.append(("data", OK, f"{r.task.data}: {sizes}; fingerprint {splits.fingerprint}"))

@@ -217,15 +217,13 @@ def test_the_share_is_honoured_nested_and_never_labelled(setup, share):
     assert wp.labelled_rows(budget.task, joined) == labelled_indices(budget.task, base)
 
 
-def test_generate_scores_every_written_text(setup, monkeypatch, tiny_model):
+def test_generate_scores_every_written_text(setup, tiny_model):
     import distill.cache.generate as gen
     from distill.cache import store
 
     tmp, recipe, _ = setup
     path = write_file(tmp / "texts.jsonl", FRESH)
     r = load_recipe(recipe, [f"teacher={tiny_model}", f"task.written_data={path}", "task.written_share=0.5"])
-    prepare = gen.prepare_splits
-    monkeypatch.setattr(gen, "prepare_splits", lambda task, *a, **k: wp.join_written(r, prepare(task, *a, **k)))
     cache = gen.run_generate(r, backend="transformers")
     joined = wp.join_written(r, prepare_splits(r.task, None, write=False))
     assert store.read_manifest(cache).data_fingerprint == joined.fingerprint

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from distill.cache import store as cache_mod
+from distill.cache.written_pool import join_written
 from distill.config import GenerateConfig, Recipe, TeacherSpec, resolve_teacher, validate_recipe
 from distill.data.leakage import split_overlaps, warn_overlaps
 from distill.data.prompts import encode_classification, encode_generation, generation_prompt, stop_ids
@@ -112,6 +113,7 @@ def run_generate(recipe: Recipe, teacher: str | None = None, backend: str | None
     if splits.labels:
         check_label_collisions(tok, splits.labels)
     write_splits(task, splits, recipe.workdir)
+    splits = join_written(recipe, splits)  # task.written_data: unlabelled training rows, scored too
     vocab_rows = vocab_rows_or_tokenizer(model_path, tok)
     kind = "soft_labels" if task.type == "classification" else "topk"
     if kind == "topk" and gen.k > spec.max_logprobs and backend_name != "server":

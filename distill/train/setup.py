@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from distill.cache.written_pool import join_written
 from distill.config import Recipe, TrainConfig, resolve_teacher, stopping_metric, validate_recipe
 from distill.data.leakage import split_overlaps, warn_overlaps
 from distill.data.prompts import task_token_ids
@@ -157,7 +158,7 @@ def build_parts(recipe: Recipe, cache: str | None = None, init_from: str | None 
 
     cfg, src = recipe.train, recipe.path or "recipe"
     set_seed(cfg.seed)
-    splits = prepare_splits(recipe.task, recipe.workdir, src)
+    splits = join_written(recipe, prepare_splits(recipe.task, recipe.workdir, src))
     warn_overlaps(split_overlaps(recipe.task, splits))  # validation or holdout texts that are also training texts
     if not splits.validation:
         raise UsageError(f"{src}: task.split.validation: the validation split is empty; training selects its "

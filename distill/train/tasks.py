@@ -12,13 +12,12 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from distill.cache import ensemble
+from distill.cache import ensemble, written_pool
 from distill.cache import store as cache_mod
 from distill.cache.store import TopkExample
 from distill.config import Recipe
 from distill.data.prompts import encode_classification, encode_generation, end_of_turn_id
 from distill.data.sampling import subset_indices
-from distill.data.splits import labelled_indices
 from distill.errors import UsageError
 from distill.evaluate.metrics import classification_metrics
 from distill.models.label_tokens import label_token_ids
@@ -117,8 +116,9 @@ class ClassificationTask:
         self.cfg, self.labels, self.pad = cfg, splits.labels, tok.pad_token_id
         self.label_tokens, self.end_of_turn = label_token_ids(tok, self.labels), end_of_turn_id(tok)
         # labelled subsets are stratified samples (every class kept), the cache rows picked to match
-        train_idx = subset_indices(splits.train, cfg.train_examples, task.split.seed)
-        labelled = labelled_indices(task, splits)  # None: every training text has its label
+        train_idx = (written_pool.train_rows(task, splits) if task.written_data  # every data row, written_share
+                     else subset_indices(splits.train, cfg.train_examples, task.split.seed))
+        labelled = written_pool.labelled_rows(task, splits)  # None: every training text has its label
         if labelled is not None and cfg.alpha == 0:
             train_idx = labelled  # supervised alone: the labelled texts are all there is to learn from
         val_idx = subset_indices(splits.validation, cfg.eval_examples, task.split.seed)
@@ -131,7 +131,7 @@ class ClassificationTask:
         sample = subset_indices([train_ex[j] for j in probe], len(val_ex), task.split.seed)
         self.train_probe = [probe[j] for j in sample]
         self.val, _ = encode_classification(tok, task, self.labels, val_ex, task.max_length)
-        self.gold = torch.tensor([e.label_index for e in self.train])
+        self.gold = torch.tensor([0 if e.label_index is None else e.label_index for e in self.train])  # 0: never read
         self.val_gold = torch.tensor([e.label_index for e in self.val])
         self.teacher = self.teacher_val = None
         if cfg.alpha > 0:
