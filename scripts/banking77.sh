@@ -30,9 +30,6 @@ DATA=../shared/data/banking77
 [ -f $DATA/train.jsonl ] && [ -f $DATA/test.jsonl ] && [ -f $DATA/labels.json ] || {
   echo "error: Banking77 not found in $DATA (train.jsonl, test.jsonl, labels.json); edit task.data," \
        "task.holdout_data and task.labels_file in recipes/banking77.yaml to point at your copy" >&2; exit 2; }
-WITH_LLAMA=1 bash scripts/setup.sh   # llama-cpp-python: the q4_k_m export and the GGUF row of the bench
-. .venv/bin/activate
-export TOKENIZERS_PARALLELISM=false
 
 SCALE=${STUDY_SCALE:-full}
 case $SCALE in

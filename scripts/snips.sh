@@ -26,9 +26,6 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/snips}
 [ -f $DATA/train.jsonl ] && [ -f $DATA/test.jsonl ] || {
   echo "error: SNIPS not found in $DATA (train.jsonl, test.jsonl with text, intent, slots); set DATA" >&2; exit 2; }
-WITH_LLAMA=1 bash scripts/setup.sh   # llama-cpp-python: the q4_k_m export and the GGUF row of the bench
-. .venv/bin/activate
-export TOKENIZERS_PARALLELISM=false
 
 SCALE=${STUDY_SCALE:-full}
 case $SCALE in

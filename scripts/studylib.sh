@@ -1,5 +1,8 @@
 # Shell functions the study scripts share (scripts/banking77.sh, scripts/snips.sh). Source it after setting
-# W (the work directory) and SCALE (full | smoke | large); it creates W/times.json.
+# W (the work directory) and SCALE (full | smoke | large); it sets up .venv and creates W/times.json.
+WITH_LLAMA=1 bash scripts/setup.sh   # llama-cpp-python: the q4_k_m export and the GGUF row of the bench
+. .venv/bin/activate
+export TOKENIZERS_PARALLELISM=false
 mkdir -p $W/logs
 T=$W/times.json
 [ -f $T ] || echo '{}' > $T

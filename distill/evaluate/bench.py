@@ -8,7 +8,6 @@ table, a JSON file and a PNG chart of quality against latency.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -218,8 +217,6 @@ def chart(rows, y: str = "macro_f1", ylabel: str = "holdout macro-F1") -> bytes:
     ax.set_ylabel(ylabel)
     ax.set_title("quality vs latency")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    from distill.evaluate.confusion import png_bytes
+
+    return png_bytes(fig)

@@ -13,7 +13,6 @@ Two kinds of figures, each exact in its own way:
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -253,11 +252,9 @@ def acceptance_chart(report: dict) -> bytes:
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    from distill.evaluate.confusion import png_bytes
+
+    return png_bytes(fig)
 
 
 def run_draft_bench(recipe, teacher_ref: str, draft_ref: str, data: str | None = None, limit: int | None = None,
