@@ -43,16 +43,18 @@ def labelled_indices(task: TaskConfig, splits: Splits) -> list[int] | None:
     Classification: the splits, their fingerprint and the cache are those of all the texts, and the budget
     only decides where training reads a gold label. Generation: the stratum is `task.stratify_field` (one
     stratum without it: a seeded sample), and prepare_splits withholds every other training response."""
-    if not task.labelled_examples:
-        return None
+    return _budget(task, splits.train) if task.labelled_examples else None
+
+
+def _budget(task: TaskConfig, train: list[dict]) -> list[int]:
     key = "label" if task.type == "classification" else "group"
-    return subset_indices(splits.train, task.labelled_examples, task.split.seed, key)
+    return subset_indices(train, task.labelled_examples, task.split.seed, key)
 
 
 def _withhold_pool_responses(task: TaskConfig, train: list[dict]) -> None:
     """Generation with a labelled budget: the responses outside it are dropped before anything is written or
     fingerprinted, so no stage can read them; the teacher writes theirs (`distill generate`)."""
-    keep = set(subset_indices(train, task.labelled_examples, task.split.seed, "group"))
+    keep = set(_budget(task, train))
     for i, ex in enumerate(train):
         if i not in keep:
             ex["response"] = None
