@@ -256,7 +256,7 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 
 
 @cli.command("eval")
-@click.argument("model")
+@click.argument("model", nargs=-1, required=True)
 @recipe_option(True, "Recipe whose task (labels, instruction, splits) defines the evaluation.")
 @click.option("--split", default="holdout", show_default=True, type=click.Choice(["holdout", "validation", "train"]))
 @click.option("--data", type=click.Path(dir_okay=False), help="Score this file instead of a split.")
@@ -274,7 +274,8 @@ def train(recipe, cache, out, init_from, alpha, temperature, epochs, lr, batch_s
 @SET
 @friendly_errors
 def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, tokenizer, backend, sets):
-    """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) on a holdout.
+    """Evaluate MODEL (directory, hub id, teacher spec, or .gguf run by llama.cpp) on a holdout. Several
+    MODELs (classification) are scored as their ensemble: the mean of their label probabilities.
 
     Classification scores every label and writes report.json (accuracy, per-class precision/recall/F1,
     macro and weighted F1), the confusion matrix as PNG and CSV, and predictions.jsonl. Generation decodes
@@ -282,7 +283,7 @@ def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, to
     field-level F1 and the task.class_field's accuracy, per-class F1 and confusion matrix; for text chrF)
     and predictions.jsonl (prompt, reference, output).
     """
-    if model.endswith(".gguf"):  # llama.cpp's OpenMP threads must sleep, not spin, beside torch
+    if any(m.endswith(".gguf") for m in model):  # llama.cpp's OpenMP threads must sleep, not spin, beside torch
         from distill.models.llamacpp import passive_openmp
 
         passive_openmp()
@@ -290,7 +291,7 @@ def eval_cmd(model, recipe, split, data, shots, name, out, batch_size, limit, to
 
     check_out(out, "eval")
     r = load_recipe(recipe, sets)
-    report = run_eval(model, r, split=split, data=data, shots=shots, out=out, name=name,
+    report = run_eval(list(model), r, split=split, data=data, shots=shots, out=out, name=name,
                       batch_size=batch_size, limit=limit, tokenizer=tokenizer, backend=backend)
     click.echo(format_report(report, list(report.get("per_class", ()))))
 

@@ -15,7 +15,7 @@
 # Environment: STUDY_SCALE (full | smoke | large), STUDY_DIR (the work directory; default runs/banking77, or
 # runs/banking77-smoke), TEST_EXAMPLES (bench a stratified sample of N test texts; default all of them),
 # ZERO_SHOT_EXAMPLES (test texts for the zero-shot baseline, default 77: its prompt lists the 77 intents,
-# ~15x the cost of the others').
+# ~15x the cost of the others'), UNTIL=05 (stop after stage 05).
 #
 # Larger, on a GPU: `STUDY_SCALE=large bash scripts/banking77.sh` (runs/banking77-large; not run on this
 # project's CPU machine). scripts/setup.sh installs vllm there and `distill generate` uses the vLLM
@@ -77,6 +77,8 @@ stage "04 heal texts: the teacher's top-k on the training split's texts" $W/heal
   done_after $W/heal-generate.done distill generate recipes/banking77-heal.yaml "${AT_HEAL[@]}" "${HEAL[@]}"
 stage "05 heal the student cut by importance (10 of 30 layers)" $W/healed/training.json \
   distill train recipes/banking77-heal.yaml --out $W/healed "${AT_HEAL[@]}" "${HEAL[@]}"
+# UNTIL=05: stop here (scripts/banking77-teachers.sh needs stages 02-05 only)
+[ "${UNTIL:-}" != 05 ] || { print_times; exit 0; }
 # ablation without healing: the very layers stage 05 kept (its log), distilled without healing
 LAYERS=$(grep -o 'student: layers \[[0-9, ]*\]' $W/logs/05.log | head -1 | grep -o '\[.*\]' | tr -d ' ') || {
   echo "error: $W/logs/05.log does not name the layers the heal stage kept; remove $W/healed and run again" >&2; exit 1; }

@@ -259,3 +259,21 @@ def test_topk_teachers_mix_on_real_caches_and_another_tokenizer_is_refused(tmp_p
         ensemble.run_generate_teachers(load_recipe(tmp_path / "g.yaml"), backend="transformers")
     with pytest.raises(UsageError, match="teachers 'a' and 'c' disagree on the tokenizer"):  # and stays refused
         ensemble.run_generate_teachers(load_recipe(tmp_path / "g.yaml"), only="a", backend="transformers")
+
+
+def test_eval_of_several_models_scores_the_mean_of_their_probabilities(two_teachers):
+    """`distill eval A B`: the ensemble's predictions are the equal-weight mixture of the two models' own
+    eval probabilities, and its report names both."""
+    from distill.evaluate.evaluation import run_eval
+
+    base, tmp = load_recipe(two_teachers["base"]), two_teachers["tmp"]
+    a, b = (t["spec"] for t in two_teachers["teachers"])
+    alone = [run_eval(m, base, out=str(tmp / f"eval-{n}"), name=n) for m, n in ((a, "a"), (b, "b"))]
+    both = run_eval([a, b], base, out=str(tmp / "eval-ab"))
+    assert both["name"] == "ensemble" and both["model"] == [a, b] and both["runtime"] == "ensemble"
+    probs = [[json.loads(x)["probs"] for x in (tmp / f"eval-{n}" / "predictions.jsonl").read_text().splitlines()]
+             for n in ("a", "b", "ab")]
+    mixed = (torch.tensor(probs[0], dtype=torch.float64) + torch.tensor(probs[1], dtype=torch.float64)) / 2
+    assert not torch.allclose(torch.tensor(probs[0]), torch.tensor(probs[1]), atol=1e-2)
+    assert torch.allclose(torch.tensor(probs[2], dtype=torch.float64), mixed, atol=2e-4)  # 4-decimal rounding
+    assert both["parameters"] == alone[0]["parameters"] + alone[1]["parameters"]

@@ -90,8 +90,39 @@ class HFScorer:
         return predict_scores(self.model, encoded, label_ids, self.tokenizer.pad_token_id, batch_size, desc)
 
 
-def make_scorer(model_ref: str, tokenizer_dir: str | None = None):
-    """llama.cpp for a .gguf file, transformers for anything else."""
+class EnsembleScorer:
+    """Several classifiers scored as one: per example the mean of their label probabilities, the mixture
+    `train.teacher_mix: mixture` teaches at equal weights (cache/ensemble.mix_soft_labels). Each model runs
+    alone in turn, so the ensemble costs the sum of its members."""
+
+    kind = "ensemble"
+
+    def __init__(self, model_refs, tokenizer_dir: str | None = None):
+        self.refs, self.tokenizer_dir = list(model_refs), tokenizer_dir
+        first = make_scorer(self.refs[0], tokenizer_dir)
+        self.tokenizer, self._first = first.tokenizer, first
+        self.layers, self.parameters = first.layers, first.parameters
+
+    def scores(self, encoded, label_ids, batch_size=16, desc=None):
+        from distill.cache.ensemble import mix_soft_labels
+
+        out = []
+        for i, ref in enumerate(self.refs):
+            scorer, self._first = self._first or make_scorer(ref, self.tokenizer_dir), None
+            if i and scorer.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise UsageError(f"{ref}: its tokenizer differs from {self.refs[0]}'s; an ensemble scored from one "
+                                 "encoding needs one tokenizer")
+            out.append(scorer.scores(encoded, label_ids, batch_size, f"{desc} [{i + 1}/{len(self.refs)}]"))
+            self.parameters += scorer.parameters if i else 0
+            del scorer  # one member in memory at a time
+        return mix_soft_labels(out, [1 / len(out)] * len(out))
+
+
+def make_scorer(model_ref, tokenizer_dir: str | None = None):
+    """llama.cpp for a .gguf file, transformers for anything else; several models (a list): their ensemble."""
+    if isinstance(model_ref, (list, tuple)):
+        return EnsembleScorer(model_ref, tokenizer_dir) if len(model_ref) > 1 else make_scorer(model_ref[0],
+                                                                                               tokenizer_dir)
     if str(model_ref).endswith(".gguf"):
         from distill.models.llamacpp import GGUFScorer
 
@@ -179,8 +210,14 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
              limit: int | None = None, tokenizer: str | None = None, backend: str = "auto") -> dict:
     """Score `model_ref` on a split (or a --data file) and write its report set into OUT (default
     WORKDIR/eval/NAME...) as one unit; returns the report. `backend` picks the decoding runtime of a
-    generation model (a .gguf always decodes through llama.cpp)."""
-    name = name or Path(model_ref).resolve().name
+    generation model (a .gguf always decodes through llama.cpp). Several classifiers (a list) are scored as
+    their ensemble (EnsembleScorer)."""
+    if isinstance(model_ref, (list, tuple)) and len(model_ref) == 1:
+        model_ref = model_ref[0]
+    several = isinstance(model_ref, (list, tuple))
+    if several and recipe.task.type == "generation":
+        raise UsageError("distill eval: several MODELs (an ensemble) are scored for classification tasks only")
+    name = name or ("ensemble" if several else Path(model_ref).resolve().name)
     if out is not None:  # '' (an unset shell variable), '/', home, a user's directory: refused
         check_output_dir(out, "--out", "eval")
     out_dir = Path(out or recipe.workdir_path / "eval" / report_dir_name(name, split, data, shots, limit))
@@ -196,14 +233,16 @@ def run_eval(model_ref: str, recipe: Recipe, split: str = "holdout", data: str |
     else:
         report, files = _classification_report(model_ref, recipe, examples, splits, shots, title, batch_size,
                                                 tokenizer)
-    report.update({"model": model_ref, "name": name, "split": data or split, "shots": shots})
-    note = overfit_note(model_ref)
+    report.update({"model": list(model_ref) if several else model_ref, "name": name, "split": data or split,
+                   "shots": shots})
+    note = None if several else overfit_note(model_ref)
     if note:
         report["overfitting"] = note
     files["report.json"] = json.dumps(report, indent=1)
     write_file_set(out_dir, files)  # one unit: a killed run or a full disk leaves the previous set whole
     report["out_dir"] = str(out_dir)
-    if Path(model_ref).is_dir() and "accuracy" in report:  # a classifier's card shows its measured figures
+    # a classifier's card shows its measured figures
+    if not several and Path(model_ref).is_dir() and "accuracy" in report:
         from distill.models.model_card import add_evaluation
 
         add_evaluation(Path(model_ref), _data_name(split, data, shots, limit), report)
