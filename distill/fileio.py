@@ -299,9 +299,18 @@ def output_kind(path: str | Path, first: str | None = None) -> str | None:
     names = os.listdir(path)
     order = sorted(OUTPUT_KINDS.items(), key=lambda kv: kv[0] != first)
     for kind, (_, signature) in order:
-        if signature.intersection(names) and all(_kind_name(kind, n) for n in names):
+        if (signature.intersection(names) or kind == "cache" and _teacher_caches(path)) and \
+                all(_kind_name(kind, n) for n in names):
             return kind
     return None
+
+
+def _teacher_caches(path: str | Path) -> bool:
+    """Whether `path` holds a `teachers/` of teachers' caches only (cache/ensemble.py): one brought from
+    another machine before the cache's first `distill generate` has no manifest of its own yet."""
+    t = Path(path) / "teachers"
+    subs = list(t.iterdir()) if t.is_dir() and not t.is_symlink() else []
+    return bool(subs) and all(p.is_dir() and output_kind(p, "cache") == "cache" for p in subs)
 
 
 def root_like(path: Path) -> bool:

@@ -277,3 +277,23 @@ def test_eval_of_several_models_scores_the_mean_of_their_probabilities(two_teach
     assert not torch.allclose(torch.tensor(probs[0]), torch.tensor(probs[1]), atol=1e-2)
     assert torch.allclose(torch.tensor(probs[2], dtype=torch.float64), mixed, atol=2e-4)  # 4-decimal rounding
     assert both["parameters"] == alone[0]["parameters"] + alone[1]["parameters"]
+
+
+def test_a_teachers_cache_brought_from_elsewhere_is_taken_as_is(two_teachers, tmp_path):
+    """CACHE/teachers/a copied in before the cache's first `distill generate` (the cache has no manifest of
+    its own yet): generate accepts the directory, scores only b, and a's shards keep their bytes."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(ensemble.teacher_dir(two_teachers["cache"], "a"), ensemble.teacher_dir(cache, "a"))
+    before = shard_files(ensemble.teacher_dir(cache, "a"))
+    check_output_dir(cache, "--out", "cache")
+    recipe = teacher_recipe(two_teachers["tmp"], two_teachers["base"], two_teachers["teachers"])
+    ensemble.run_generate_teachers(recipe, backend="transformers", out=str(cache))
+    assert shard_files(ensemble.teacher_dir(cache, "a")) == before
+    assert sorted(cache_mod.read_manifest(cache).teachers) == ["a", "b"]
+    other = tmp_path / "other" / "teachers"
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("a user's file")  # a `teachers/` not of teachers' caches: refused
+    with pytest.raises(UsageError, match="did not write"):
+        check_output_dir(other.parent, "--out", "cache")
