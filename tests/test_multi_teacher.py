@@ -297,3 +297,50 @@ def test_a_teachers_cache_brought_from_elsewhere_is_taken_as_is(two_teachers, tm
     (other / "notes.txt").write_text("a user's file")  # a `teachers/` not of teachers' caches: refused
     with pytest.raises(UsageError, match="did not write"):
         check_output_dir(other.parent, "--out", "cache")
+
+
+def test_a_generation_student_trains_on_its_teachers_topk_mixed_or_routed(tmp_path, smollm2_dir):
+    """Top-k caches of two teachers feed GenerationTask: mixture = mix_topk_examples of the two caches' rows,
+    route = each row's own teacher's row and never the other's; a training step runs on each."""
+    from distill.train import run_train
+    from distill.train.setup import build_parts
+
+    a = make_tiny_llama(tmp_path / "a", smollm2_dir, layers=1, seed=6)
+    b = make_tiny_llama(tmp_path / "b", smollm2_dir, layers=1, seed=7)
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps({**r, "teacher": "ab"[i % 2]}) + "\n" for i, r in enumerate(GEN_ROWS)))
+    r = {"workdir": str(tmp_path / "w"), "teacher": a,
+         "task": {"type": "generation", "data": str(data), "split": {"validation": 0.2, "holdout": 0.2},
+                  "max_length": 64},
+         "generate": {"k": 4, "batch_size": 4, "shard_size": 4, "responses": "data"},
+         "train": {"alpha": 0.5, "epochs": 1, "batch_size": 2, "lr": 1e-3, "student": {"num_layers": 1}},
+         "teachers": [{"spec": a, "name": "a", "weight": 3.0}, {"spec": b, "name": "b"}]}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(r))
+    mixed_recipe = load_recipe(tmp_path / "g.yaml")
+    cache = ensemble.run_generate_teachers(mixed_recipe, backend="transformers")
+    own = {t: cache_mod.load_split(ensemble.teacher_dir(cache, t), "train") for t in "ab"}
+    n = len(own["a"]["index"])
+    rows = {t: [cache_mod.example_topk(own[t], i) for i in range(n)] for t in "ab"}
+
+    def same(x, y):
+        ix, iy = x.topk_ids.long().sort(-1), y.topk_ids.long().sort(-1)  # the stream keeps the codec's order
+        return (torch.equal(x.sequence.long(), y.sequence.long()) and torch.equal(ix.values, iy.values)
+                and torch.allclose(x.topk_logprobs.float().gather(-1, ix.indices),
+                                   y.topk_logprobs.float().gather(-1, iy.indices)))
+
+    parts = build_parts(mixed_recipe)
+    got = parts.task.train.examples(list(range(n)))
+    for i in range(n):
+        want = ensemble.mix_topk_examples([rows["a"][i], rows["b"][i]], [0.75, 0.25])
+        assert same(got[i], want) and not same(got[i], rows["a"][i])
+    route = ["train.teacher_mix=route", "task.teacher_field=teacher"]
+    routed = load_recipe(tmp_path / "g.yaml", route)
+    parts = build_parts(routed)
+    names = ensemble.row_teachers(routed.task, parts.splits.train, ["a", "b"])
+    assert set(names) == {0, 1}
+    got = parts.task.train.examples(list(range(n)))
+    for i, t in enumerate(names):
+        assert same(got[i], rows["ab"[t]][i]) and not same(got[i], rows["ab"[1 - t]][i])
+    for sets, out in (([], "mixed"), (route, "routed")):
+        run_train(load_recipe(tmp_path / "g.yaml", sets + ["train.max_steps=2"]), out=str(tmp_path / out))
+        assert json.loads((tmp_path / out / "training.json").read_text())["steps"] == 2

@@ -23,9 +23,10 @@ from distill.evaluate.metrics import classification_metrics
 from distill.models.label_tokens import label_token_ids
 from distill.models.loading import tokenizer_hash
 from distill.models.scoring import label_logprobs, last_logits, target_logits
-from distill.train.data import InMemory, TopkStream, read_examples
+from distill.train.data import InMemory
 from distill.train.distributed import sharded
 from distill.train.losses import soft_label_kd, sparse_kd, total_loss
+from distill.train.teacher_streams import topk_split
 
 
 @runtime_checkable
@@ -66,10 +67,6 @@ def read_checked_cache(cache_dir: Path, kind: str, recipe: Recipe, splits, tok, 
     type, or (top-k caches) with another tokenizer. Several teachers (recipe `teachers:`): each teacher's
     cache so checked, and the teachers against each other (cache/ensemble.py); their joint manifest."""
     if recipe.teachers:
-        if kind == "topk":  # cache/ensemble.py has mix_topk_examples and route_rows for when GenerationTask reads them
-            raise UsageError(f"{recipe}: several teachers on a generation task: `distill generate` caches each "
-                             "one, but training reads them for classification only so far; train from one "
-                             "teacher's cache (--cache CACHE/teachers/NAME --set teachers=null)")
         teachers = ensemble.read_teachers(cache_dir, recipe)
         for name, m in teachers.items():
             _check_manifest(ensemble.teacher_dir(cache_dir, name), m, kind, recipe, splits, tok)
@@ -222,11 +219,11 @@ class GenerationTask:
         if cfg.reads_cache:  # the training split is streamed from the cache (train/data.py), validation held
             manifest = read_checked_cache(cache_dir, "topk", recipe, splits, tok, model)
             rows = embedding_rows(model)
-            self.train = TopkStream(cache_dir, "train", len(splits.train), len(train_ex), rows)
+            self.train = topk_split(cache_dir, recipe, "train", splits.train, len(train_ex), rows)
             self.teacher_val_available = cfg.alpha > 0 and bool(manifest.complete.get("validation"))
         else:
             self.train = encoded(train_ex, recipe.generate.shard_size)
-        self.val = (read_examples(cache_dir, "validation", len(splits.validation), len(val_ex), rows)
+        self.val = (topk_split(cache_dir, recipe, "validation", splits.validation, len(val_ex), rows, in_memory=True)
                     if self.teacher_val_available else encoded(val_ex))
 
     def count(self, idx) -> int:
