@@ -105,8 +105,7 @@ def mix_topk_examples(examples: Sequence[cache_mod.TopkExample], weights: Sequen
     """One example's mixture over its teachers' cached rows, which must score the same sequence at the same
     positions (responses from the data: teacher-written ones differ per teacher, so they can be routed only).
 
-    For train/tasks.py's GenerationTask (its owner wires it): stream each teacher's split and mix example by
-    example, or route with route_rows."""
+    train/teacher_streams.py reads each teacher's split in one order and calls this example by example."""
     first = examples[0]
     for e in examples[1:]:
         if not (torch.equal(torch.as_tensor(e.sequence), torch.as_tensor(first.sequence))
