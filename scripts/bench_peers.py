@@ -64,6 +64,8 @@ def parse_args(argv=None):
     study_args(ap, examples=96, steps=12, batch=4, layers=4, new_tokens=24)
     ap.add_argument("--loss", default="jsd", choices=("jsd", "forward_kl", "reverse_kl"))
     ap.add_argument("--beta", type=float, default=0.5, help="jsd_beta / GKD beta (with --loss jsd)")
+    ap.add_argument("--on-k", type=int, help="train.on_policy.k: the teacher's top-k at the student's own tokens "
+                    "(default: the cache's 20)")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
@@ -110,6 +112,8 @@ def prepare(a) -> tuple[Path, dict]:
     r["generate"]["backend"] = "transformers"
     r["task"]["split"].update(validation=0.2, holdout=0.1)  # validation: the held-out responses scored here
     r["train"]["jsd_beta"] = a.beta  # train.loss: write_recipe took --loss
+    if a.on_k:
+        r["train"]["on_policy"]["k"] = a.on_k
     teacher_path = resolve_model_path(resolve_teacher(r["teacher"]).source)
     student_dir = paths(a)["student"]
     model = build_student(StudentConfig(num_layers=a.layers), teacher_path)

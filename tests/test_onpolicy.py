@@ -283,3 +283,31 @@ def test_a_mixed_batch_has_no_ce_on_the_students_tokens(gen, on_loss):
                 ref_kd += sparse_kd(*args, 1.0, "jsd", reduction="sum", beta=0.5).item()
     assert ce.item() == pytest.approx(ref_ce, rel=1e-5) and ce.item() > 0
     assert kd.item() == pytest.approx(ref_kd, rel=1e-4, abs=1e-7) and kd.item() != 0
+
+
+def test_rounds_at_their_own_k_train_beside_the_caches_rows(gen, tmp_path):
+    """train.on_policy.k = 16 over a cache of k = 8: the rounds hold the teacher's top 16 at the student's
+    tokens, a run mixing them with the cache's rows trains, and padding an 8-wide row to 16 with filler
+    leaves its loss as it was."""
+    from distill.train.losses import sparse_kd
+    from distill.train.onpolicy import topk_rows
+
+    tmp, p = gen
+    out = tmp_path / "k16"
+    run_train(load_recipe(variant(tmp_path, p, "k16", k=16), ["train.max_steps=2"]), out=str(out))
+    rs = rounds(out)
+    assert rs and all(r["topk_ids"].shape[-1] == 16 for r in rs.values())
+    assert json.loads((out / "training.json").read_text())["on_policy"]["k"] == 16
+    data = cache_mod.load_split(tmp / "work" / "cache", "train")
+    narrow = cache_mod.example_topk(data, 0)
+    r0 = next(iter(rs.values()))
+    wide = cache_mod.example_topk(r0, 0)
+    ids, lps, tail = topk_rows([narrow, wide], "cpu")
+    assert ids.shape[-1] == 16 and bool(torch.isneginf(lps[: len(narrow.positions), 8:]).all())
+    torch.manual_seed(0)
+    logits = torch.randn(len(narrow.positions), 49152)
+    n = len(narrow.positions)
+    padded = sparse_kd(logits, ids[:n].long(), lps[:n], tail[:n], 1.0, "jsd", reduction="sum", beta=0.5)
+    plain = sparse_kd(logits, narrow.topk_ids.long(), narrow.topk_logprobs.float(), narrow.tail_mass.float(), 1.0,
+                      "jsd", reduction="sum", beta=0.5)
+    assert padded.item() == pytest.approx(plain.item(), rel=1e-5)

@@ -249,6 +249,9 @@ class OnPolicyConfig:
     temperature: float = num(1.0, ge=MIN_TEMPERATURE, also=0)  # 0: greedy
     top_p: float = num(1.0, gt=0, le=1)
     loss: OnPolicyLoss | None = None  # the divergence on the student's own tokens (default: train.loss)
+    # the teacher's top-k at the student's own tokens (default: the cache's k). A larger k than the cache's
+    # covers more of what the teacher thinks of an untrained student's tokens, where its mass is spread
+    k: int | None = num(None, ge=1)
 
 
 @dataclass

@@ -89,6 +89,17 @@ def examples(train, idx) -> list[TopkExample]:
     return train.examples(idx) if hasattr(train, "examples") else [train[i] for i in idx]
 
 
+def topk_rows(items: list[TopkExample], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The items' top-k rows stacked: ids, log-probs and tail mass. The round's rows may be wider than the
+    cache's (train.on_policy.k): narrower ones are padded with filler, id 0 at -inf, which the losses drop
+    as a backend's missing entries."""
+    width = max(e.topk_ids.shape[-1] for e in items)
+    ids = torch.cat([F.pad(e.topk_ids, (0, width - e.topk_ids.shape[-1]), value=0) for e in items])
+    lps = torch.cat([F.pad(e.topk_logprobs, (0, width - e.topk_logprobs.shape[-1]), value=float("-inf"))
+                     for e in items])
+    return ids.to(device), lps.to(device), torch.cat([e.tail_mass for e in items]).to(device)
+
+
 class Round:
     """One micro-batch's view of the task: the student-written examples replace the cached ones."""
 
@@ -113,8 +124,7 @@ class Round:
         targets = torch.cat([e.sequence[e.positions] for e in items]).to(dev)
         on = torch.cat([torch.full((len(e.positions),), i in self.written, dtype=torch.bool)
                         for i, e in zip(idx, items)]).to(dev)
-        ids, lps, tail = (torch.cat([getattr(e, f) for e in items]).to(dev)
-                          for f in ("topk_ids", "topk_logprobs", "tail_mass"))
+        ids, lps, tail = topk_rows(items, dev)
         ce = F.cross_entropy(logits[~on].float(), targets[~on], reduction="sum")
         T = self.cfg.temperature
         kd = sparse_kd(logits[~on], ids[~on], lps[~on], tail[~on], T, self.cfg.loss, reduction="sum", **kw)
@@ -147,7 +157,7 @@ class OnPolicy:
 
         self.recipe, self.cfg, self.tok = recipe, recipe.train, tok
         self.dir = out_dir / "onpolicy"
-        self.k = cache_mod.read_manifest(cache_dir).k or recipe.generate.k
+        self.k = self.cfg.on_policy.k or cache_mod.read_manifest(cache_dir).k or recipe.generate.k
         self.spec = resolve_teacher(recipe.teacher)
         if teacher_urls:
             from distill.teacher.remote import normalize_url
@@ -155,8 +165,8 @@ class OnPolicy:
             self.spec.url, self.spec.urls, self.spec.backend = None, [normalize_url(u) for u in teacher_urls], "server"
         self.backend = pick_backend(None if teacher_urls else recipe.generate.backend, self.spec)
         if self.backend != "server" and self.k > self.spec.max_logprobs:
-            raise UsageError(f"train.on_policy: the cache's k={self.k} is above the teacher's max_logprobs="
-                             f"{self.spec.max_logprobs}; raise max_logprobs in the teacher spec")
+            raise UsageError(f"train.on_policy: k={self.k} (train.on_policy.k, else the cache's) is above the "
+                             f"teacher's max_logprobs={self.spec.max_logprobs}; raise max_logprobs in the teacher spec")
         source = self.spec.tokenizer or self.spec.source
         if not source:
             raise UsageError(f"teacher {self.spec.name}: a served teacher needs a local tokenizer; give the teacher "
