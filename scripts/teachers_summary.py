@@ -29,6 +29,29 @@ def read(w: Path, name: str, model: str | None) -> dict | None:
     return row
 
 
+def ensemble_from_predictions(w: Path) -> dict | None:
+    """The three teachers' ensemble on the test split from their eval predictions: per text the mean of their
+    label probabilities (as written, 4 decimals), its argmax scored with scikit-learn against the labels."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    files = [w / "eval-teachers" / t / "predictions.jsonl" for t in ("teacher-0", "teacher-1", "teacher-2")]
+    if not all(f.is_file() for f in files):
+        return None
+    rows = [[json.loads(x) for x in f.read_text().splitlines()] for f in files]
+    labels = list(json.loads((w / "eval-teachers" / "teacher-0" / "report.json").read_text())["per_class"])
+    gold, pred = [], []
+    for per in zip(*rows):
+        assert len({r["id"] for r in per}) == 1 and len({r["label"] for r in per}) == 1, "predictions out of order"
+        mean = [sum(p) / 3 for p in zip(*(r["probs"] for r in per))]
+        gold.append(per[0]["label"])
+        pred.append(labels[max(range(len(mean)), key=mean.__getitem__)])
+    params = sum(json.loads((w / "eval-teachers" / t / "report.json").read_text())["parameters"]
+                 for t in ("teacher-0", "teacher-1", "teacher-2"))
+    return {"name": "ensemble (from the teachers' predictions)", "n": len(gold), "parameters": params,
+            "test_macro_f1": f1_score(gold, pred, labels=labels, average="macro", zero_division=0),
+            "test_accuracy": accuracy_score(gold, pred)}
+
+
 def kind(rows: list[dict]) -> dict:
     test = [r["test_macro_f1"] for r in rows]
     val = [r["val_macro_f1"] for r in rows if r.get("val_macro_f1") is not None]
@@ -40,9 +63,11 @@ def kind(rows: list[dict]) -> dict:
 def main(w: Path, seeds: list[str]) -> dict:
     single = {n: read(w, n, m) for n, m in [("teacher-0", "teacher"), ("teacher-1", "teacher-1"),
                                             ("teacher-2", "teacher-2"), ("ensemble", None),
-                                            ("student-s0", "student-s0")]}
+                                            ("student-s0", "student-s0"),
+                                            ("student-written-s0", "student-written-s0")]}
     ens = [read(w, f"student-ensemble-s{s}", f"student-ensemble-s{s}") for s in seeds]
     ctl = [read(w, f"control-s{s}", f"control-s{s}") for s in seeds]
+    single["ensemble-from-predictions"] = ensemble_from_predictions(w)
     out = {"models": {k: v for k, v in single.items() if v}, "ensemble_students": [r for r in ens if r],
            "controls": [r for r in ctl if r]}
     if all(ens) and all(ctl):
