@@ -88,6 +88,7 @@ def test_clean_text_keeps_one_line_and_drops_empty_and_cut_answers():
     assert wt.clean_text('Here is one:\n- "Where  is my\tparcel?"\nmore', True, 100) == ("Where is my parcel?", None)
     assert wt.clean_text("1. my card was declined", True, 100) == ("my card was declined", None)
     assert wt.clean_text("  \n ", True, 100) == (None, "empty")
+    assert wt.clean_text("`", True, 100) == (None, "empty") and wt.clean_text('"..."', True, 100) == (None, "empty")
     assert wt.clean_text("a text the token limit cut", False, 100) == (None, "overlong")
     assert wt.clean_text("a whole line\nand the start of another", False, 100) == ("a whole line", None)
     assert wt.clean_text("x" * 101, True, 100) == (None, "overlong")

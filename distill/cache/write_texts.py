@@ -75,9 +75,9 @@ def split_texts(recipe: Recipe, splits: Splits) -> dict[str, str]:
 
 def clean_text(raw: str, finished: bool, max_chars: int) -> tuple[str | None, str | None]:
     """(text, None) or (None, reason): the answer's first non-empty line (after a preamble line ending in a
-    colon), a list mark and surrounding quotes dropped, whitespace runs made one space. A line that the token
-    limit cut off (the answer's last line, no line end and no stop token) is `overlong`, as is one above
-    `max_chars`."""
+    colon), a list mark and surrounding quotes dropped, whitespace runs made one space; `empty` without a
+    letter or digit. A line that the token limit cut off (the answer's last line, no line end and no stop
+    token) is `overlong`, as is one above `max_chars`."""
     lines = [ln for ln in raw.replace("\r", "\n").split("\n") if ln.strip()]
     if len(lines) > 1 and lines[0].rstrip().endswith(":"):  # a preamble ("Here is a new message:")
         lines = lines[1:]
@@ -87,7 +87,7 @@ def clean_text(raw: str, finished: bool, max_chars: int) -> tuple[str | None, st
     while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
         text = text[1:-1].strip()
     text = " ".join(text.split())
-    if not text:
+    if not any(c.isalnum() for c in text):  # nothing but punctuation (a lone quote mark, "...")
         return None, "empty"
     cut = not finished and len(lines) == 1 and not raw.rstrip(" \t").endswith("\n")
     if cut or len(text) > max_chars:
