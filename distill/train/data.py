@@ -417,8 +417,3 @@ def _widened(e: TopkExample) -> TopkExample:
     """An example as the loss takes it: long ids and positions, float numbers."""
     return TopkExample(e.sequence.long(), e.positions.long(), e.topk_ids.long(), e.topk_logprobs.float(),
                        e.tail_mass.float())
-
-
-def read_examples(cache_dir, split: str, split_len: int, n: int, vocab_rows: int) -> InMemory:
-    """The first n examples of a cached split in memory (validation), read shard by shard."""
-    return InMemory(TopkStream(cache_dir, split, split_len, n, vocab_rows))
