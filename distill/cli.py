@@ -337,6 +337,9 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
                               "(acceptance per position, tokens/s alone and with it at the best number of proposed "
                               "tokens; outputs checked identical). Generation tasks; default --out "
                               "WORKDIR/bench-draft.")
+@click.option("--gammas", default="1,2,3,4,6,8", show_default=True,
+              help="With --draft: the numbers of proposed tokens to measure (comma-separated); the best is the "
+                   "fastest of them.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE,
               help="Batch size for the throughput figure.")
@@ -347,7 +350,7 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
 @out_option("Output directory (default: WORKDIR/bench).")
 @SET
 @friendly_errors
-def bench(recipe, teacher, students, draft, data, batch_size, latency_examples, limit, tokenizer, out, sets):
+def bench(recipe, teacher, students, draft, gammas, data, batch_size, latency_examples, limit, tokenizer, out, sets):
     """Teacher vs students on the holdout of RECIPE: quality, agreement, size, latency, throughput, memory.
 
     Writes bench.md (table), bench.json and bench.png (quality vs latency). With --draft: the teacher's
@@ -357,11 +360,11 @@ def bench(recipe, teacher, students, draft, data, batch_size, latency_examples, 
         raise UsageError("give --student (repeatable) or --draft, one of the two: `distill bench RECIPE --teacher T "
                          "--student S` or `distill bench RECIPE --teacher T --draft D`")
     if draft:
-        from distill.evaluate.speculative import run_draft_bench
+        from distill.evaluate.speculative import parse_gammas, run_draft_bench
 
         check_out(out, "bench")
         report = run_draft_bench(load_recipe(recipe, sets), teacher, draft, data=data, limit=limit, out=out,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, gammas=parse_gammas(gammas))
         click.echo(Path(report["out_dir"], "bench.md").read_text())
         click.echo(f"written to {report['out_dir']} (bench.md, bench.json, bench.png)")
         return

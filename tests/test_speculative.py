@@ -189,3 +189,10 @@ def test_bench_draft_through_the_cli(pair_dirs, tmp_path):
     both = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
                                     "--student", draft])
     assert both.exit_code == 2 and "one of the two" in both.output
+    some = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
+                                    "--gammas", "3,1", "--out", str(tmp_path / "some")])
+    assert some.exit_code == 0, some.output
+    assert [r["gamma"] for r in json.loads((tmp_path / "some" / "bench.json").read_text())["gammas"]] == [1, 3]
+    bad = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
+                                   "--gammas", "2,x"])
+    assert bad.exit_code == 2 and "--gammas" in bad.output

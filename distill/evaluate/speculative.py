@@ -23,6 +23,17 @@ from distill.errors import DistillError, UsageError
 GAMMAS = (1, 2, 3, 4, 6, 8)
 
 
+def parse_gammas(text: str) -> tuple[int, ...]:
+    """`--gammas 1,2,4`: the numbers of proposed tokens to measure, each a positive integer."""
+    try:
+        gammas = sorted({int(g) for g in str(text).split(",") if g.strip()})
+    except ValueError:
+        gammas = []
+    if not gammas or gammas[0] < 1:
+        raise UsageError(f"--gammas: expected positive integers separated by commas (e.g. 1,2,4), got {text!r}")
+    return tuple(gammas)
+
+
 @dataclass
 class Pair:
     """A teacher and its draft, loaded once, on one device; `vocab` bounds the tokens either may emit."""
