@@ -114,6 +114,11 @@ def prepare(a) -> tuple[Path, dict]:
     r["train"]["jsd_beta"] = a.beta  # train.loss: write_recipe took --loss
     if a.on_k:
         r["train"]["on_policy"]["k"] = a.on_k
+        spec = yaml.safe_load(Path(r["teacher"]).read_text())
+        if a.on_k > spec.get("max_logprobs", 64):  # the spec's cap on k (vLLM's --max-logprobs), raised here
+            spec["max_logprobs"] = a.on_k
+            r["teacher"] = str(a.work / "teacher-spec.yaml")
+            Path(r["teacher"]).write_text(yaml.safe_dump(spec))
     teacher_path = resolve_model_path(resolve_teacher(r["teacher"]).source)
     student_dir = paths(a)["student"]
     model = build_student(StudentConfig(num_layers=a.layers), teacher_path)
