@@ -333,10 +333,11 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
 @recipe_argument()
 @click.option("--teacher", required=True, help="Teacher: model directory, hub id, teacher spec or .gguf.")
 @click.option("--student", "students", multiple=True, help="Student (repeatable): directory or .gguf.")
-@click.option("--draft", help="Instead of students: a draft model directory for the teacher's speculative decoding "
+@click.option("--draft", help="Instead of students: a draft model for the teacher's speculative decoding "
                               "(acceptance per position, tokens/s alone and with it at the best number of proposed "
-                              "tokens; outputs checked identical). Generation tasks; default --out "
-                              "WORKDIR/bench-draft.")
+                              "tokens; outputs checked identical): a model directory (transformers' assisted "
+                              "generation) or, with a .gguf teacher, a .gguf (llama.cpp). Generation tasks; "
+                              "default --out WORKDIR/bench-draft.")
 @click.option("--gammas", default="1,2,3,4,6,8", show_default=True,
               help="With --draft: the numbers of proposed tokens to measure (comma-separated); the best is the "
                    "fastest of them.")
@@ -360,6 +361,9 @@ def bench(recipe, teacher, students, draft, gammas, data, batch_size, latency_ex
         raise UsageError("give --student (repeatable) or --draft, one of the two: `distill bench RECIPE --teacher T "
                          "--student S` or `distill bench RECIPE --teacher T --draft D`")
     if draft:
+        from distill.models.llamacpp import passive_openmp
+
+        passive_openmp()
         from distill.evaluate.speculative import parse_gammas, run_draft_bench
 
         check_out(out, "bench")

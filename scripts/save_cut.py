@@ -23,7 +23,8 @@ def main() -> None:
     layers = [int(x) for x in a.layers.strip("[]").split(",") if x.strip()]
     model = build_student(StudentConfig(from_teacher_layers=layers), a.teacher)
     save_model(model, load_tokenizer(a.teacher), a.out)
-    print(f"{a.out}: layers {layers} of {a.teacher}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{a.out}: layers {layers} of {a.teacher}, {millions:.1f}M parameters")
 
 
 if __name__ == "__main__":

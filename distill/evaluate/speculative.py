@@ -8,6 +8,7 @@ Two kinds of figures, each exact in its own way:
   number of proposed tokens (gamma) follows from that, with no sampling and no estimate.
 - **Speed**: transformers' assisted generation (`generate(assistant_model=draft)`, batch 1, as it requires)
   against the teacher alone at batch 1, tokens/s for every gamma; the best gamma is the fastest measured.
+  Two .gguf files run the same measurement in llama.cpp (speculative_gguf.py).
   Greedy outputs with the draft must equal the teacher's alone on every prompt: a difference is an error,
   never a figure, so no speed-up is reported for outputs that differ.
 """
@@ -280,9 +281,11 @@ def run_draft_bench(recipe, teacher_ref: str, draft_ref: str, data: str | None =
     if recipe.task.type != "generation":
         raise UsageError(f"--draft: speculative decoding needs a generation task; {recipe.path or 'the recipe'} "
                          f"is {recipe.task.type}")
-    if str(teacher_ref).endswith(".gguf") or str(draft_ref).endswith(".gguf"):
-        raise UsageError("--draft: teacher and draft must be model directories (transformers' assisted "
-                         "generation); a .gguf is not supported here")
+    ggufs = [str(ref).endswith(".gguf") for ref in (teacher_ref, draft_ref)]
+    if any(ggufs) and not all(ggufs):
+        raise UsageError("--draft: teacher and draft must both be model directories (transformers' assisted "
+                         f"generation) or both .gguf files (llama.cpp); got --teacher {teacher_ref} and --draft "
+                         f"{draft_ref}")
     if out is not None:
         check_output_dir(out, "--out", "bench")
     out_dir = Path(out or recipe.workdir_path / "bench-draft")
@@ -293,9 +296,15 @@ def run_draft_bench(recipe, teacher_ref: str, draft_ref: str, data: str | None =
     task = recipe.task
     prompts = [generation_prompt(tok, task, ex, task.max_length) for ex in examples]
     max_new = max(max(1, min(recipe.generate.max_new_tokens, task.max_length - len(p))) for p in prompts)
-    pair = load_pair(teacher_ref, draft_ref, tok)
+    if all(ggufs):
+        from distill.data.prompts import stop_ids
+        from distill.evaluate.speculative_gguf import gguf_figures
+
+        figures = gguf_figures(teacher_ref, draft_ref, prompts, max_new, stop_ids(tok), list(gammas))
+    else:
+        figures = speculative_figures(load_pair(teacher_ref, draft_ref, tok), prompts, max_new, gammas)
     report = {"task": "speculative", "teacher": str(teacher_ref), "draft": str(draft_ref), "split": data or "holdout",
-              "max_new_tokens": max_new, **speculative_figures(pair, prompts, max_new, gammas)}
+              "max_new_tokens": max_new, **figures}
     report["outputs"] = [tok.decode(o, skip_special_tokens=True) for o in report["outputs"]]
     write_file_set(out_dir, {"bench.json": json.dumps(report, indent=1), "bench.md": markdown_table(report),
                              "bench.png": acceptance_chart(report)})
