@@ -63,7 +63,7 @@ stage "d04 the untrained cuts (the 10 layers of the study's student, the 4 of th
 # has the longer mean accepted length at gamma 4 on NV validation queries; within 0.02 of each other, tvd.
 for loss in fkl tvd; do
   stage "d05-$loss validation acceptance of the 4-layer $loss draft ($NV queries)" $W/val-$loss-4/bench.json \
-    distill bench recipes/snips-draft.yaml --teacher $S/teacher --draft $W/$loss-4 --data $S/data/validation.jsonl \
+    distill bench recipes/snips-draft.yaml --teacher $S/teacher --draft $W/$loss-4 --data $S/json/validation.jsonl \
       --limit $NV --gammas 4 --out $W/val-$loss-4 "${AT_T[@]}"
 done
 CHOSEN=$(python - $W <<'PY'
@@ -87,5 +87,17 @@ bench_draft draft-10 $W/draft-10
 bench_draft cut-4 $W/cut-4
 bench_draft seqkd-4 $W/seqkd-4
 bench_draft draft-4 $W/$CHOSEN-4
+
+# llama.cpp: the teacher in f16 (its batched verification gives its one-token-at-a-time output; q8_0's does not
+# on every prompt, docs/results-snips.md), the drafts in q8_0 (a draft's numbers change acceptance, not output)
+stage "g01 the teacher as f16 GGUF" $W/gguf/teacher.f16.gguf \
+  distill export $S/teacher --quant f16 --out $W/gguf/teacher.f16.gguf --recipe recipes/snips.yaml "${AT_T[@]}"
+for d in seqkd-10:$S/seqkd draft-10:$W/draft-10 seqkd-4:$W/seqkd-4 draft-4:$W/$CHOSEN-4; do
+  stage "g02-${d%%:*} the $d draft as q8_0 GGUF" $W/gguf/${d%%:*}.q8_0.gguf \
+    distill export ${d#*:} --quant q8_0 --out $W/gguf/${d%%:*}.q8_0.gguf --recipe recipes/snips.yaml "${AT_T[@]}"
+  stage "g03-${d%%:*} bench in llama.cpp: the $d draft ($N test queries)" $W/bench-gguf/${d%%:*}/bench.json \
+    distill bench recipes/snips-draft.yaml --teacher $W/gguf/teacher.f16.gguf --draft $W/gguf/${d%%:*}.q8_0.gguf \
+      --tokenizer $S/teacher --limit $N --out $W/bench-gguf/${d%%:*} "${AT_T[@]}"
+done
 python scripts/drafts_summary.py $W
 print_times
