@@ -339,8 +339,8 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
                               "generation) or, with a .gguf teacher, a .gguf (llama.cpp). Generation tasks; "
                               "default --out WORKDIR/bench-draft.")
 @click.option("--gammas", default="1,2,3,4,6,8", show_default=True,
-              help="With --draft: the numbers of proposed tokens to measure (comma-separated); the best is the "
-                   "fastest of them.")
+              help="With --draft: the numbers of proposed tokens timed (comma-separated); the best is the fastest "
+                   "of them. Acceptance is counted at these and at 1,2,3,4,6,8 (one draft pass for all).")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE,
               help="Batch size for the throughput figure.")

@@ -18,25 +18,34 @@ ROWS = (("cut-10", "untrained cut"), ("seqkd-10", "responses as text (seqkd)"),
 
 
 def by_gamma(report: dict) -> dict[int, dict]:
-    return {r["gamma"]: r for r in report["gammas"]}
+    """Acceptance at every gamma counted (timed or not), the timed rows' figures over it."""
+    counted = {int(g): a for g, a in report.get("acceptance", {}).items()}
+    return {**counted, **{r["gamma"]: r for r in report["gammas"]}}
+
+
+RUNTIMES = (("bench", "transformers, fp32"), ("bench-gguf", "llama.cpp, teacher f16, draft q8_0"))
+
+
+def read(work: Path, folder: str) -> dict[str, dict]:
+    return {name: json.loads((work / folder / name / "bench.json").read_text())
+            for name, _ in ROWS if (work / folder / name / "bench.json").is_file()}
 
 
 def main(work: Path) -> None:
-    reports = {name: json.loads((work / "bench" / name / "bench.json").read_text())
-               for name, _ in ROWS if (work / "bench" / name / "bench.json").is_file()}
+    reports = read(work, "bench")
     if not reports:
         sys.exit(f"error: no bench.json under {work}/bench: run scripts/snips-drafts.sh first")
-    lines = ["| draft | how it was made | layers | parameters | acceptance of proposal 1 | mean accepted at γ 4 | "
-             "best γ | tokens/forward at best γ | tok/s alone → with draft | speed-up |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, how in ROWS:
-        if name not in reports:
-            continue
-        r = reports[name]
+    lines = ["| runtime | draft | how it was made | layers | parameters | acceptance of proposal 1 | "
+             "mean accepted at γ 4 | best γ | tokens/forward at best γ | tok/s alone → with draft | speed-up |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    every = [(runtime, name, how, r) for folder, runtime in RUNTIMES for name, how in ROWS
+             for r in [read(work, folder).get(name)] if r]
+    for runtime, name, how, r in every:
         g, best = by_gamma(r), by_gamma(r)[r["best_gamma"]]
         first = g[min(g)]["acceptance_per_position"][0]
         at4 = f"{g[4]['mean_accepted']:.2f}" if 4 in g else "—"
-        lines.append(f"| {name} | {how} | {r['draft_size']['layers']} | {r['draft_size']['parameters'] / 1e6:.1f}M | "
+        size = r["draft_size"]
+        lines.append(f"| {runtime} | {name} | {how} | {size['layers']} | {size['parameters'] / 1e6:.1f}M | "
                      f"{first:.3f} | {at4} | {r['best_gamma']} | {best['tokens_per_forward']:.2f} | "
                      f"{r['alone']['tokens_per_s']:.1f} → {best['tokens_per_s']:.1f} | {r['best_speedup']:.2f}× |")
     targets = {}
@@ -48,7 +57,7 @@ def main(work: Path) -> None:
             best = gd[d["best_gamma"]]["mean_accepted"] / max(gs[s["best_gamma"]]["mean_accepted"], 1e-9)
             targets[f"{size} layers"] = {"mean_accepted_ratio_by_gamma": ratios, "ratio_at_each_best_gamma": best,
                                          "met_1.2x": best >= 1.2}
-    speedups = {n: r["best_speedup"] for n, r in reports.items()}
+    speedups = {f"{name} ({runtime})": r["best_speedup"] for runtime, name, _, r in every}
     top = max(speedups, key=speedups.get)
     lines += ["", "Draft trained for acceptance ÷ same-size seqkd draft, mean accepted length (target ≥ 1.2×):"]
     for size, t in targets.items():

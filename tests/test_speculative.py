@@ -192,7 +192,9 @@ def test_bench_draft_through_the_cli(pair_dirs, tmp_path):
     some = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
                                     "--gammas", "3,1", "--out", str(tmp_path / "some")])
     assert some.exit_code == 0, some.output
-    assert [r["gamma"] for r in json.loads((tmp_path / "some" / "bench.json").read_text())["gammas"]] == [1, 3]
+    some_report = json.loads((tmp_path / "some" / "bench.json").read_text())
+    assert [r["gamma"] for r in some_report["gammas"]] == [1, 3]  # timed: these; counted: every GAMMAS too
+    assert sorted(map(int, some_report["acceptance"])) == list(sp.GAMMAS) and "8 (not timed)" in some.output
     bad = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
                                    "--gammas", "2,x"])
     assert bad.exit_code == 2 and "--gammas" in bad.output

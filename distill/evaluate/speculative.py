@@ -24,6 +24,12 @@ from distill.errors import DistillError, UsageError
 GAMMAS = (1, 2, 3, 4, 6, 8)
 
 
+def counted(gammas) -> list[int]:
+    """The gammas whose acceptance is counted: every one timed, and GAMMAS (counting costs one draft pass in all;
+    timing costs a whole decode each)."""
+    return sorted(set(GAMMAS) | set(gammas))
+
+
 def parse_gammas(text: str) -> tuple[int, ...]:
     """`--gammas 1,2,4`: the numbers of proposed tokens to measure, each a positive integer."""
     try:
@@ -196,7 +202,7 @@ def speculative_figures(pair: Pair, prompts: list[list[int]], max_new_tokens: in
     warm = prompts[:1]
     timed_decode(t, warm, max_new_tokens, stops, vocab)
     alone, alone_s = timed_decode(t, prompts, max_new_tokens, stops, vocab)
-    acc = acceptance(t, d, prompts, gammas, max_new_tokens, stops, vocab, outputs=alone)
+    acc = acceptance(t, d, prompts, counted(gammas), max_new_tokens, stops, vocab, outputs=alone)
     tokens = sum(len(o) for o in alone)
     rows = []
     for g in gammas:
@@ -210,6 +216,7 @@ def speculative_figures(pair: Pair, prompts: list[list[int]], max_new_tokens: in
             "teacher_size": model_size(t), "draft_size": model_size(d),
             "alone": {"seconds": alone_s, "tokens_per_s": tokens / max(alone_s, 1e-9)},
             "gammas": rows, "best_gamma": best["gamma"], "best_speedup": best["speedup"],
+            "acceptance": acc["by_gamma"],
             "outputs": alone}
 
 
@@ -244,6 +251,12 @@ def markdown_table(report: dict) -> str:
         mark = " (best)" if r["gamma"] == report["best_gamma"] else ""
         lines.append(f"| {r['gamma']}{mark} | {per} | {r['mean_accepted']:.2f} | {r['tokens_per_forward']:.2f} | "
                      f"{r['teacher_forwards']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× |")
+    timed = {r["gamma"] for r in report["gammas"]}
+    for g, a in sorted(report.get("acceptance", {}).items(), key=lambda kv: int(kv[0])):
+        if int(g) not in timed:
+            per = " ".join("—" if x is None else f"{x:.2f}" for x in a["acceptance_per_position"])
+            lines.append(f"| {g} (not timed) | {per} | {a['mean_accepted']:.2f} | {a['tokens_per_forward']:.2f} | "
+                         f"{a['teacher_forwards']} | — | — |")
     return "\n".join(lines) + "\n"
 
 

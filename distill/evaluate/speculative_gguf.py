@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from distill.evaluate.speculative import acceptance_stats, check_identical
+from distill.evaluate.speculative import acceptance_stats, check_identical, counted
 from distill.models.llamacpp import import_llama_cpp
 
 
@@ -107,4 +107,5 @@ def gguf_figures(teacher_path: str, draft_path: str, prompts: list[list[int]], m
     return {"n": len(prompts), "tokens": tokens, "runtime": "llama.cpp", "device": "cpu",
             "teacher_size": t_size, "draft_size": d_size,
             "alone": {"seconds": alone_s, "tokens_per_s": tokens / max(alone_s, 1e-9)},
-            "gammas": rows, "best_gamma": best["gamma"], "best_speedup": best["speedup"], "outputs": alone}
+            "gammas": rows, "best_gamma": best["gamma"], "best_speedup": best["speedup"],
+            "acceptance": {g: acceptance_stats(matches, g) for g in counted(gammas)}, "outputs": alone}
