@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.errors import DistillError, UsageError
-
-GAMMAS = (1, 2, 3, 4, 6, 8)
-
-
-def counted(gammas) -> list[int]:
-    """The gammas whose acceptance is counted: every one timed, and GAMMAS (counting costs one draft pass in all;
-    timing costs a whole decode each)."""
-    return sorted(set(GAMMAS) | set(gammas))
+from distill.errors import UsageError
+from distill.evaluate.acceptance import (  # noqa: F401  (the bench's names, read here by tests)
+    GAMMAS,
+    acceptance_stats,
+    check_identical,
+    counted,
+    first_difference,
+    verification_steps,
+)
 
 
 def parse_gammas(text: str) -> tuple[int, ...]:
@@ -131,39 +131,6 @@ def draft_matches(draft, prompts: list[list[int]], outputs: list[list[int]], voc
     return result
 
 
-def verification_steps(match: list[bool], gamma: int) -> list[tuple[int, int]]:
-    """(accepted, proposable) per teacher forward: a step at output position i accepts the leading proposals
-    equal to the teacher's tokens (at most gamma, at most what is left) and adds the teacher's own next token."""
-    steps, i, n = [], 0, len(match)
-    while i < n:
-        cap = min(gamma, n - i)
-        a = 0
-        while a < cap and match[i + a]:
-            a += 1
-        steps.append((a, cap))
-        i += a + 1
-    return steps
-
-
-def acceptance_stats(matches: list[list[bool]], gamma: int) -> dict:
-    """Per position j: the share of steps whose proposal j was accepted among those that reached it (all
-    proposals before it accepted, and j within what was left to decode); mean accepted proposals and
-    tokens per teacher forward (accepted + the teacher's bonus token), and the teacher forwards."""
-    reached, accepted = [0] * gamma, [0] * gamma
-    steps = total_accepted = tokens = 0
-    for match in matches:
-        tokens += len(match)
-        for a, cap in verification_steps(match, gamma):
-            steps += 1
-            total_accepted += a
-            for j in range(min(a + 1, cap)):
-                reached[j] += 1
-                accepted[j] += j < a
-    return {"gamma": gamma, "acceptance_per_position": [a / r if r else None for a, r in zip(accepted, reached)],
-            "reached_per_position": reached, "teacher_forwards": steps, "tokens": tokens,
-            "mean_accepted": total_accepted / max(steps, 1), "tokens_per_forward": tokens / max(steps, 1)}
-
-
 def acceptance(teacher, draft, prompts: list[list[int]], gamma, max_new_tokens: int, stop_ids: list[int],
                vocab: int | None = None, outputs: list[list[int]] | None = None) -> dict:
     """Exact greedy acceptance of the draft by the teacher for one gamma or a list of them: the teacher's
@@ -173,21 +140,6 @@ def acceptance(teacher, draft, prompts: list[list[int]], gamma, max_new_tokens: 
         outputs = [greedy_one(teacher, p, max_new_tokens, stop_ids, vocab) for p in prompts]
     matches = draft_matches(draft, prompts, outputs, vocab)
     return {"outputs": outputs, "matches": matches, "by_gamma": {g: acceptance_stats(matches, g) for g in gammas}}
-
-
-def first_difference(alone: list[list[int]], assisted: list[list[int]]) -> int | None:
-    for i, (a, b) in enumerate(zip(alone, assisted)):
-        if a != b:
-            return i
-    return None if len(alone) == len(assisted) else min(len(alone), len(assisted))
-
-
-def check_identical(alone: list[list[int]], assisted: list[list[int]], gamma: int) -> None:
-    """Greedy speculative decoding must give the teacher's own output: any difference fails the bench."""
-    i = first_difference(alone, assisted)
-    if i is not None:
-        raise DistillError(f"assisted generation with gamma={gamma} changed the greedy output of prompt {i} "
-                           "(the teacher alone and with the draft differ); no speed-up is reported for it")
 
 
 def model_size(model) -> dict:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from distill.evaluate.speculative import acceptance_stats, check_identical, counted
+from distill.evaluate.acceptance import acceptance_stats, check_identical, counted
 from distill.models.llamacpp import import_llama_cpp
 
 
