@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The draft study's table (scripts/snips-drafts.sh): every draft's bench on the test queries side by side,
 and the issue's two targets: the draft trained for acceptance against the same-size draft trained on the
-teacher's responses as text (mean accepted length, at every gamma and at each one's best), and the best
-end-to-end speed-up over the teacher alone.
+teacher's responses as text (mean accepted length at every gamma, the headline at the gamma the acceptance
+draft runs fastest at in transformers), and the best end-to-end speed-up over the teacher alone.
 
     python scripts/drafts_summary.py runs/snips/drafts     # writes summary.md and summary.json there
 """
@@ -54,15 +54,16 @@ def main(work: Path) -> None:
         if d and s:
             gd, gs = by_gamma(d), by_gamma(s)
             ratios = {g: gd[g]["mean_accepted"] / max(gs[g]["mean_accepted"], 1e-9) for g in gd if g in gs}
-            best = gd[d["best_gamma"]]["mean_accepted"] / max(gs[s["best_gamma"]]["mean_accepted"], 1e-9)
-            targets[f"{size} layers"] = {"mean_accepted_ratio_by_gamma": ratios, "ratio_at_each_best_gamma": best,
-                                         "met_1.2x": best >= 1.2}
+            g = d["best_gamma"]  # both drafts at the same gamma: the one the acceptance draft runs fastest at
+            targets[f"{size} layers"] = {"mean_accepted_ratio_by_gamma": ratios, "gamma": g,
+                                         "ratio_at_the_drafts_best_gamma": ratios[g], "met_1.2x": ratios[g] >= 1.2}
     speedups = {f"{name} ({runtime})": r["best_speedup"] for runtime, name, _, r in every}
     top = max(speedups, key=speedups.get)
     lines += ["", "Draft trained for acceptance ÷ same-size seqkd draft, mean accepted length (target ≥ 1.2×):"]
     for size, t in targets.items():
         per = ", ".join(f"γ {g}: {v:.2f}×" for g, v in sorted(t["mean_accepted_ratio_by_gamma"].items()))
-        lines.append(f"- {size}: {t['ratio_at_each_best_gamma']:.2f}× at each one's best γ ({per})")
+        lines.append(f"- {size}: {t['ratio_at_the_drafts_best_gamma']:.2f}× at γ {t['gamma']}, the acceptance "
+                     f"draft's fastest ({per})")
     lines.append(f"\nBest end-to-end speed-up (target ≥ 1.5×): {top}, {speedups[top]:.2f}×")
     choice = work / "choice.json"
     if choice.is_file():
