@@ -198,17 +198,15 @@ def markdown_table(report: dict) -> str:
              "| gamma | acceptance per position | mean accepted | tokens/forward | teacher forwards | tok/s | "
              "speed-up |", "|---|---|---|---|---|---|---|",
              f"| teacher alone | — | — | 1.00 | {report['tokens']} | {report['alone']['tokens_per_s']:.1f} | 1.00× |"]
-    for r in report["gammas"]:
+    timed = {r["gamma"]: r for r in report["gammas"]}
+    counted_only = {int(g): a for g, a in report.get("acceptance", {}).items() if int(g) not in timed}
+    for g in sorted({*timed, *counted_only}):  # every gamma in order, the untimed ones with acceptance alone
+        r = timed.get(g) or counted_only[g]
         per = " ".join("—" if a is None else f"{a:.2f}" for a in r["acceptance_per_position"])
-        mark = " (best)" if r["gamma"] == report["best_gamma"] else ""
-        lines.append(f"| {r['gamma']}{mark} | {per} | {r['mean_accepted']:.2f} | {r['tokens_per_forward']:.2f} | "
-                     f"{r['teacher_forwards']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× |")
-    timed = {r["gamma"] for r in report["gammas"]}
-    for g, a in sorted(report.get("acceptance", {}).items(), key=lambda kv: int(kv[0])):
-        if int(g) not in timed:
-            per = " ".join("—" if x is None else f"{x:.2f}" for x in a["acceptance_per_position"])
-            lines.append(f"| {g} (not timed) | {per} | {a['mean_accepted']:.2f} | {a['tokens_per_forward']:.2f} | "
-                         f"{a['teacher_forwards']} | — | — |")
+        mark = " (best)" if g == report["best_gamma"] else "" if g in timed else " (not timed)"
+        speed = f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}×" if g in timed else "— | —"
+        lines.append(f"| {g}{mark} | {per} | {r['mean_accepted']:.2f} | {r['tokens_per_forward']:.2f} | "
+                     f"{r['teacher_forwards']} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
