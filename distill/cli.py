@@ -27,6 +27,7 @@ from distill.cli_options import (
 )
 from distill.config import Backend, Loss, load_recipe
 from distill.errors import UsageError, describe
+from distill.evaluate.acceptance import GAMMAS
 from distill.models.loading import allow_remote_code
 
 
@@ -338,9 +339,9 @@ def export_cmd(model_dir, fmt, quant, out, verify_with, no_verify, recipe, as_js
                               "tokens; outputs checked identical): a model directory (transformers' assisted "
                               "generation) or, with a .gguf teacher, a .gguf (llama.cpp). Generation tasks; "
                               "default --out WORKDIR/bench-draft.")
-@click.option("--gammas", default="1,2,3,4,6,8", show_default=True,
+@click.option("--gammas", default=",".join(map(str, GAMMAS)), show_default=True,
               help="With --draft: the numbers of proposed tokens timed (comma-separated); the best is the fastest "
-                   "of them. Acceptance is counted at these and at 1,2,3,4,6,8 (one draft pass for all).")
+                   "of them. Acceptance is counted at these and at the default's (one draft pass for all).")
 @click.option("--data", type=click.Path(dir_okay=False), help="Holdout file (default: the recipe's holdout split).")
 @click.option("--batch-size", default=16, show_default=True, type=POSITIVE,
               help="Batch size for the throughput figure.")

@@ -32,14 +32,15 @@ def read(work: Path, folder: str) -> dict[str, dict]:
 
 
 def main(work: Path) -> None:
-    reports = read(work, "bench")
+    by_runtime = {folder: read(work, folder) for folder, _ in RUNTIMES}
+    reports = by_runtime["bench"]
     if not reports:
         sys.exit(f"error: no bench.json under {work}/bench: run scripts/snips-drafts.sh first")
     lines = ["| runtime | draft | how it was made | layers | parameters | acceptance of proposal 1 | "
              "mean accepted at γ 4 | best γ | tokens/forward at best γ | tok/s alone → with draft | speed-up |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    every = [(runtime, name, how, r) for folder, runtime in RUNTIMES for name, how in ROWS
-             for r in [read(work, folder).get(name)] if r]
+    every = [(runtime, name, how, by_runtime[folder][name]) for folder, runtime in RUNTIMES for name, how in ROWS
+             if name in by_runtime[folder]]
     for runtime, name, how, r in every:
         g, best = by_gamma(r), by_gamma(r)[r["best_gamma"]]
         first = g[min(g)]["acceptance_per_position"][0]

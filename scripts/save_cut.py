@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from distill.config import StudentConfig
-from distill.models.loading import load_tokenizer
+from distill.models.loading import count_parameters, load_tokenizer
 from distill.student.build import build_student, save_model
 
 
@@ -23,8 +23,7 @@ def main() -> None:
     layers = [int(x) for x in a.layers.strip("[]").split(",") if x.strip()]
     model = build_student(StudentConfig(from_teacher_layers=layers), a.teacher)
     save_model(model, load_tokenizer(a.teacher), a.out)
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{a.out}: layers {layers} of {a.teacher}, {millions:.1f}M parameters")
+    print(f"{a.out}: layers {layers} of {a.teacher}, {count_parameters(model) / 1e6:.1f}M parameters")
 
 
 if __name__ == "__main__":

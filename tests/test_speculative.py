@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from distill.errors import DistillError
+from distill.evaluate import acceptance as acc
 from distill.evaluate import speculative as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -67,14 +68,14 @@ def test_verification_steps_match_a_hand_count():
     # teacher tokens the draft gets right: 1 1 0 1 1 1 0; gamma 2:
     # step at 0 accepts 2 (+ bonus token 2), step at 3 accepts 2 (+ bonus 5), step at 6: one left, rejected
     match = [True, True, False, True, True, True, False]
-    assert sp.verification_steps(match, 2) == [(2, 2), (2, 2), (0, 1)]
-    s = sp.acceptance_stats([match], 2)
+    assert acc.verification_steps(match, 2) == [(2, 2), (2, 2), (0, 1)]
+    s = acc.acceptance_stats([match], 2)
     assert s["acceptance_per_position"] == [2 / 3, 1.0] and s["reached_per_position"] == [3, 2]
     assert s["teacher_forwards"] == 3 and s["tokens_per_forward"] == 7 / 3 and s["mean_accepted"] == 4 / 3
     # gamma 1: steps at 0 (accepts token 0, bonus 1), 2 (rejected, the teacher's own token 2), 3 and 5
-    assert sp.verification_steps(match, 1) == [(1, 1), (0, 1), (1, 1), (1, 1)]
+    assert acc.verification_steps(match, 1) == [(1, 1), (0, 1), (1, 1), (1, 1)]
     # all accepted to the end: the last step's proposals are capped by what is left, no bonus beyond it
-    assert sp.verification_steps([True] * 5, 3) == [(3, 3), (1, 1)]
+    assert acc.verification_steps([True] * 5, 3) == [(3, 3), (1, 1)]
 
 
 def _brute_greedy(model, ids: list[int], n: int, stops=()) -> list[int]:
@@ -184,7 +185,7 @@ def test_bench_draft_through_the_cli(pair_dirs, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "bench.json").read_text())
     assert report["task"] == "speculative" and report["n"] == 3
-    assert [r["gamma"] for r in report["gammas"]] == list(sp.GAMMAS) and report["best_gamma"] in sp.GAMMAS
+    assert [r["gamma"] for r in report["gammas"]] == list(acc.GAMMAS) and report["best_gamma"] in acc.GAMMAS
     assert (out / "bench.png").stat().st_size > 0 and "(best)" in res.output
     both = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
                                     "--student", draft])
@@ -194,7 +195,7 @@ def test_bench_draft_through_the_cli(pair_dirs, tmp_path):
     assert some.exit_code == 0, some.output
     some_report = json.loads((tmp_path / "some" / "bench.json").read_text())
     assert [r["gamma"] for r in some_report["gammas"]] == [1, 3]  # timed: these; counted: every GAMMAS too
-    assert sorted(map(int, some_report["acceptance"])) == list(sp.GAMMAS) and "8 (not timed)" in some.output
+    assert sorted(map(int, some_report["acceptance"])) == list(acc.GAMMAS) and "8 (not timed)" in some.output
     bad = CliRunner().invoke(cli, ["bench", str(tmp_path / "r.yaml"), "--teacher", teacher, "--draft", draft,
                                    "--gammas", "2,x"])
     assert bad.exit_code == 2 and "--gammas" in bad.output
@@ -246,7 +247,7 @@ def test_llama_cpp_speculative_decoding_gives_the_teachers_output(gguf_pair, pai
     brute = _gguf_brute_stats(gguf_pair[0], gguf_pair[1], prompts, 3, p.stop_ids)
     assert report["outputs"] == [out for out, _ in brute]
     # the brute count marks only the proposals it reached; the bench's counts from one pass agree on those steps
-    expected = sp.acceptance_stats([m for _, m in brute], 3)
+    expected = acc.acceptance_stats([m for _, m in brute], 3)
     got = next(r for r in report["gammas"] if r["gamma"] == 3)
     for key in ("teacher_forwards", "mean_accepted", "tokens_per_forward"):
         assert got[key] == pytest.approx(expected[key]), key

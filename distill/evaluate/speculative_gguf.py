@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from distill.evaluate.acceptance import acceptance_stats, check_identical, counted
-from distill.models.llamacpp import import_llama_cpp
+from distill.models.llamacpp import load_gguf
 
 
 def _draft_model_class():
@@ -39,12 +39,12 @@ def _draft_model_class():
 
 
 def load(path: str, n_ctx: int, threads: int | None = None, draft=None, logits_all: bool = False):
-    kwargs = {"n_threads": threads} if threads else {}
-    return import_llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, logits_all=logits_all,
-                                    draft_model=draft, **kwargs)
+    """A model for decoding (the last position's logits only, unless asked), with a draft when given."""
+    threads_kw = {"n_threads": threads} if threads else {}
+    return load_gguf(path, n_ctx, logits_all=logits_all, draft_model=draft, **threads_kw)
 
 
-def greedy(llm, prompt: list[int], max_new_tokens: int, stops: set[int], vocab: int | None = None) -> list[int]:
+def greedy(llm, prompt: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
     """One greedy response, the stop token kept (as speculative.greedy_one keeps it)."""
     out = []
     for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):

@@ -52,9 +52,10 @@ def import_llama_cpp():
     return llama_cpp
 
 
-def load_gguf(path, n_ctx: int, **kwargs):
-    """A llama.cpp model on the GGUF `path` that keeps the logits of every evaluated position."""
-    return import_llama_cpp().Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, **kwargs)
+def load_gguf(path, n_ctx: int, logits_all: bool = True, **kwargs):
+    """A llama.cpp model on the GGUF `path`, by default keeping the logits of every evaluated position."""
+    return import_llama_cpp().Llama(model_path=str(path), logits_all=logits_all, n_ctx=n_ctx, verbose=False,
+                                    **kwargs)
 
 
 # ---------------------------------------------------------------- in this process: label scoring
