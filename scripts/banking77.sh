@@ -80,7 +80,7 @@ stage "05 heal the student cut by importance (10 of 30 layers)" $W/healed/traini
 # UNTIL=05: stop here (scripts/banking77-teachers.sh needs stages 02-05 only)
 [ "${UNTIL:-}" != 05 ] || { print_times; exit 0; }
 # ablation without healing: the very layers stage 05 kept (its log), distilled without healing
-LAYERS=$(grep -o 'student: layers \[[0-9, ]*\]' $W/logs/05.log | head -1 | grep -o '\[.*\]' | tr -d ' ') || {
+LAYERS=$(layers_of $W/logs/05.log) || {
   echo "error: $W/logs/05.log does not name the layers the heal stage kept; remove $W/healed and run again" >&2; exit 1; }
 # The four students are independent of each other: two lanes of two, side by side (lanes above)
 lane_student() {

@@ -36,9 +36,6 @@ W=$S/drafts
 AT_T=(--set workdir=$S --set task.data=$S/json/train.jsonl --set task.holdout_data=$S/json/test.jsonl
       "${ALL[@]}" --set teacher=$S/teacher-spec.yaml)
 FOUR=(--set train.student.num_layers=4)
-layers_of() {  # layers_of LOG: the teacher layers a training stage kept, as 0,1,2
-  grep -o 'student: layers \[[0-9, ]*\]' "$1" | head -1 | grep -o '\[.*\]' | tr -d '[] '
-}
 bench_draft() {  # bench_draft NAME DRAFT GAMMAS: the draft on N test queries, timed at GAMMAS (acceptance: every gamma)
   stage "$1 bench: $2 as the teacher's draft ($N test queries)" $W/bench/$1/bench.json \
     distill bench recipes/snips-draft.yaml --teacher $S/teacher --draft $2 --limit $N --gammas $3 --out $W/bench/$1 \

@@ -45,6 +45,9 @@ lanes() {  # lanes FUNCTION FUNCTION: two independent chains of stages side by s
   wait $b || rb=$?
   [ $ra = 0 ] && [ $rb = 0 ] || { echo "error: a lane of stages failed ($1: exit $ra, $2: exit $rb); see $W/logs" >&2; exit 1; }
 }
+layers_of() {  # layers_of LOG: the teacher layers a training stage kept (its log's cut line), as [0,1,2]
+  grep -o 'student: layers \[[0-9, ]*\]' "$1" | head -1 | grep -o '\[.*\]' | tr -d ' '
+}
 done_after() {  # done_after MARKER COMMAND...: a command whose output is a directory it resumes; MARKER when done
   local marker=$1; shift
   "$@" && touch "$marker"
